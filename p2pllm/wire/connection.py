@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -472,16 +472,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._pos = 0
         self._paused = False
         self._dead = False
+        self.made: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
 
     # asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = self._make_connection(transport, self)
+        if not self.made.done():
+            self.made.set_result(self.conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._dead = True
@@ -617,8 +620,8 @@ async def connect(
         _, proto = await loop.create_connection(
             lambda: FrameProtocol(_factory(handler, limits or Limits(), name)), host, port
         )
-    assert proto.conn is not None
-    return proto.conn
+        # uvloop may call connection_made after create_connection returns.
+        return await proto.made
 
 
 async def serve(

@@ -20,6 +20,7 @@ class MsgType(IntEnum):
     ACK = 0x0006  # generic success response
     CANCEL = 0x0007  # one-way: cancel the handler of request id meta["request_id"]
     GOODBYE = 0x0008  # one-way: the sender is shutting down
+    CAPS_UPDATE = 0x0009  # one-way: {"caps": map}, the sender's capabilities changed
     ASSIGN = 0x0010  # {"job", "role", "params", "coordinator"} -> ACK | ERROR(REFUSED)
     RELEASE = 0x0011  # {"job"} -> ACK
     STATUS = 0x0020  # -> STATUS response: the state snapshot

@@ -1,0 +1,95 @@
+"""`p2pllmd`: run the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from p2pllm.config import ROLE_KINDS, ConfigError, load_config
+from p2pllm.wire.connection import install_uvloop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="p2pllmd", description="The p2pllm daemon: one per host. Finds peers, hosts roles, runs jobs."
+    )
+    p.add_argument("--config", help="YAML config file (flags override its values)")
+    p.add_argument("--name", help="node name shown to peers (default: hostname)")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, help="TCP port (default 7411; 0 = pick a free one)")
+    p.add_argument(
+        "--role",
+        dest="roles",
+        action="append",
+        choices=["auto", *ROLE_KINDS],
+        help="role this daemon accepts (repeatable; default auto = any it has resources for)",
+    )
+    p.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT", help="static peer (repeatable)")
+    p.add_argument("--no-mdns", dest="mdns", action="store_const", const=False, help="disable mDNS discovery")
+    p.add_argument("--interface", help="address mDNS uses (e.g. 127.0.0.1 for one-machine tests)")
+    p.add_argument("--secret-file", help="file holding the cluster's shared secret")
+    p.add_argument("--models-dir", help="directory of Hugging Face model folders")
+    p.add_argument("--data-dir", help="directory of local training data (federated learning)")
+    p.add_argument("--state-dir", help="where jobs keep checkpoints and state")
+    p.add_argument("--threads", type=int, help="torch threads for the roles on this host")
+    p.add_argument("--keepalive-timeout", type=float, help="seconds of silence before a peer is down")
+    p.add_argument("--dashboard", action="store_const", const=True, help="show the live dashboard")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--print-port", action="store_true", help="print 'PORT <n>' on stdout once listening")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "print_port")}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"p2pllmd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    install_uvloop()
+    from p2pllm.daemon.daemon import Daemon
+
+    try:
+        daemon = Daemon(config)
+    except ConfigError as exc:
+        print(f"p2pllmd: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        task = asyncio.create_task(daemon.run())
+        ready = asyncio.create_task(daemon.wait_ready())
+        done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready in done:
+            if args.print_port:
+                print(f"PORT {daemon.port} NODE {daemon.node_id}", flush=True)
+            if config.dashboard:
+                from p2pllm.cli.dashboard import run_dashboard_inline
+
+                dash = asyncio.create_task(run_dashboard_inline(daemon))
+                await asyncio.wait({task, dash}, return_when=asyncio.FIRST_COMPLETED)
+                if dash.done() and not task.done():
+                    daemon.stop()
+        else:
+            ready.cancel()
+        await task
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"p2pllmd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

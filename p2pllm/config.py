@@ -1,0 +1,133 @@
+"""Daemon configuration: defaults < config file (YAML) < command-line flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLE_KINDS = (
+    "drafter",
+    "verifier",
+    "shard",
+    "fl-client",
+    "fl-coordinator",
+    "train-stage",
+    "echo",
+)
+DEFAULT_PORT = 7411
+
+
+class ConfigError(ValueError):
+    """A configuration value or file a user gave is unusable."""
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return os.path.join(base, "p2pllm")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    name: str = ""
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    roles: tuple[str, ...] = ("auto",)
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+    interface: str | None = None
+    secret_file: str | None = None
+    models_dir: str | None = None
+    data_dir: str | None = None
+    state_dir: str = field(default_factory=default_state_dir)
+    threads: int = 0  # 0 = torch's default
+    log_level: str = "INFO"
+    keepalive_interval: float = 1.0
+    keepalive_timeout: float = 5.0
+    peer_remove_after: float = 15.0
+    max_meta: int = 1 << 20
+    max_payload: int = 1 << 30
+    memory_budget: int = 0  # bytes roles may use; 0 = the free memory measured at start
+    compute_bench_seconds: float = 0.2
+    dashboard: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        for r in self.roles:
+            if r != "auto" and r not in ROLE_KINDS:
+                raise ConfigError(f"unknown role {r!r}; choose auto or one of {', '.join(ROLE_KINDS)}")
+        for p in self.peers:
+            parse_hostport(p)
+        if self.keepalive_timeout <= 0 or self.keepalive_interval <= 0:
+            raise ConfigError("keepalive interval and timeout must be positive")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+
+    def accepts(self, role: str) -> bool:
+        """Whether this daemon's --role settings allow `role` (echo is always allowed)."""
+        return role == "echo" or "auto" in self.roles or role in self.roles
+
+    def secret(self) -> bytes | None:
+        if not self.secret_file:
+            return None
+        try:
+            data = Path(self.secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {self.secret_file}: {exc}") from exc
+        if not data:
+            raise ConfigError(f"secret file {self.secret_file} is empty")
+        return data
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """'host:port', 'host' or '[v6]:port' -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty address")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_s = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port_s = text.split(":")
+    else:
+        host, port_s = text, ""
+    try:
+        port = int(port_s) if port_s else default_port
+    except ValueError:
+        raise ConfigError(f"bad port in address {text!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"bad port in address {text!r}")
+    return host, port
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
+    """Defaults, then the YAML file (if any), then the non-None overrides (flags)."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        raw = raw.get("daemon", raw)
+        values.update({k.replace("-", "_"): v for k, v in raw.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(DaemonConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    for key in ("roles", "peers"):
+        if key in values:
+            v = values[key]
+            values[key] = (v,) if isinstance(v, str) else tuple(v)
+    try:
+        return replace(DaemonConfig(), **values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

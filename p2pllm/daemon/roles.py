@@ -1,0 +1,178 @@
+"""Role hosting: the Role base class, what a role sees of its daemon, and the registry.
+
+A coordinator sends ASSIGN(job, rid, role, params); the member's RoleHost checks the role
+class's `refuse()` (pinned elsewhere, no memory, model missing), builds it, awaits `start()`,
+and routes messages tagged with that job to the role's handlers until RELEASE (or the
+coordinator's death) makes it `stop()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from p2pllm.wire.connection import Reply, Request
+from p2pllm.wire.frame import Buffer, Frame, ProtocolError
+from p2pllm.wire.messages import ErrorCode, MsgType
+
+if TYPE_CHECKING:
+    from p2pllm.config import DaemonConfig
+
+log = logging.getLogger(__name__)
+
+RoleHandler = Callable[[Request], Awaitable[Reply | None]]
+
+
+class Refused(ProtocolError):
+    """An ASSIGN this daemon will not take; the reason is shown to the coordinator."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.REFUSED, message)
+
+
+class Cluster(Protocol):
+    """What roles and coordinators may do with the rest of the cluster (the daemon implements it).
+
+    Node ids name peers; the local node's own id works too (the request goes through the
+    daemon's own listening socket, the same code path as a remote peer).
+    """
+
+    node_id: str
+    name: str
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """This node and every peer that is up: {"node_id", "name", "address", "caps", "self"}."""
+        ...
+
+    async def request(
+        self,
+        node_id: str,
+        msg_type: MsgType,
+        meta: dict[str, Any],
+        payload: Sequence[Buffer] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Frame: ...
+
+    def stream(
+        self,
+        node_id: str,
+        msg_type: MsgType,
+        meta: dict[str, Any],
+        payload: Sequence[Buffer] = (),
+        *,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[Frame]: ...
+
+    async def notify(
+        self, node_id: str, msg_type: MsgType, meta: dict[str, Any], payload: Sequence[Buffer] = ()
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoleContext:
+    job: str
+    rid: str
+    coordinator: str
+    node_id: str
+    config: DaemonConfig
+    cluster: Cluster
+    report: Callable[[dict[str, Any]], None]  # publish this role's metrics to the state
+
+
+class Role:
+    """Base class: one role instance in one job on one daemon."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, ctx: RoleContext, params: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.params = dict(params)
+
+    @classmethod
+    def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
+        """A reason to refuse this assignment, or None to accept. Must be cheap."""
+        return None
+
+    async def start(self) -> None:
+        """Load what the role needs. Raise Refused (or ProtocolError) to refuse."""
+
+    async def stop(self) -> None:
+        """Free everything; called once, on RELEASE, job stop or daemon shutdown."""
+
+    def handlers(self) -> Mapping[MsgType, RoleHandler]:
+        return {}
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> str:
+        """A short description for status views, e.g. 'layers 0-4'."""
+        return ""
+
+    def memory_bytes(self) -> int:
+        """Bytes this role holds (weights, caches), for the memory budget."""
+        return 0
+
+
+class EchoRole(Role):
+    """A trivial role for tests: answers ROLE_CALL with its params and the request's meta."""
+
+    kind = "echo"
+
+    @classmethod
+    def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
+        if params.get("refuse"):
+            return f"echo refused on request: {params['refuse']}"
+        need = int(params.get("memory", 0))
+        if need > int(caps.get("mem_budget", 0)) - int(caps.get("mem_used_by_roles", 0)):
+            return f"not enough memory: need {need} bytes"
+        return None
+
+    async def start(self) -> None:
+        self.calls = 0
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def handlers(self) -> Mapping[MsgType, RoleHandler]:
+        return {MsgType.ROLE_CALL: self.on_call}
+
+    async def on_call(self, req: Request) -> Reply:
+        self.calls += 1
+        self.ctx.report({"calls": self.calls})
+        return Reply(MsgType.ROLE_CALL, {"params": self.params, "echo": req.meta.get("data")}, [req.frame.payload] if req.frame.payload.nbytes else [])
+
+    def metrics(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    def memory_bytes(self) -> int:
+        return int(self.params.get("memory", 0))
+
+
+def role_registry() -> dict[str, type[Role]]:
+    """Every role class the daemon can host, by kind. Pillars plug in here."""
+    registry: dict[str, type[Role]] = {EchoRole.kind: EchoRole}
+    for module, names in _PILLAR_ROLES:
+        try:
+            mod = __import__(module, fromlist=names)
+        except ImportError as exc:  # a pillar not built yet
+            log.debug("roles from %s unavailable: %s", module, exc)
+            continue
+        for name in names:
+            cls = getattr(mod, name, None)
+            if isinstance(cls, type) and issubclass(cls, Role):
+                registry[cls.kind] = cls
+    return registry
+
+
+# (module, role classes) of the pillars; imported when the daemon starts.
+_PILLAR_ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("p2pllm.pillars.speculative.roles", ("DrafterRole", "VerifierRole")),
+    ("p2pllm.pillars.split.shard", ("ShardRole",)),
+    ("p2pllm.pillars.federated.client", ("FLClientRole",)),
+    ("p2pllm.pillars.splittrain.stage", ("TrainStageRole",)),
+)

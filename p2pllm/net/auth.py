@@ -1,0 +1,92 @@
+"""Handshake and shared-secret authentication (HMAC-SHA256 challenge-response).
+
+No secret crosses the wire: each side proves it knows the secret by an HMAC over both sides'
+fresh nonces and node ids. The server proves itself in its HELLO answer, the client in AUTH.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Any
+
+from p2pllm.wire.connection import Connection, RemoteError
+from p2pllm.wire.frame import PROTOCOL_VERSION
+from p2pllm.wire.messages import MsgType
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class HandshakeError(Exception):
+    """The peer could not be admitted (version, secret, identity)."""
+
+
+def proof(secret: bytes, side: bytes, nonce_a: bytes, nonce_b: bytes, node_a: str, node_b: str) -> bytes:
+    msg = b"p2pllm-auth-v1|" + side + b"|" + nonce_a + nonce_b + node_a.encode() + b"|" + node_b.encode()
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def hello_meta(node_id: str, name: str, kind: str, port: int, nonce: bytes) -> dict[str, Any]:
+    return {
+        "version": PROTOCOL_VERSION,
+        "node_id": node_id,
+        "name": name,
+        "kind": kind,
+        "port": port,
+        "nonce": nonce,
+    }
+
+
+async def client_handshake(
+    conn: Connection,
+    *,
+    node_id: str,
+    name: str,
+    kind: str,
+    port: int,
+    secret: bytes | None,
+    caps: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run HELLO (and AUTH when a secret is in use) as the dialing side.
+
+    Returns the peer's HELLO metadata with its "caps". Raises HandshakeError.
+    """
+    nonce_c = os.urandom(16)
+    meta = hello_meta(node_id, name, kind, port, nonce_c)
+    if caps is not None:
+        meta["caps"] = caps
+    try:
+        frame = await conn.request(MsgType.HELLO, meta, timeout=HANDSHAKE_TIMEOUT)
+    except RemoteError as exc:
+        raise HandshakeError(f"peer refused HELLO: {exc}") from exc
+    m = frame.meta
+    if m.get("version") != PROTOCOL_VERSION:
+        raise HandshakeError(
+            f"peer speaks protocol version {m.get('version')}, this node speaks {PROTOCOL_VERSION}"
+        )
+    peer_id = m.get("node_id")
+    if not isinstance(peer_id, str):
+        raise HandshakeError("peer's HELLO has no node id")
+    if m.get("auth"):
+        if secret is None:
+            raise HandshakeError("the peer requires a shared secret; pass --secret-file")
+        nonce_s = m.get("nonce")
+        if not isinstance(nonce_s, bytes) or not hmac.compare_digest(
+            proof(secret, b"server", nonce_c, nonce_s, node_id, peer_id), m.get("proof") or b""
+        ):
+            raise HandshakeError("the peer could not prove it knows the shared secret")
+        try:
+            ack = await conn.request(
+                MsgType.AUTH,
+                {"proof": proof(secret, b"client", nonce_s, nonce_c, peer_id, node_id), "caps": caps},
+                timeout=HANDSHAKE_TIMEOUT,
+            )
+        except RemoteError as exc:
+            raise HandshakeError(f"authentication failed: {exc.message}") from exc
+        m = {**m, "caps": ack.meta.get("caps", {})}
+    elif secret is not None:
+        raise HandshakeError("the peer does not use the shared secret; refusing it")
+    return m
+
+
