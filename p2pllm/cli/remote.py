@@ -1,0 +1,80 @@
+"""`p2pllm generate --mode spec|split`: submit a GENERATE job to the local daemon and stream it.
+
+The daemon coordinates the job (plans, assigns roles, runs it) and streams partial responses
+`{"token_ids": [...], "text": "..."}` as tokens are produced; the final response carries the
+result fields (see protocol.md section 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from p2pllm.cli.client import DaemonUnavailable, open_daemon
+from p2pllm.config import ConfigError
+from p2pllm.wire.connection import ConnectionClosed, RemoteError
+from p2pllm.wire.messages import MsgType
+
+GENERATE_KEYS = (
+    "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "max_tokens",
+    "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
+    "shards", "layers", "wire_dtype",
+)
+
+
+def generate_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """The GENERATE request body from parsed CLI arguments (None values left out)."""
+    meta: dict[str, Any] = {"prompt": args.prompt}
+    for key in GENERATE_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            meta[key] = value
+    return meta
+
+
+async def stream_generate(
+    address: str | None, secret_file: str | None, meta: dict[str, Any], echo: bool
+) -> dict[str, Any]:
+    conn = await open_daemon(address, secret_file)
+    try:
+        result: dict[str, Any] = {}
+        async for frame in conn.stream(MsgType.GENERATE, meta):
+            if frame.is_partial:
+                if echo and frame.meta.get("text"):
+                    sys.stdout.write(frame.meta["text"])
+                    sys.stdout.flush()
+            else:
+                result = frame.meta
+        if echo:
+            sys.stdout.write("\n")
+        return result
+    finally:
+        conn.close()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    meta = generate_meta(args)
+    as_json = bool(getattr(args, "json", False))
+    try:
+        result = asyncio.run(
+            stream_generate(getattr(args, "daemon", None), getattr(args, "secret_file", None), meta, not as_json)
+        )
+    except (DaemonUnavailable, ConfigError) as exc:
+        print(f"p2pllm: {exc}", file=sys.stderr)
+        return 2
+    except RemoteError as exc:
+        print(f"\np2pllm: generate failed: {exc.message}", file=sys.stderr)
+        return 1
+    except (ConnectionClosed, TimeoutError) as exc:
+        print(f"\np2pllm: lost the daemon: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(result))
+    else:
+        stats = {k: result[k] for k in ("tokens_per_s", "acceptance_rate") if k in result}
+        if stats:
+            print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
+    return 0
