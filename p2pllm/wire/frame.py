@@ -85,7 +85,7 @@ class Frame:
     """A decoded frame. `payload` is a view of the received buffer (no copy)."""
 
     msg_type: MsgType
-    flags: Flags
+    flags: int  # a Flags bit set, kept as a plain int (cheap on the hot path)
     request_id: int
     meta: dict[str, Any] = field(default_factory=dict)
     payload: memoryview = field(default_factory=lambda: memoryview(b""))
@@ -187,18 +187,18 @@ def decode_frame(data: Buffer, limits: Limits | None = None) -> Frame:
     return body_to_frame(header, view[HEADER_SIZE:end])
 
 
+_MSG_TYPES: dict[int, MsgType] = {int(t): t for t in MsgType}
+
+
 def body_to_frame(header: Header, body: memoryview) -> Frame:
     """Build a Frame from a header and its body (metadata then payload)."""
-    try:
-        msg_type = MsgType(header.msg_type)
-    except ValueError:
-        raise ProtocolError(
-            ErrorCode.UNKNOWN_TYPE, f"unknown message type 0x{header.msg_type:04x}"
-        ) from None
+    msg_type = _MSG_TYPES.get(header.msg_type)
+    if msg_type is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type 0x{header.msg_type:04x}")
     meta = decode_meta(body[: header.meta_len])
     return Frame(
         msg_type=msg_type,
-        flags=Flags(header.flags & 0xFFFF),
+        flags=header.flags,
         request_id=header.request_id,
         meta=meta,
         payload=body[header.meta_len :],
