@@ -1,0 +1,86 @@
+"""Dashboard rendering from fixed snapshots, at 80 and 160 columns."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from p2pllm.cli.dashboard import History, render, sparkline
+
+SNAP = {
+    "node": {
+        "name": "alpha", "node_id": "a1" * 16, "address": "127.0.0.1:7411", "state": "up",
+        "device": "cpu", "mem_free": 20 * 2**30, "mem_total": 24 * 2**30, "mem_used_by_roles": 512 * 2**20,
+        "compute_score": 42.5, "models": [{"name": "tinystories-656k"}],
+        "roles": [{"job": "split-1", "rid": "shard-0", "role": "shard", "summary": "layers 0-1"}],
+    },
+    "peers": [
+        {
+            "name": "bravo", "node_id": "b2" * 16, "address": "127.0.0.1:7412", "state": "up",
+            "device": "cuda", "mem_free": 8 * 2**30, "mem_used_by_roles": 0, "compute_score": 900.0,
+            "rtt_ms": 0.42, "throughput_mbps": 1234.0, "bytes_in": 5 * 2**20, "bytes_out": 3 * 2**10,
+            "roles": [{"job": "spec-2", "rid": "verifier", "role": "verifier", "summary": "target 110M"}],
+            "models": [],
+        },
+        {
+            "name": "charlie", "node_id": "c3" * 16, "address": "127.0.0.1:7413", "state": "down",
+            "device": "mps", "rtt_ms": None, "roles": [], "models": [],
+        },
+    ],
+    "jobs": [
+        {
+            "job": "spec-2", "pillar": "spec", "state": "running", "started": 2.0,
+            "members": [{"node_id": "b2" * 16, "rid": "verifier", "role": "verifier", "summary": ""},
+                        {"node_id": "a1" * 16, "rid": "drafter", "role": "drafter", "summary": ""}],
+            "metrics": {"tokens_per_s": 55.5, "acceptance_rate": 0.71, "tokens_per_round": 3.2},
+        },
+        {
+            "job": "split-1", "pillar": "split", "state": "running", "started": 1.0,
+            "members": [{"node_id": "a1" * 16, "rid": "shard-0", "role": "shard", "summary": "layers 0-1"}],
+            "metrics": {"tokens_per_s": 12.0, "shard_busy": {"shard-0": 0.8, "shard-1": 0.35}},
+        },
+        {
+            "job": "fl-3", "pillar": "fl", "state": "done", "started": 0.5, "members": [],
+            "metrics": {"round": 3, "clients_answered": 3, "eval_loss": 2.25},
+        },
+        {
+            "job": "train-4", "pillar": "train", "state": "failed", "started": 0.1, "members": [],
+            "metrics": {"step": 7, "loss": 3.5, "bubble": 0.2},
+        },
+    ],
+}
+
+
+def draw(width: int, snaps: int = 3) -> str:
+    history = History()
+    for i in range(snaps):
+        snap = {**SNAP, "jobs": [{**j, "metrics": {**j["metrics"], "tokens_per_s": 10.0 * (i + 1)}} if j["pillar"] == "spec" else j for j in SNAP["jobs"]]}
+        history.update(snap)
+    console = Console(record=True, width=width, height=24, color_system=None)
+    console.print(render(snap, history, width))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_dashboard_shows_peers_links_jobs_and_metrics(width: int) -> None:
+    raw = draw(width)
+    assert all(len(line) <= width for line in raw.splitlines())
+    out = " ".join(raw.split())  # cells may wrap at 80 columns
+    for needle in ("alpha *", "bravo", "charlie", "down", "cuda", "shard[layers 0-1]", "verifier",
+                   "0.42", "1234", "5.0M", "spec-2", "split-1", "fl-3", "train-4",
+                   "accept 71%", "tok/round 3.2", "busy shard-0:80%", "round 3", "eval loss 2.25",
+                   "loss 3.5", "bubble 20%", "failed", "net in 5.0M"):
+        assert needle in out, f"{needle!r} missing at width {width}:\n{raw}"
+    if width >= 120:
+        assert "127.0.0.1:7412" in out and "tinystories-656k" in out
+        assert sparkline([10.0, 20.0, 30.0]) in out
+
+
+def test_80_columns_fits_24_rows() -> None:
+    assert len(draw(80).rstrip("\n").splitlines()) <= 24
+
+
+def test_sparkline_scales_to_max() -> None:
+    assert sparkline([0, 1, 2, 4]) == "▁▃▅█"
+    assert sparkline([]) == ""
+    assert sparkline([0, 0]) == "▁▁"
