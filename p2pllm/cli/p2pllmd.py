@@ -49,10 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"p2pllmd: {exc}", file=sys.stderr)
         return 2
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if config.dashboard:  # logs would scribble over the live view: send them to a file
+        import os
+
+        os.makedirs(config.state_dir, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(config.state_dir, "p2pllmd.log"))
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     install_uvloop()
     from p2pllm.daemon.daemon import Daemon

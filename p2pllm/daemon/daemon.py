@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 DIAL_BACKOFF = (0.2, 5.0)
 TICK = 0.5
+LINK_PROBE_EVERY = 5.0  # seconds between throughput probes of each link
+LINK_PROBE_BYTES = 256 * 1024
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Daemon:
             if self.config.mdns:
                 await self._start_discovery()
             self._spawn(self._tick_loop())
+            self._spawn(self._link_probe_loop())
             self._ready.set()
             await self._stop.wait()
         finally:
@@ -463,6 +466,24 @@ class Daemon:
             for node_id in [n for n, p in self.state.peers.items() if p["state"] == "connecting"]:
                 if node_id not in self._peers and now - self.state.peers[node_id]["since"] > 3600:
                     self.emit(ev.PeerRemoved(node_id))
+
+    async def _link_probe_loop(self) -> None:
+        """Measure throughput to each peer now and then: a small payload echoed back."""
+        payload = bytes(LINK_PROBE_BYTES)
+        while True:
+            await asyncio.sleep(LINK_PROBE_EVERY)
+            for node_id, link in list(self._peers.items()):
+                conn = link.conn
+                if conn is None or conn.closed:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    await conn.request(MsgType.LINK_PROBE, {}, [payload], timeout=10)
+                    dt = time.perf_counter() - t0
+                except (ConnectionClosed, RemoteError, TimeoutError):
+                    continue
+                # Bytes moved both ways over the round trip, in MB/s.
+                self.emit(ev.LinkMeasured(node_id, throughput_mbps=round(2 * len(payload) / dt / 1e6, 1)))
 
     async def _broadcast_caps(self) -> None:
         caps = self.caps_now()
