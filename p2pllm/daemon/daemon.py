@@ -647,7 +647,31 @@ class Daemon:
         conn.close("peer said goodbye")
 
     async def _on_jobs(self, conn: Connection, req: Request) -> Reply:
-        return Reply(MsgType.JOBS, {"jobs": self.snapshot()["jobs"], "roles": self.snapshot()["node"]["roles"]})
+        """Jobs this node coordinates, plus (unless "local") those its peers coordinate."""
+        snap = self.snapshot()
+        jobs = {j["job"]: j for j in snap["jobs"]}
+        if not req.meta.get("local"):
+            for peer_jobs in await self._peer_jobs():
+                for j in peer_jobs:
+                    if j["job"] not in jobs or j.get("coordinator") == j.get("reported_by"):
+                        jobs[j["job"]] = j
+        ordered = sorted(jobs.values(), key=lambda j: j.get("started") or 0)
+        return Reply(MsgType.JOBS, {"jobs": ordered, "roles": snap["node"]["roles"]})
+
+    async def _peer_jobs(self) -> list[list[dict[str, Any]]]:
+        async def one(link: PeerLink) -> list[dict[str, Any]]:
+            if link.conn is None or link.conn.closed:
+                return []
+            try:
+                frame = await link.conn.request(MsgType.JOBS, {"local": True}, timeout=3)
+            except (ConnectionClosed, RemoteError, TimeoutError):
+                return []
+            jobs = frame.meta.get("jobs")
+            if not isinstance(jobs, list):
+                return []
+            return [{**j, "reported_by": link.node_id} for j in jobs if isinstance(j, dict) and "job" in j]
+
+        return list(await asyncio.gather(*(one(link) for link in list(self._peers.values()))))
 
     async def _on_job_stop(self, conn: Connection, req: Request) -> Reply:
         job = req.meta.get("job")
@@ -663,7 +687,16 @@ class Daemon:
                         await self.request(coord, MsgType.JOB_STOP, {"job": job, "forwarded": True}, timeout=10)
             await self._release(job, None, "stopped by operator")
             return Reply(MsgType.ACK, {"stopped": job, "where": "member"})
-        raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no job {job} on {self.name}")
+        if req.meta.get("forwarded") is None:
+            # Not ours: find the coordinator among the peers and ask it.
+            for peer_jobs in await self._peer_jobs():
+                for j in peer_jobs:
+                    if j["job"] == job and j.get("state") == "running" and j.get("coordinator"):
+                        frame = await self.request(
+                            j["coordinator"], MsgType.JOB_STOP, {"job": job, "forwarded": True}, timeout=60
+                        )
+                        return Reply(MsgType.ACK, frame.meta)
+        raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no running job {job} known to {self.name} or its peers")
 
     async def _on_assign(self, conn: Connection, req: Request) -> Reply:
         m = req.meta
