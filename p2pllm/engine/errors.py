@@ -1,0 +1,35 @@
+"""Errors the engine raises for anything a user or a peer can get wrong.
+
+Every user-facing engine failure is a :class:`ModelError` (or a subclass), with a message
+that says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ModelError",
+    "ModelNotFoundError",
+    "SequenceTooLongError",
+    "UnsupportedModelError",
+]
+
+
+class ModelError(Exception):
+    """A model could not be found, loaded or run with the given inputs."""
+
+
+class ModelNotFoundError(ModelError):
+    """No local directory, models-dir entry, bundled model or hub snapshot matched a name."""
+
+
+class UnsupportedModelError(ModelError):
+    """The checkpoint is of an architecture or variant the engine does not implement."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint file is missing, corrupt, or lacks a tensor the slice needs."""
+
+
+class SequenceTooLongError(ModelError):
+    """A prompt or generation exceeds the model's or the KV cache's maximum length."""

@@ -1,0 +1,130 @@
+"""Weight layouts for fast inference, applied to a built model from outside.
+
+* **Fused projections.** q/k/v (and gate/up) weights are copied into one buffer and the
+  modules' parameters become views of it: the parameters, their names and training are
+  unchanged, and the no-grad path runs one matmul instead of three (two).
+* **oneDNN packing** (bfloat16 on CPU). ``F.linear`` on bfloat16 weights runs a generic
+  kernel that is compute-bound for one token (about float32's speed); oneDNN's matmul on
+  prepacked weights runs at memory bandwidth, so bfloat16 reads half float32's bytes per
+  token for real. Packing swaps weights for their mkldnn-layout copies (sibling projections
+  share one packed fused tensor, each module keeping its ``rows``); ``hf_state_dict``
+  unpacks. A packed slice is for inference: packed weights take no gradient (input
+  gradients still flow, so adapters can train on top), and it cannot change dtype; call
+  :func:`unpack_linears` first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from p2pllm.engine.model import MLP, Attention, Fused, Linear, shadow_attributes
+
+__all__ = ["can_pack", "fuse_projections", "pack_linears", "unpack_linears"]
+
+
+def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether packing helps: bfloat16 on a CPU whose oneDNN has native BF16 support."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _groups(model: nn.Module) -> list[tuple[nn.Module, str, tuple[nn.Module, ...]]]:
+    out: list[tuple[nn.Module, str, tuple[nn.Module, ...]]] = []
+    for m in model.modules():
+        if isinstance(m, Attention):
+            out.append((m, "fused_qkv", (m.q_proj, m.k_proj, m.v_proj)))
+        elif isinstance(m, MLP):
+            out.append((m, "fused_gate_up", (m.gate_proj, m.up_proj)))
+    return out
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse q/k/v and gate/up of every layer (dense weights); returns how many groups."""
+    n = 0
+    for owner, attr, mods in _groups(model):
+        fused = _fuse_dense(mods)
+        setattr(owner, attr, fused)
+        n += fused is not None
+    shadow_attributes(model)
+    return n
+
+
+def _fuse_dense(mods: tuple[nn.Module, ...]) -> Fused | None:
+    lins = [m for m in mods if type(m) is Linear]
+    if len(lins) != len(mods) or any(m.weight.is_mkldnn or m.weight.is_meta for m in lins):
+        return None
+    has_bias = [m.bias is not None for m in lins]
+    if any(has_bias) and not all(has_bias):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in lins])
+        bias = torch.cat([m.bias.detach() for m in lins]) if all(has_bias) else None
+    splits = tuple(int(m.weight.shape[0]) for m in lins)
+    lo = 0
+    for m, size in zip(lins, splits, strict=True):
+        m.weight = nn.Parameter(weight[lo:lo + size], requires_grad=m.weight.requires_grad)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[lo:lo + size], requires_grad=m.bias.requires_grad)
+        m.rows = None
+        lo += size
+    ptrs = [m.weight.data_ptr() for m in lins]
+    if bias is not None:
+        ptrs += [m.bias.data_ptr() for m in lins]
+    return Fused(weight, bias, splits, tuple(ptrs))
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every engine Linear's weight for oneDNN; fused groups share one packed tensor.
+    Returns how many tensors were packed. A tied head gets its own packed copy, so the
+    embedding keeps its dense table."""
+    n = 0
+    for owner, attr, mods in _groups(model):
+        fused = getattr(owner, attr)
+        if fused is None or fused.weight.is_mkldnn or not fused.usable(mods):
+            continue
+        packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(fused.weight, None),
+                              requires_grad=False)
+        bias = None if fused.bias is None else nn.Parameter(fused.bias, requires_grad=False)
+        lo = 0
+        for m, size in zip(mods, fused.splits, strict=True):
+            assert isinstance(m, Linear)
+            m.weight = packed
+            m.bias = bias  # type: ignore[assignment]
+            m.rows = (lo, lo + size)
+            lo += size
+        setattr(owner, attr, Fused(packed, bias, fused.splits))
+        n += 1
+    for m in model.modules():
+        if type(m) is Linear and not m.weight.is_mkldnn:
+            m.weight = nn.Parameter(
+                torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None),
+                requires_grad=False)
+            n += 1
+    shadow_attributes(model)
+    return n
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Undo :func:`pack_linears`: dense, trainable, fused weights again."""
+    n = 0
+    dense: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight.is_mkldnn:
+            w = dense.setdefault(id(m.weight), m.weight.detach().to_dense())
+            rows = m.rows
+            if rows is not None:
+                w = w[rows[0]:rows[1]]
+                if m.bias is not None:
+                    m.bias = nn.Parameter(m.bias.detach()[rows[0]:rows[1]].clone())
+            m.weight = nn.Parameter(w.clone() if rows is not None else w)
+            m.rows = None
+            n += 1
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    fuse_projections(model)
+    return n

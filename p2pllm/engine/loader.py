@@ -1,0 +1,395 @@
+"""Find checkpoints, and load exactly the tensors a model slice needs from them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from p2pllm.engine.adapter import load_lora
+from p2pllm.engine.config import ModelConfig
+from p2pllm.engine.errors import CheckpointError, ModelError, ModelNotFoundError
+from p2pllm.engine.layout import can_pack, fuse_projections, pack_linears
+from p2pllm.engine.model import ModelSlice
+
+__all__ = [
+    "BUNDLED_MODELS_DIR",
+    "ModelInfo",
+    "list_models",
+    "load_slice",
+    "load_tokenizer",
+    "resolve_model",
+    "save_hf_checkpoint",
+    "slice_tensor_names",
+]
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F64": torch.float64}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "vocab.json", "merges.txt",
+                    "generation_config.json", "added_tokens.json")
+
+
+# -- finding models ---------------------------------------------------------------------------
+
+
+def resolve_model(name_or_path: str | Path, models_dir: str | Path | None = None) -> Path:
+    """Directory of a checkpoint given a path, a name under ``models_dir``, a bundled model's
+    name, or a Hugging Face hub id (from the local hub cache, else downloaded)."""
+    raw = str(name_or_path)
+    p = Path(raw).expanduser()
+    if p.is_dir():
+        return _checked_dir(p)
+    if models_dir is not None and raw and (Path(models_dir).expanduser() / raw).is_dir():
+        return _checked_dir(Path(models_dir).expanduser() / raw)
+    if raw and (BUNDLED_MODELS_DIR / raw).is_dir():
+        return _checked_dir(BUNDLED_MODELS_DIR / raw)
+    where = f"not a directory, not under --models-dir {models_dir}" if models_dir else (
+        "not a directory")
+    if not _looks_like_hub_id(raw):
+        raise ModelNotFoundError(f"model {raw!r}: {where}, and not a bundled model")
+    return _from_hub(raw, where)
+
+
+def _checked_dir(p: Path) -> Path:
+    if not (p / "config.json").is_file():
+        raise ModelNotFoundError(f"{p} is not a Hugging Face checkpoint directory "
+                                 f"(no config.json)")
+    return p.resolve()
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    if not s or s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s:
+        return False
+    return all(part and all(c.isalnum() or c in "-_." for c in part) for part in s.split("/"))
+
+
+def _from_hub(repo_id: str, where: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - a dependency of transformers
+        raise ModelNotFoundError(f"model {repo_id!r}: {where}; huggingface_hub is missing") from e
+    try:
+        return _checked_dir(Path(snapshot_download(repo_id, local_files_only=True,
+                                                   allow_patterns=_HUB_PATTERNS)))
+    except ModelError:
+        raise
+    except Exception as e:
+        log.debug("%s not in the local hub cache: %s", repo_id, e)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelNotFoundError(
+            f"model {repo_id!r}: {where}, not a bundled model, and not in the local Hugging "
+            f"Face cache; HF_HUB_OFFLINE is set, so it was not downloaded (offline). Pass a "
+            f"local checkpoint directory instead, e.g. --model /path/to/model (a folder with "
+            f"config.json and *.safetensors).")
+    try:
+        return _checked_dir(Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)))
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"model {repo_id!r}: {where}, not a bundled model, not in the local Hugging Face "
+            f"cache, and the hub could not be reached (offline?): {type(e).__name__}: {e}. "
+            f"Pass a local checkpoint directory instead, e.g. --model /path/to/model "
+            f"(a folder with config.json and *.safetensors).") from e
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A checkpoint a host can serve (what the daemon advertises)."""
+
+    name: str
+    path: Path
+    model_type: str
+    num_layers: int
+    param_bytes: int  # bytes of all stored tensors, in the checkpoint's dtype
+
+
+def list_models(models_dir: str | Path | None, include_bundled: bool = True) -> list[ModelInfo]:
+    """The loadable checkpoints directly under ``models_dir`` (and the bundled ones, unless a
+    model of the same name shadows them), sorted by name. Broken ones are skipped."""
+    found: dict[str, ModelInfo] = {}
+    roots = [Path(models_dir).expanduser()] if models_dir is not None else []
+    if include_bundled:
+        roots.append(BUNDLED_MODELS_DIR)
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for d in sorted(root.iterdir()):
+            if d.name in found or not (d / "config.json").is_file():
+                continue
+            try:
+                cfg = ModelConfig.from_dir(d)
+                nbytes = sum(_Checkpoint(d).nbytes.values())
+            except ModelError as e:
+                log.warning("skipping %s: %s", d, e)
+                continue
+            found[d.name] = ModelInfo(d.name, d.resolve(), cfg.model_type, cfg.num_layers, nbytes)
+    return [found[k] for k in sorted(found)]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The checkpoint's tokenizer (transformers AutoTokenizer, local files only)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
+# -- reading checkpoints ----------------------------------------------------------------------
+
+
+class _Checkpoint:
+    """Which safetensors file holds each tensor (headers only; no tensor is read here)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files: dict[str, Path] = {}
+        self.nbytes: dict[str, int] = {}
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"cannot read {index}: {e}") from e
+            files = sorted({path / f for f in weight_map.values()})
+        elif (path / "model.safetensors").is_file():
+            files = [path / "model.safetensors"]
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            extra = " (only PyTorch .bin weights, which are not supported: convert them to " \
+                    "safetensors)" if any(path.glob("*.bin")) else ""
+            raise CheckpointError(f"{path} has no *.safetensors weights{extra}")
+        for f in files:
+            for name, nbytes in _read_header(f).items():
+                self.files[name] = f
+                self.nbytes[name] = nbytes
+
+    def read(self, names: Iterable[str],
+             aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+        """Read the named tensors, one file open at a time. ``aliases``: where a name is
+        absent, the other name it may be stored under (a tied embedding saved as the head)."""
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for n in names:
+            stored = n
+            if n not in self.files and aliases and aliases.get(n) in self.files:
+                stored = aliases[n]
+            if stored not in self.files:
+                raise CheckpointError(f"{self.path}: tensor {n!r} is missing from the checkpoint")
+            by_file.setdefault(self.files[stored], []).append((n, stored))
+        from safetensors import SafetensorError, safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for f, file_names in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for n, stored in file_names:
+                        out[n] = st.get_tensor(stored)
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"cannot read {f}: {e}") from e
+        return out
+
+
+def _read_header(f: Path) -> dict[str, int]:
+    """Validate a safetensors header against the file size; tensor name -> byte size."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{f} is not a safetensors file (truncated)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{f} is not a safetensors file (bad header length)")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f} is corrupt (bad header): {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f} is corrupt (header is not an object)")
+    data = size - 8 - n
+    out: dict[str, int] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{f} is corrupt (entry {name!r}): {e}") from e
+        if not 0 <= lo <= hi <= data:
+            raise CheckpointError(f"{f} is corrupt or truncated: tensor {name!r} lies at bytes "
+                                  f"[{lo}, {hi}) of a {data}-byte data section")
+        out[name] = hi - lo
+    return out
+
+
+def slice_tensor_names(config: ModelConfig, start: int, end: int, embed: bool,
+                       head: bool) -> list[str]:
+    """Checkpoint names a slice needs (layers ``[start, end)``, embedding, final norm, head)."""
+    probe = _meta_slice(config, start, end, embed, head)
+    return sorted({probe.hf_name(n) for n, _ in probe.named_parameters(remove_duplicate=False)})
+
+
+def _meta_slice(config: ModelConfig, start: int, end: int, embed: bool,
+                head: bool) -> ModelSlice:
+    with torch.device("meta"):
+        return ModelSlice(config, start, end, embed, head)
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
+               embed: bool | None = None, head: bool | None = None,
+               dtype: torch.dtype = torch.float32, adapter: str | Path | None = None,
+               device: torch.device | str = "cpu", pack: bool | None = None) -> ModelSlice:
+    """Load layers ``[a, b)`` of a checkpoint (all when ``layers`` is None), reading only
+    their tensors; ``embed``/``head`` default to whether the range starts at 0 / ends at the
+    last layer. ``adapter``: a peft LoRA directory merged into the weights as they load.
+    ``pack``: prepack linear weights for oneDNN (default: when it speeds up ``dtype`` here;
+    see :mod:`p2pllm.engine.layout`)."""
+    path = Path(path)
+    if not path.is_dir():
+        path = resolve_model(str(path))
+    config = ModelConfig.from_dir(path)
+    start, end = layers if layers is not None else (0, config.num_layers)
+    if not 0 <= start <= end <= config.num_layers:
+        raise ModelError(f"layers ({start}, {end}) are not a range within the model's "
+                         f"{config.num_layers} layers")
+    embed = start == 0 if embed is None else embed
+    head = end == config.num_layers if head is None else head
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
+
+    # 1. an empty module of the slice's shape, on the meta device
+    model = _meta_slice(config, start, end, embed, head)
+    # 2. the adapter's deltas for this slice
+    deltas = load_lora(adapter, config) if adapter is not None else {}
+    # 3. read this slice's tensors only, and move them into the module
+    names = dict(model.named_parameters(remove_duplicate=False))
+    ckpt = _Checkpoint(path)
+    wanted = {model.hf_name(n) for n in names}
+    tied = {"model.embed_tokens.weight": "lm_head.weight"} if config.tie_word_embeddings else None
+    tensors = ckpt.read(sorted(wanted), tied)
+    loaded: dict[str, nn.Parameter] = {}
+    used: set[str] = set()
+    for name, meta in names.items():
+        key = model.hf_name(name)
+        module = "lm_head" if name.startswith("lm_head.") else key.removesuffix(".weight")
+        delta = deltas.get(module) if name.endswith(".weight") else None
+        if delta is not None and module == "lm_head" and config.tie_word_embeddings:
+            raise ModelError("a LoRA adapter on lm_head of a model with tied embeddings is "
+                             "not supported")
+        if key not in loaded:
+            t = tensors.pop(key)
+            if tuple(t.shape) != tuple(meta.shape):
+                raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                      f"the config implies {tuple(meta.shape)}")
+            if delta is not None:
+                t = delta.merge(t)
+                used.add(module)
+            loaded[key] = nn.Parameter(t.to(device=device, dtype=dtype))
+        _set_param(model, name, loaded[key])
+    del tensors
+    for module in sorted(set(deltas) - used):
+        if _in_slice(module, start, end, head):
+            raise ModelError(f"the adapter targets {module!r}, which is not a linear layer "
+                             f"of this model")
+    model.tie_weights()
+    model.eval()
+    # 4. inference layouts: fused projections, and oneDNN packing for bfloat16
+    fuse_projections(model)
+    if pack is None:
+        pack = can_pack(dtype, device)
+    if pack:
+        pack_linears(model)
+    return model
+
+
+def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    setattr(module, attr, value)
+
+
+def _in_slice(module: str, start: int, end: int, head: bool) -> bool:
+    if module == "lm_head":
+        return head
+    parts = module.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return start <= int(parts[2]) < end
+    return False
+
+
+# -- writing checkpoints ----------------------------------------------------------------------
+
+
+def save_hf_checkpoint(slices: Sequence[ModelSlice], config: ModelConfig, out_dir: str | Path,
+                       tokenizer_src: str | Path | None = None,
+                       dtype: torch.dtype | None = None) -> Path:
+    """Write the union of ``slices`` (which must cover the whole model) as a Hugging Face
+    checkpoint: config.json, model.safetensors, and the tokenizer files of ``tokenizer_src``."""
+    from safetensors.torch import save_file
+
+    state: dict[str, torch.Tensor] = {}
+    for s in slices:
+        for k, v in s.hf_state_dict().items():
+            state.setdefault(k, v)
+    needed = set(slice_tensor_names(config, 0, config.num_layers, True, True))
+    missing = sorted(needed - set(state))
+    if missing:
+        raise ModelError(f"the slices do not cover the model: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu()
+               for k, v in state.items() if k in needed}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    raw = dict(config.source) if config.source else _config_to_hf(config)
+    if dtype is not None:
+        raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    if tokenizer_src is not None:
+        for name in _TOKENIZER_FILES:
+            src = Path(tokenizer_src) / name
+            if src.is_file():
+                shutil.copyfile(src, out / name)
+    return out
+
+
+def _config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
+                               c.model_type]],
+        "model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling, "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu",
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+    }
+    if c.model_type in ("llama", "qwen3"):
+        raw["attention_bias"] = c.attention_bias
+    if c.model_type == "llama":
+        raw["mlp_bias"] = c.mlp_bias
+    return raw
