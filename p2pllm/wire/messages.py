@@ -54,6 +54,8 @@ class MsgType(IntEnum):
     TRAIN_STEP = 0x0402
     TRAIN_SAVE = 0x0403
     TRAIN_EVAL = 0x0404
+    TRAIN_BATCH = 0x0405  # coordinator -> stage: run one step's micro-batches
+    TRAIN_TIED = 0x0406  # last -> first stage: swap gradients of a tied embedding/head
 
     # -- jobs a CLI submits to its local daemon --------------------------------------------
     GENERATE = 0x0500  # {"mode": "spec"|"split"|..., ...} streamed tokens, final result
