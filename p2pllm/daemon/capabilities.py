@@ -90,13 +90,24 @@ def scan_models(models_dir: str | None) -> list[dict[str, Any]]:
 
 
 def scan_fl_data(data_dir: str | None) -> dict[str, Any]:
-    """Whether this host has federated-learning data, and how much (files, bytes)."""
+    """Whether this host has federated-learning data, and how much (files, bytes, examples).
+
+    ``examples`` is an estimate (bytes / ~4 per token / 128-token blocks) made without reading
+    the files; an fl-client reports the exact count once it has tokenized them.
+    """
     if not data_dir or not Path(data_dir).is_dir():
-        return {"present": False, "files": 0, "bytes": 0}
+        return {"present": False, "files": 0, "bytes": 0, "examples": 0}
     files = [
         p for p in Path(data_dir).rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl")
     ]
-    return {"present": bool(files), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    nbytes = sum(p.stat().st_size for p in files)
+    try:
+        from p2pllm.pillars.federated.data import estimate_examples
+
+        examples = estimate_examples(nbytes)
+    except ImportError:  # pragma: no cover - pillar not importable
+        examples = 0
+    return {"present": bool(files), "files": len(files), "bytes": nbytes, "examples": examples}
 
 
 def measure(config: Any) -> dict[str, Any]:

@@ -1,0 +1,560 @@
+"""FL_RUN: the local daemon coordinates a federated LoRA run, round after round.
+
+1. Config (defaults < checkpoint when resuming < the request), the base model, the global
+   adapter (the checkpoint's, or a fresh peft wrap of the base model from the run's seed).
+2. Clients: nodes that advertise FL data and accept the fl-client role get an ASSIGN.
+3. Each round: FL_TRAIN (global adapter + round config) to every client at once; answers that
+   do not arrive within the round timeout are dropped; answers that do not fit the global
+   adapter are rejected; with at least min-clients valid updates the round aggregates them
+   weighted by example count, else it is retried. Then FL_EVAL of the new global adapter on
+   the clients' eval blocks, a checkpoint, and a progress line to the CLI.
+4. The end: the global adapter in peft's format, a PNG of eval loss per round, the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from p2pllm.daemon.jobs import AssignRefused, Job, JobHost
+from p2pllm.pillars.federated import lora as lora_mod
+from p2pllm.pillars.federated.checkpoint import (
+    FILENAME,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from p2pllm.pillars.federated.messages import ClientParams, RoundConfig, RunConfig
+from p2pllm.pillars.federated.plot import plot_eval_loss
+from p2pllm.pillars.federated.strategy import ClientUpdate, screen, server_update, weighted_mean
+from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
+from p2pllm.wire.frame import HEADER_SIZE, Buffer, ProtocolError, encode_meta
+from p2pllm.wire.messages import ErrorCode, MsgType
+from p2pllm.wire.tensors import tensor_meta, unpack_tensors
+
+log = logging.getLogger(__name__)
+
+ROLE = "fl-client"
+POLL = 0.2
+
+
+def frame_bytes(meta: Mapping[str, Any], payload: Sequence[Buffer] | int = ()) -> int:
+    """Bytes of a frame on the wire: header, msgpack metadata, payload."""
+    n = payload if isinstance(payload, int) else sum(memoryview(b).nbytes for b in payload)
+    return HEADER_SIZE + len(encode_meta(meta)) + n
+
+
+def accepts_client_role(caps: Mapping[str, Any]) -> bool:
+    accepts = caps.get("accepts") or ["auto"]
+    return "auto" in accepts or ROLE in accepts
+
+
+def eligible_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Nodes with FL data that take the fl-client role, most data first."""
+    out = [
+        n for n in nodes
+        if (n.get("caps") or {}).get("fl_data", {}).get("present") and accepts_client_role(n["caps"])
+    ]
+    out.sort(key=lambda n: (-int(n["caps"]["fl_data"].get("bytes", 0)), str(n["name"]), str(n["node_id"])))
+    return out
+
+
+def run_dir(state_dir: str, run_name: str) -> Path:
+    """Where a run keeps its checkpoint (and, by default, its output)."""
+    return Path(state_dir).expanduser() / "fl" / run_name
+
+
+def output_dir(cfg: RunConfig, run_dir: Path) -> Path:
+    return Path(cfg.out).expanduser() if cfg.out else run_dir / "adapter"
+
+
+def model_name(given: str, path: Path) -> str:
+    """The name clients look the model up by: the folder's name when a path was given."""
+    return path.name if Path(given).expanduser().is_dir() else given
+
+
+def model_nbytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+@dataclass
+class Client:
+    node_id: str
+    name: str
+    assigned: bool = True
+
+
+@dataclass
+class Outcome:
+    """What became of one client in one attempt of a round."""
+
+    client: Client
+    status: str  # "ok" | "dropped" | "rejected"
+    reason: str = ""
+    tensors: dict[str, Tensor] | None = None
+    num_examples: int = 0
+    train_loss: float = math.nan
+    eval_loss: float = math.nan
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node_id": self.client.node_id,
+            "name": self.client.name,
+            "status": self.status,
+            "num_examples": self.num_examples,
+            "train_loss": _num(self.train_loss),
+            "eval_loss": _num(self.eval_loss),
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "seconds": round(self.seconds, 3),
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class RunState:
+    done: int = 0  # rounds finished
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    initial_eval_loss: float | None = None
+    resumed_from: int = 0
+    rejected_total: int = 0
+
+
+async def coordinate(host: JobHost, req: Request) -> Reply:
+    """FL_RUN handler: run the whole job; partial FL_RUN responses report each round."""
+    run = FLRun(host, req)
+    await run.prepare()
+    async with host.job("fl", run.job_params()) as job:
+        return await run.execute(job)
+
+
+class FLRun:
+    """One FL run on its coordinator."""
+
+    def __init__(self, host: JobHost, req: Request) -> None:
+        self.host = host
+        self.req = req
+        self.cluster = host.cluster
+        self.clients: dict[str, Client] = {}
+        self.refusals: dict[str, str] = {}
+        self.state = RunState()
+        self.velocity: dict[str, Tensor] | None = None
+        self.global_adapter: dict[str, Tensor] = {}
+
+    # -- 1. config, model, checkpoint --------------------------------------------------------
+
+    async def prepare(self) -> None:
+        given = {k: v for k, v in self.req.meta.items() if v is not None}
+        cfg = RunConfig.from_meta(given)
+        self.dir = run_dir(self.host.config.state_dir, cfg.name)
+        self.ckpt_path = self.dir / FILENAME
+        ckpt: Checkpoint | None = None
+        if cfg.resume:
+            try:
+                ckpt = await asyncio.to_thread(load_checkpoint, self.ckpt_path)
+            except CheckpointError as exc:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+            if ckpt is None:
+                raise ProtocolError(
+                    ErrorCode.NOT_FOUND,
+                    f"--resume: no checkpoint of run {cfg.name!r} at {self.ckpt_path}; "
+                    f"start it without --resume (or name the run with --run-name)",
+                )
+            cfg = RunConfig.from_meta(given, base=ckpt.config)
+            clashes = cfg.conflicts(ckpt.config, given)
+            if clashes:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"--resume: these settings differ from the checkpoint of run {cfg.name!r}: "
+                    f"{'; '.join(clashes)}. Leave them out to use the checkpoint's values.",
+                )
+            self.state = RunState(
+                done=ckpt.round,
+                rounds=list(ckpt.rounds),
+                initial_eval_loss=ckpt.initial_eval_loss,
+                resumed_from=ckpt.round,
+                rejected_total=sum(int(r.get("rejected", 0)) for r in ckpt.rounds),
+            )
+            self.global_adapter = ckpt.global_adapter
+            self.velocity = ckpt.velocity
+        elif self.ckpt_path.exists():
+            log.info("FL run %s starts afresh: its old checkpoint will be replaced", cfg.name)
+        self.cfg = cfg
+        self.out_dir = output_dir(cfg, self.dir)
+        try:
+            from p2pllm.engine.loader import resolve_model
+
+            self.model_path = await asyncio.to_thread(resolve_model, cfg.model, self.host.config.models_dir)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"base model {cfg.model!r}: {exc}") from exc
+        self.model_name = model_name(cfg.model, self.model_path)
+
+    def job_params(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "model": c.model, "rounds": c.rounds, "run": c.name, "aggregation": c.aggregation,
+            "lora_rank": c.lora_rank, "local_steps": c.local_steps, "lr": c.lr,
+            "resume_from": self.state.done,
+        }
+
+    # -- the job ----------------------------------------------------------------------------
+
+    async def execute(self, job: Job) -> Reply:
+        self.job = job
+        cfg = self.cfg
+        # The initial adapter (a model load and a peft wrap) is built while clients load theirs.
+        initial = None
+        if not self.global_adapter:
+            initial = asyncio.ensure_future(
+                asyncio.to_thread(lora_mod.initial_adapter, self.model_path, cfg.lora, cfg.seed)
+            )
+        try:
+            if self.state.done < cfg.rounds:
+                await self._select_clients()
+        finally:
+            if initial is not None and not initial.done():
+                initial.cancel()
+        if initial is not None:
+            self.global_adapter = await initial
+        self.adapter_bytes = lora_mod.adapter_nbytes(self.global_adapter)
+        last = self.state.rounds[-1] if self.state.rounds else {}
+        job.update(
+            round=self.state.done, rounds=cfg.rounds, eval_loss=last.get("eval_loss"),
+            train_loss=last.get("train_loss"), run=cfg.name, adapter_bytes=self.adapter_bytes,
+        )
+        if self.state.done < cfg.rounds:
+            if self.state.initial_eval_loss is None:
+                loss, _, _ = await self._evaluate(0)
+                self.state.initial_eval_loss = loss
+                job.update(initial_eval_loss=loss)
+                await self.req.partial(
+                    MsgType.FL_RUN,
+                    {"round": 0, "initial_eval_loss": loss, "clients": [c.name for c in self._active()]},
+                )
+            for rnd in range(self.state.done + 1, cfg.rounds + 1):
+                record = await self._round(rnd)
+                await self.req.partial(MsgType.FL_RUN, {"round": rnd, "record": record})
+        return Reply(MsgType.FL_RUN, await self._finish())
+
+    # -- 2. clients -------------------------------------------------------------------------
+
+    def _active(self) -> list[Client]:
+        return sorted((c for c in self.clients.values() if c.assigned), key=lambda c: c.node_id)
+
+    def _client_params(self) -> dict[str, Any]:
+        c = self.cfg
+        return ClientParams(
+            model=self.model_name,
+            model_path=str(self.model_path),
+            lora=c.lora,
+            block_size=c.block_size,
+            eval_fraction=c.eval_fraction,
+            seed=c.seed,
+            quantize=c.quantize,
+        ).to_meta()
+
+    async def _select_clients(self) -> None:
+        """Wait (up to wait_clients) for enough nodes with data, then ASSIGN fl-client roles."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.wait_clients
+        while True:
+            found = eligible_nodes(self.cluster.nodes())
+            if len(found) >= max(cfg.min_clients, cfg.clients or 0) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(POLL)
+        if cfg.quantize:
+            devices = {str(n["name"]): (n.get("caps") or {}).get("device", "?") for n in found}
+            if found and "cuda" not in devices.values():
+                raise ProtocolError(
+                    ErrorCode.REFUSED,
+                    f"QLoRA ({cfg.quantize} base) needs CUDA clients with bitsandbytes, and every "
+                    f"client with data runs without CUDA ({', '.join(f'{k}: {v}' for k, v in devices.items())}); "
+                    f"run without --quantize on these hosts",
+                )
+        await self._refill()
+        if len(self._active()) < cfg.min_clients:
+            if not found:
+                raise ProtocolError(
+                    ErrorCode.NOT_FOUND,
+                    f"no node with FL data that accepts {ROLE} (waited {cfg.wait_clients:g}s); "
+                    f"start clients with `p2pllmd --data-dir DIR` holding .txt or .jsonl files",
+                )
+            refused = "; ".join(f"{self._name(n)}: {r}" for n, r in self.refusals.items()) or "none"
+            raise ProtocolError(
+                ErrorCode.REFUSED,
+                f"need at least {cfg.min_clients} fl-clients, {len(self._active())} accepted "
+                f"(nodes with data: {', '.join(str(n['name']) for n in found)}; refusals: {refused})",
+            )
+        log.info("FL run %s: clients %s", cfg.name, ", ".join(c.name for c in self._active()))
+
+    def _name(self, node_id: str) -> str:
+        c = self.clients.get(node_id)
+        return c.name if c else self.job.node_name(node_id)
+
+    async def _refill(self) -> None:
+        """Assign clients until `clients` are active: first those that lost their role, then new
+        eligible nodes. Nodes that refused stay out of this run."""
+        up = {str(n["node_id"]): n for n in eligible_nodes(self.cluster.nodes())}
+        want = self.cfg.clients or len(up)
+        candidates = [c.node_id for c in self.clients.values() if not c.assigned and c.node_id in up]
+        candidates += [nid for nid in up if nid not in self.clients and nid not in self.refusals]
+        free = max(0, want - len(self._active()))
+        picked = candidates[:free]
+        if not picked:
+            return
+        params = self._client_params()
+
+        async def assign(node_id: str) -> None:
+            name = str(up[node_id]["name"])
+            try:
+                await self.job.assign(node_id, ROLE, params, rid=ROLE, summary=f"fl-client of {self.cfg.name}")
+            except AssignRefused as exc:
+                log.warning("FL run %s: %s", self.cfg.name, exc)
+                self.refusals[node_id] = exc.reason
+                return
+            self.clients[node_id] = Client(node_id, name)
+
+        await asyncio.gather(*(assign(n) for n in picked))
+
+    # -- 3. one round -----------------------------------------------------------------------
+
+    async def _round(self, rnd: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        bytes_sent = bytes_received = 0
+        attempt = 0
+        while True:
+            attempt += 1
+            await self._refill()
+            outcomes = await self._train(rnd)
+            bytes_sent += sum(o.bytes_sent for o in outcomes)
+            bytes_received += sum(o.bytes_received for o in outcomes)
+            accepted = [o for o in outcomes if o.status == "ok"]
+            if len(accepted) >= cfg.min_clients:
+                break
+            detail = "; ".join(f"{o.client.name}: {o.status} ({o.reason})" for o in outcomes if o.status != "ok")
+            if attempt > cfg.max_retries:
+                raise ProtocolError(
+                    ErrorCode.TIMEOUT,
+                    f"round {rnd}: {len(accepted)} valid updates of {len(outcomes)} clients asked, "
+                    f"need {cfg.min_clients}; gave up after {attempt} attempts ({detail or 'no clients'})",
+                )
+            log.warning(
+                "FL run %s round %d attempt %d: %d valid updates, need %d; retrying (%s)",
+                cfg.name, rnd, attempt, len(accepted), cfg.min_clients, detail,
+            )
+            self.job.update(round_retries=attempt)
+            if not outcomes:
+                await asyncio.sleep(min(cfg.round_timeout, 1.0))
+        # Aggregate (pure math, off the loop: big adapters take a while).
+        updates = [ClientUpdate(o.client.node_id, o.tensors or {}, o.num_examples, o.train_loss) for o in accepted]
+        new_global, new_velocity = await asyncio.to_thread(
+            server_update,
+            self.global_adapter,
+            updates,
+            cfg.aggregation,
+            server_lr=cfg.server_lr,
+            momentum=cfg.server_momentum,
+            velocity=self.velocity,
+        )
+        self.global_adapter, self.velocity = new_global, new_velocity
+        eval_loss, eval_sent, eval_received = await self._evaluate(rnd, [o.client for o in accepted])
+        bytes_sent += eval_sent
+        bytes_received += eval_received
+        dropped = [o for o in outcomes if o.status == "dropped"]
+        rejected = [o for o in outcomes if o.status == "rejected"]
+        self.state.rejected_total += len(rejected)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients_asked": len(outcomes),
+            "clients_answered": len(accepted),
+            "dropped": len(dropped),
+            "rejected": len(rejected),
+            "train_loss": _num(weighted_mean([o.train_loss for o in accepted], [o.num_examples for o in accepted])),
+            "eval_loss": _num(eval_loss),
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
+            "seconds": 0.0,
+            "attempts": attempt,
+            "num_examples": sum(o.num_examples for o in accepted),
+            "dropped_clients": [o.client.name for o in dropped],
+            "rejected_clients": [{"name": o.client.name, "reason": o.reason} for o in rejected],
+            "clients": [o.record() for o in outcomes],
+        }
+        self.state.done = rnd
+        self.state.rounds.append(record)
+        record["seconds"] = round(time.monotonic() - t0, 3)
+        await asyncio.to_thread(self._checkpoint)
+        record["seconds"] = round(time.monotonic() - t0, 3)
+        self.job.update(
+            round=rnd, rounds=cfg.rounds, train_loss=record["train_loss"], eval_loss=record["eval_loss"],
+            clients_asked=record["clients_asked"], clients_answered=record["clients_answered"],
+            dropped=record["dropped"], rejected=record["rejected"], rejected_total=self.state.rejected_total,
+            bytes_sent=bytes_sent, bytes_received=bytes_received, round_s=record["seconds"],
+            client_losses={o.client.name: _num(o.train_loss) for o in accepted},
+        )
+        log.info(
+            "FL run %s round %d/%d: %d/%d clients, train loss %s, eval loss %s, %.2fs",
+            cfg.name, rnd, cfg.rounds, len(accepted), len(outcomes), record["train_loss"],
+            record["eval_loss"], record["seconds"],
+        )
+        return record
+
+    async def _train(self, rnd: int) -> list[Outcome]:
+        """FL_TRAIN to every active client at once; each answer, drop or rejection."""
+        cfg = self.cfg
+        round_cfg = RoundConfig(
+            round=rnd, local_steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+            seed=cfg.seed, local_epochs=cfg.local_epochs,
+        )
+        meta, bufs = tensor_meta(self.global_adapter, {"job": self.job.id, "rid": ROLE, **round_cfg.to_meta()})
+        sent = frame_bytes(meta, bufs)
+        outcomes = list(await asyncio.gather(*(self._ask_train(c, meta, bufs, sent) for c in self._active())))
+        # Screen the answers against the global adapter (pure): bad ones are rejected.
+        answered = [o for o in outcomes if o.status == "ok"]
+        verdict = screen(
+            self.global_adapter,
+            [ClientUpdate(o.client.node_id, o.tensors or {}, o.num_examples, o.train_loss) for o in answered],
+        )
+        reasons = dict(verdict.rejected)
+        for o in answered:
+            if o.client.node_id in reasons:
+                o.status, o.reason, o.tensors = "rejected", reasons[o.client.node_id], None
+                log.warning("FL round %d: rejected the update of %s: %s", rnd, o.client.name, o.reason)
+        return outcomes
+
+    async def _ask_train(self, client: Client, meta: dict[str, Any], bufs: Sequence[Buffer], sent: int) -> Outcome:
+        t0 = time.monotonic()
+        out = Outcome(client, "dropped", bytes_sent=sent)
+        try:
+            frame = await self.cluster.request(
+                client.node_id, MsgType.FL_TRAIN, meta, bufs, timeout=self.cfg.round_timeout
+            )
+        except TimeoutError:
+            out.reason = f"no answer within the round timeout ({self.cfg.round_timeout:g}s)"
+        except ConnectionClosed as exc:
+            client.assigned = False
+            out.reason = f"connection lost: {exc}"
+        except RemoteError as exc:
+            if exc.code in (ErrorCode.UNKNOWN_JOB, ErrorCode.SHUTTING_DOWN):
+                client.assigned = False
+            out.reason = f"answered an error: {exc}"
+        else:
+            out.bytes_received = frame_bytes(frame.meta, frame.payload.nbytes)
+            self._parse_train_answer(out, frame.meta, frame.payload)
+        out.seconds = time.monotonic() - t0
+        if out.status == "dropped":
+            log.warning("FL: dropped %s from round %s: %s", client.name, meta.get("round"), out.reason)
+        return out
+
+    @staticmethod
+    def _parse_train_answer(out: Outcome, meta: Mapping[str, Any], payload: memoryview) -> None:
+        try:
+            tensors = unpack_tensors(meta.get("tensors"), payload)
+        except ProtocolError as exc:
+            out.status, out.reason = "rejected", f"bad tensors: {exc.message}"
+            return
+        n = meta.get("num_examples")
+        out.status = "ok"
+        out.tensors = {k: v.clone() for k, v in tensors.items()}
+        out.num_examples = n if isinstance(n, int) and not isinstance(n, bool) else -1
+        for key in ("train_loss", "eval_loss"):
+            v = meta.get(key)
+            setattr(out, key, float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan)
+
+    async def _evaluate(self, rnd: int, clients: Sequence[Client] | None = None) -> tuple[float | None, int, int]:
+        """FL_EVAL of the global adapter on the clients' eval blocks: (weighted loss, bytes out, in)."""
+        targets = list(clients) if clients is not None else self._active()
+        meta, bufs = tensor_meta(self.global_adapter, {"job": self.job.id, "rid": ROLE, "round": rnd})
+        sent = frame_bytes(meta, bufs)
+
+        async def ask(c: Client) -> tuple[float, int, int]:
+            try:
+                f = await self.cluster.request(c.node_id, MsgType.FL_EVAL, meta, bufs, timeout=self.cfg.round_timeout)
+            except (TimeoutError, ConnectionClosed, RemoteError) as exc:
+                log.warning("FL: %s did not evaluate round %d: %s", c.name, rnd, exc)
+                return math.nan, 0, 0
+            loss, n = f.meta.get("eval_loss"), f.meta.get("num_eval_examples")
+            if not isinstance(loss, int | float) or not isinstance(n, int) or n <= 0:
+                log.warning("FL: %s answered FL_EVAL without a loss and a count", c.name)
+                return math.nan, 0, 0
+            return float(loss), n, frame_bytes(f.meta, f.payload.nbytes)
+
+        results = await asyncio.gather(*(ask(c) for c in targets))
+        loss = weighted_mean([r[0] for r in results], [r[1] for r in results])
+        return loss, sent * len(targets), sum(r[2] for r in results)
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(
+            self.ckpt_path,
+            Checkpoint(
+                round=self.state.done,
+                config=self.cfg.to_meta(),
+                rounds=self.state.rounds,
+                global_adapter=self.global_adapter,
+                velocity=self.velocity,
+                initial_eval_loss=self.state.initial_eval_loss,
+                extra={"model_path": str(self.model_path)},
+            ),
+        )
+
+    # -- 4. the end -------------------------------------------------------------------------
+
+    async def _finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        await asyncio.to_thread(
+            lora_mod.save_peft_adapter, self.out_dir, self.global_adapter, cfg.lora, str(self.model_path)
+        )
+        plot_path = self.out_dir / "eval_loss.png"
+        plot_error = await asyncio.to_thread(
+            plot_eval_loss, plot_path, self.state.rounds, self.state.initial_eval_loss,
+            f"{cfg.name}: federated LoRA on {self.model_name}",
+        )
+        evals = [r["eval_loss"] for r in self.state.rounds if r.get("eval_loss") is not None]
+        result: dict[str, Any] = {
+            "rounds": self.state.rounds,
+            "adapter_dir": str(self.out_dir),
+            "plot": None if plot_error else str(plot_path),
+            "job": self.job.id,
+            "run_name": cfg.name,
+            "model": str(self.model_path),
+            "aggregation": cfg.aggregation,
+            "initial_eval_loss": _num(self.state.initial_eval_loss),
+            "final_eval_loss": evals[-1] if evals else None,
+            "resumed_from": self.state.resumed_from,
+            "clients": [c.name for c in self._active()],
+            "rejected_total": self.state.rejected_total,
+            "adapter_bytes": self.adapter_bytes,
+            "model_bytes": model_nbytes(self.model_path),
+            "checkpoint": str(self.ckpt_path),
+        }
+        if plot_error:
+            result["plot_error"] = plot_error
+        with contextlib.suppress(OSError):
+            (self.out_dir / "fl_metrics.json").write_text(json.dumps(result, indent=2))
+        return result

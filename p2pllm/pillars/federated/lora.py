@@ -1,0 +1,219 @@
+"""LoRA on a Hugging Face causal LM with peft: config, the base model, adapter tensors, files.
+
+Adapter tensors are named as peft's ``get_peft_model_state_dict`` names them
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``): the same names go on the
+wire, into checkpoints and into ``adapter_model.safetensors``, so ``PeftModel.from_pretrained``
+and the engine's ``--adapter`` read the files the coordinator writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+QUANTIZE_CHOICES = ("4bit",)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What every participant wraps the base model with; identical everywhere in a run."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 4096:
+            raise ValueError(f"lora rank must be an int in 1..4096, got {self.rank!r}")
+        if not isinstance(self.alpha, int | float) or not self.alpha > 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if (
+            not isinstance(self.target_modules, tuple)
+            or not self.target_modules
+            or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            raise ValueError(
+                f"target modules must be a non-empty list of module names, got {self.target_modules!r}"
+            )
+
+    def to_meta(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> LoraSpec:
+        """From a msgpack map; ValueError (with the reason) for anything malformed."""
+        targets = meta.get("target_modules", list(DEFAULT_TARGETS))
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list | tuple):
+            raise ValueError(f"target_modules must be a list of strings, got {targets!r}")
+        return cls(
+            rank=meta.get("rank", 8),
+            alpha=meta.get("alpha", 16.0),
+            dropout=meta.get("dropout", 0.05),
+            target_modules=tuple(targets),
+        )
+
+    def peft_config(self, base_model_path: str | None = None) -> Any:
+        from peft import LoraConfig
+
+        # "all-linear" is peft's own shorthand and must be passed as a string.
+        targets: str | list[str] = (
+            "all-linear" if self.target_modules == ("all-linear",) else list(self.target_modules)
+        )
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft takes floats too
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model_path,
+        )
+
+
+def quantize_refusal(quantize: str | None, device: str) -> str | None:
+    """Why a 4-bit (QLoRA) base cannot be used here, or None when it can (or is not asked)."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        return f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}"
+    if device != "cuda":
+        return (
+            f"QLoRA (a 4-bit quantized base model) needs a CUDA GPU with bitsandbytes; this host "
+            f"runs on {device}, so it refuses instead of silently training in full precision"
+        )
+    try:
+        import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return "QLoRA (a 4-bit quantized base model) needs bitsandbytes: pip install bitsandbytes"
+    return None
+
+
+def load_base_model(path: str | Path, *, device: str = "cpu", quantize: str | None = None) -> Any:
+    """The base causal LM, frozen, on ``device`` (4-bit NF4 via bitsandbytes when asked)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no tqdm bars in daemon logs
+    reason = quantize_refusal(quantize, device)
+    if reason:
+        raise ValueError(reason)
+    if quantize == "4bit":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        qmodel = AutoModelForCausalLM.from_pretrained(
+            str(path), quantization_config=bnb, device_map={"": 0}, local_files_only=True
+        )
+        return prepare_model_for_kbit_training(qmodel, use_gradient_checkpointing=False)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def wrap(model: Any, spec: LoraSpec, seed: int, base_model_path: str | None = None) -> Any:
+    """peft-wrap ``model`` with the spec; the LoRA A matrices are drawn from ``seed``."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations peft trips
+        torch.manual_seed(seed)
+        return get_peft_model(model, spec.peft_config(base_model_path))
+
+
+def adapter_tensors(peft_model: Any) -> dict[str, Tensor]:
+    """The adapter's tensors (CPU copies), by peft state-dict name."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def set_adapter_tensors(peft_model: Any, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` into the peft model; keys, shapes and dtypes must match exactly."""
+    from peft import set_peft_model_state_dict
+
+    check_same_layout(tensors, adapter_tensors_meta(peft_model))
+    result = set_peft_model_state_dict(peft_model, dict(tensors))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"adapter tensors the model does not have: {unexpected[:4]}")
+
+
+def adapter_tensors_meta(peft_model: Any) -> dict[str, Tensor]:
+    """Shape/dtype templates of the adapter (meta device: no data)."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+        for k, v in get_peft_model_state_dict(peft_model).items()
+    }
+
+
+def check_same_layout(tensors: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:
+    """Same names, shapes and dtypes as ``reference``, else ValueError naming the difference."""
+    missing = sorted(set(reference) - set(tensors))
+    extra = sorted(set(tensors) - set(reference))
+    if missing or extra:
+        raise ValueError(f"adapter layout differs: missing {missing[:4]}, unexpected {extra[:4]}")
+    for k, ref in reference.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
+            raise ValueError(
+                f"adapter tensor {k}: {tuple(t.shape)} {t.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+            )
+
+
+def initial_adapter(model_path: str | Path, spec: LoraSpec, seed: int) -> dict[str, Tensor]:
+    """The round-0 global adapter: the base model wrapped with ``spec`` from ``seed``.
+
+    peft initialises A at random (from the seed) and B at zero, so the adapted model starts
+    equal to the base model.
+    """
+    model = load_base_model(model_path)
+    return adapter_tensors(wrap(model, spec, seed, str(model_path)))
+
+
+def adapter_nbytes(tensors: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_peft_adapter(
+    out_dir: str | Path, tensors: Mapping[str, Tensor], spec: LoraSpec, base_model_path: str
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as peft's save_pretrained
+    does, so ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    config = spec.peft_config(base_model_path)
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    config.save_pretrained(str(out))
+    tmp = out / "adapter_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "adapter_model.safetensors")
+    return out
