@@ -1,0 +1,207 @@
+"""Training data: a dataset path -> token blocks, and the deterministic order they are used in.
+
+A dataset is a text file (``.txt``, ``.md``, any other suffix read as UTF-8 text), a JSON-lines
+file (``.jsonl``: one ``{"text": ...}`` object a line), a directory of such files (sorted,
+recursively), or pre-tokenized ids (``.safetensors`` with an integer tensor ``input_ids``).
+Texts are tokenized with the model's tokenizer, each document followed by the EOS token, and
+concatenated; the id stream is cut into blocks of ``seq_len + 1`` tokens with stride
+``seq_len`` (block b's inputs are its first ``seq_len`` tokens, its labels the last
+``seq_len``).
+
+Order: step s uses the ``batch_size`` blocks at positions ``[s*B, (s+1)*B)`` of an endless
+stream of epochs, each epoch a permutation of all blocks seeded by ``(seed, epoch)``
+(:func:`batch_rows`); micro-batch m of a step is rows ``[m*B/M, (m+1)*B/M)`` of that batch
+(:func:`micro_rows`). The single-process reference trainer and the first pipeline stage use
+these same functions, so both see the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DataError",
+    "DatasetNotFound",
+    "batch_rows",
+    "load_blocks",
+    "load_token_ids",
+    "make_blocks",
+    "micro_rows",
+    "read_texts",
+    "split_batch",
+]
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+CHUNK_CHARS = 1 << 20  # tokenize long documents in pieces of about this size
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: unreadable, empty, too short for one batch."""
+
+
+class DatasetNotFound(DataError):
+    """The dataset path does not exist on this host."""
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The documents of a text / JSON-lines file or of a directory of them, in sorted order."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DatasetNotFound(f"dataset {p} does not exist")
+    files = [p] if p.is_file() else sorted(
+        f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl")
+    )
+    if not files:
+        raise DataError(f"dataset directory {p} holds no .txt, .md or .jsonl files")
+    docs: list[str] = []
+    for f in files:
+        try:
+            raw = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {f} as UTF-8 text: {e}") from e
+        if f.suffix == ".jsonl":
+            docs.extend(_jsonl_texts(f, raw))
+        elif raw.strip():
+            docs.append(raw)
+    if not docs:
+        raise DataError(f"dataset {p} holds no text")
+    return docs
+
+
+def _jsonl_texts(f: Path, raw: str) -> list[str]:
+    out = []
+    for i, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{f}:{i}: not JSON: {e}") from e
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f'{f}:{i}: expected an object with a "text" string')
+        out.append(text)
+    return out
+
+
+def _chunks(text: str) -> list[str]:
+    """Split a long document at paragraph (else line) breaks into pieces of ~CHUNK_CHARS."""
+    if len(text) <= CHUNK_CHARS:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + CHUNK_CHARS, len(text))
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            if cut <= start:
+                cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
+    """Concatenated ids of the documents, each followed by the tokenizer's EOS (if any)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for doc in texts:
+        for piece in _chunks(doc):
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if isinstance(eos, int):
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def load_token_ids(path: str | Path, tokenizer: Any | None = None) -> torch.Tensor:
+    """All token ids of a dataset, 1-D int64. ``tokenizer``: a tokenizer object, or a
+    checkpoint directory to load one from; not needed for pre-tokenized ``.safetensors``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DatasetNotFound(f"dataset {p} does not exist")
+    if p.is_file() and p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as st:
+                if "input_ids" not in st.keys():
+                    raise DataError(f"{p} has no tensor named 'input_ids'")
+                ids = st.get_tensor("input_ids")
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read {p}: {e}") from e
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise DataError(f"{p}: input_ids must be integers, got {ids.dtype}")
+        return ids.reshape(-1).to(torch.int64)
+    if tokenizer is None:
+        raise DataError(f"dataset {p} is text: a tokenizer is needed")
+    if isinstance(tokenizer, str | Path):
+        from p2pllm.engine.loader import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    return tokenize_texts(read_texts(p), tokenizer)
+
+
+def make_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Blocks of ``seq_len + 1`` ids with stride ``seq_len``: (N, seq_len + 1)."""
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    ids = ids.reshape(-1)
+    n = (ids.numel() - 1) // seq_len
+    if n < 1:
+        raise DataError(f"the dataset has {ids.numel()} tokens: too few for one block of "
+                        f"{seq_len + 1}")
+    return ids.unfold(0, seq_len + 1, seq_len)[:n].contiguous()
+
+
+def load_blocks(path: str | Path, seq_len: int, tokenizer: Any | None = None) -> torch.Tensor:
+    """A dataset as token blocks (N, seq_len + 1), int64."""
+    return make_blocks(load_token_ids(path, tokenizer), seq_len)
+
+
+def batch_rows(num_blocks: int, batch_size: int, step: int, seed: int,
+               shuffle: bool = True) -> list[int]:
+    """Indices of the blocks that make up step ``step``'s batch (see the module doc)."""
+    if num_blocks < 1 or batch_size < 1 or step < 0:
+        raise DataError(f"bad batch request: {num_blocks} blocks, batch {batch_size}, step {step}")
+    rows: list[int] = []
+    pos = step * batch_size
+    while len(rows) < batch_size:
+        epoch, offset = divmod(pos, num_blocks)
+        order = _epoch_order(num_blocks, seed, epoch, shuffle)
+        take = min(batch_size - len(rows), num_blocks - offset)
+        rows.extend(order[offset:offset + take])
+        pos += take
+    return rows
+
+
+def _epoch_order(num_blocks: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    order = list(range(num_blocks))
+    if shuffle:
+        random.Random(f"p2pllm-splittrain:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def micro_rows(rows: Sequence[int], micro_batches: int, mb: int) -> list[int]:
+    """Rows of micro-batch ``mb`` (``micro_batches`` must divide the batch)."""
+    if micro_batches < 1 or len(rows) % micro_batches or not 0 <= mb < micro_batches:
+        raise DataError(f"cannot cut a batch of {len(rows)} into {micro_batches} equal "
+                        f"micro-batches (asked for #{mb})")
+    size = len(rows) // micro_batches
+    return list(rows[mb * size:(mb + 1) * size])
+
+
+def split_batch(blocks: torch.Tensor, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs (B, T), labels (B, T)) of the given blocks."""
+    b = blocks[list(rows)]
+    return b[:, :-1].contiguous(), b[:, 1:].contiguous()

@@ -1,0 +1,693 @@
+"""The ``train-stage`` role: one contiguous layer range of a model, trained across hosts.
+
+Per step (protocol.md section 11): the coordinator sends ``TRAIN_BATCH``; the stage runs its
+schedule's operations (:mod:`.schedule`) in order. A forward of micro-batch m takes token ids
+from the dataset (first stage) or the activations ``TRAIN_FORWARD`` brought from the stage
+before, and pushes its output (with the labels) to the stage after; the last stage computes
+the loss. A backward takes the gradient ``TRAIN_BACKWARD`` brought from the stage after (the
+last stage starts from its loss) and pushes the gradient of its input to the stage before.
+Gradients accumulate; when the model ties its embedding and head and both train on different
+stages, the last stage swaps its head gradient for the first stage's embedding gradient
+(``TRAIN_TIED``) so both copies step on the sum. The stage answers with its timings and the
+squared norm of its gradients; ``TRAIN_STEP`` then applies AdamW with the coordinator's
+learning rate and clip factor. ``TRAIN_SAVE`` streams the slice's tensors back.
+
+All torch work of a stage runs, in order, on the stage's own worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from p2pllm.daemon.roles import Role, RoleHandler
+from p2pllm.engine.errors import ModelError, ModelNotFoundError
+from p2pllm.pillars.splittrain.compute import (
+    IGNORE_INDEX,
+    LoraSpec,
+    OptimConfig,
+    StageModel,
+    build_slice,
+)
+from p2pllm.pillars.splittrain.data import (
+    DataError,
+    DatasetNotFound,
+    batch_rows,
+    load_blocks,
+    micro_rows,
+    split_batch,
+)
+from p2pllm.pillars.splittrain.schedule import SCHEDULES, Op, Phase, stage_schedule
+from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
+from p2pllm.wire.frame import ProtocolError
+from p2pllm.wire.messages import ErrorCode, MsgType
+from p2pllm.wire.tensors import tensor_meta, unpack_tensors
+
+if TYPE_CHECKING:
+    from p2pllm.config import DaemonConfig
+
+__all__ = ["StageParams", "TrainStageRole"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INBOX_TIMEOUT = 600.0  # seconds a stage waits for a neighbour's activations or gradients
+SEND_TIMEOUT = 600.0
+SAVE_CHUNK = 64 << 20  # bytes of tensors per TRAIN_SAVE partial response
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "generation_config.json", "added_tokens.json", "chat_template.jinja")
+MAX_FILE = 64 << 20
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    node_id: str
+    rid: str
+    name: str = ""
+
+    def describe(self, index: int) -> str:
+        return f"stage {index} on {self.name or self.node_id[:8]} ({self.node_id[:8]})"
+
+    @classmethod
+    def from_meta(cls, d: Any, what: str) -> Neighbour | None:
+        if d is None:
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("node"), str) \
+                or not isinstance(d.get("rid"), str):
+            raise ValueError(f"{what} must be {{node: str, rid: str, name?: str}} or nil")
+        return cls(d["node"], d["rid"], str(d.get("name", "")))
+
+    def to_meta(self) -> dict[str, str]:
+        return {"node": self.node_id, "rid": self.rid, "name": self.name}
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """The ASSIGN params of a train-stage role (protocol.md section 11)."""
+
+    model: str
+    start: int
+    end: int
+    index: int
+    num_stages: int
+    steps: int
+    seq_len: int
+    batch_size: int
+    micro_batches: int
+    schedule: str
+    optim: OptimConfig
+    prev: Neighbour | None = None
+    next: Neighbour | None = None
+    tied_peer: Neighbour | None = None
+    data: str | None = None
+    lora: LoraSpec | None = None
+    seed: int = 0
+    shuffle: bool = True
+    init: str = "checkpoint"
+
+    def __post_init__(self) -> None:
+        ints = ("start", "end", "index", "num_stages", "steps", "seq_len", "batch_size",
+                "micro_batches", "seed")
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a non-empty string")
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"bad layer range [{self.start}, {self.end})")
+        if not 0 <= self.index < self.num_stages:
+            raise ValueError(f"index {self.index} not in [0, {self.num_stages})")
+        if self.steps < 0 or self.seq_len < 1 or self.batch_size < 1 or self.micro_batches < 1:
+            raise ValueError("steps >= 0, seq_len, batch_size and micro_batches >= 1")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
+                             f"micro_batches {self.micro_batches}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
+        if self.init not in ("checkpoint", "random"):
+            raise ValueError("init must be 'checkpoint' or 'random'")
+        if (self.prev is None) != (self.index == 0):
+            raise ValueError("exactly the first stage has no previous stage")
+        if (self.next is None) != (self.index == self.num_stages - 1):
+            raise ValueError("exactly the last stage has no next stage")
+        if self.index == 0 and not isinstance(self.data, str):
+            raise ValueError("the first stage needs the dataset path (data)")
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    @property
+    def mb_size(self) -> int:
+        return self.batch_size // self.micro_batches
+
+    @classmethod
+    def from_meta(cls, p: Mapping[str, Any]) -> StageParams:
+        try:
+            layers = p.get("layers")
+            if not (isinstance(layers, list) and len(layers) == 2):
+                raise ValueError("layers must be [start, end]")
+            lora = p.get("lora")
+            return cls(
+                model=p.get("model"),  # type: ignore[arg-type]
+                start=layers[0], end=layers[1],
+                index=p.get("index"),  # type: ignore[arg-type]
+                num_stages=p.get("num_stages"),  # type: ignore[arg-type]
+                steps=p.get("steps", 0),
+                seq_len=p.get("seq_len"),  # type: ignore[arg-type]
+                batch_size=p.get("batch_size"),  # type: ignore[arg-type]
+                micro_batches=p.get("micro_batches", 1),
+                schedule=p.get("schedule", "1f1b"),
+                optim=OptimConfig.from_meta(p.get("optim") or {}),
+                prev=Neighbour.from_meta(p.get("prev"), "prev"),
+                next=Neighbour.from_meta(p.get("next"), "next"),
+                tied_peer=Neighbour.from_meta(p.get("tied_peer"), "tied_peer"),
+                data=p.get("data"),
+                lora=LoraSpec.from_meta(lora) if lora is not None else None,
+                seed=p.get("seed", 0),
+                shuffle=bool(p.get("shuffle", True)),
+                init=p.get("init", "checkpoint"),
+            )
+        except (ValueError, TypeError) as e:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"bad train-stage params: {e}") from e
+
+
+@dataclass
+class _Totals:
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    idle_s: float = 0.0
+    bytes_forward: int = 0
+    bytes_backward: int = 0
+
+    def add(self, other: _Totals) -> None:
+        self.forward_s += other.forward_s
+        self.backward_s += other.backward_s
+        self.idle_s += other.idle_s
+        self.bytes_forward += other.bytes_forward
+        self.bytes_backward += other.bytes_backward
+
+
+class _Inbox:
+    """Activations / gradients that neighbours pushed, by (phase, step, micro-batch)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[Phase, int, int], asyncio.Future[Any]] = {}
+
+    def put(self, key: tuple[Phase, int, int], value: Any) -> None:
+        fut = self._slots.get(key)
+        if fut is None:
+            fut = self._slots[key] = asyncio.get_running_loop().create_future()
+        if fut.done():
+            raise ProtocolError(ErrorCode.DUPLICATE,
+                                f"{key[0].value}{key[2]} of step {key[1]} arrived twice")
+        fut.set_result(value)
+
+    async def get(self, key: tuple[Phase, int, int], timeout: float) -> Any:
+        fut = self._slots.get(key)
+        if fut is None:
+            fut = self._slots[key] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._slots.pop(key, None)
+
+    def clear(self) -> None:
+        for fut in self._slots.values():
+            fut.cancel()
+        self._slots.clear()
+
+
+class TrainStageRole(Role):
+    """Holds layers [start, end) as trainable parameters and runs its part of each step."""
+
+    kind = "train-stage"
+
+    @classmethod
+    def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any],
+               params: Mapping[str, Any]) -> str | None:
+        need = params.get("memory_bytes", 0)
+        if isinstance(need, int) and need > 0:
+            room = int(caps.get("mem_budget", 0)) - int(caps.get("mem_used_by_roles", 0))
+            if room > 0 and need > room:
+                return f"not enough memory for the stage: needs {need} bytes, {room} free"
+        return None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.p = StageParams.from_meta(self.params)
+        self.where = f"stage {self.p.index} (layers {self.p.start}-{self.p.end})"
+        self.step = 0  # optimizer steps done
+        self.accumulated = False  # a TRAIN_BATCH ran; TRAIN_STEP is due
+        self.running = False
+        self.inbox = _Inbox()
+        self.forwarded: set[int] = set()
+        self.totals = _Totals()
+        self.last_loss: float | None = None
+        self.last: dict[str, Any] = {}
+        self.blocks: torch.Tensor | None = None
+        self._tied_ready = asyncio.Event()  # first stage: this step's backward is complete
+        self._tied_done = asyncio.Event()  # first stage: the tied gradient was summed
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.p.index}")
+        self.ops: list[Op] = stage_schedule(self.p.schedule, self.p.index, self.p.num_stages,
+                                            self.p.micro_batches)
+        try:
+            await self._prepare()
+        except BaseException:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        log.info("%s of %s ready: %d trainable parameters", self.where, self.ctx.job,
+                 self.compute.num_trainable())
+
+    async def _prepare(self) -> None:
+        try:
+            self.compute, self.blocks, self.model_dir = await self._run(self._load)
+        except DatasetNotFound as e:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"{self.where}: {e} on this host "
+                                f"({self.ctx.cluster.name})") from e
+        except ModelNotFoundError as e:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"{self.where}: {e}") from e
+        except (ModelError, DataError, ValueError) as e:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where}: {e}") from e
+        if self.p.first and self.blocks is not None and self.blocks.shape[0] < self.p.batch_size:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where}: the dataset has {self.blocks.shape[0]} blocks "
+                                f"of {self.p.seq_len + 1} tokens, fewer than one batch of "
+                                f"{self.p.batch_size}")
+        self.hidden = self.compute.config.hidden_size
+        self.vocab = self.compute.config.vocab_size
+
+    def _load(self) -> tuple[StageModel, torch.Tensor | None, Path]:
+        from p2pllm.engine.loader import resolve_model
+
+        if self.ctx.config.threads:
+            torch.set_num_threads(self.ctx.config.threads)
+        if self.p.first:  # a missing dataset is reported before a model is loaded
+            assert self.p.data is not None
+            if not Path(self.p.data).expanduser().exists():
+                raise DatasetNotFound(f"dataset {self.p.data} does not exist")
+        path = resolve_model(self.p.model, self.ctx.config.models_dir)
+        model = build_slice(path, (self.p.start, self.p.end), init=self.p.init,
+                            seed=self.p.seed, lora=self.p.lora)
+        compute = StageModel(model, self.p.optim)
+        if compute.tied is not None and self.p.tied_peer is None:
+            raise ModelError("the model ties its embedding and head, which train on different "
+                             "stages, but no tied_peer was given")
+        blocks = None
+        if self.p.first:
+            assert self.p.data is not None
+            blocks = load_blocks(Path(self.p.data).expanduser(), self.p.seq_len, path)
+        return compute, blocks, path
+
+    async def stop(self) -> None:
+        self.inbox.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run torch work on this stage's worker thread (in submission order)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def handlers(self) -> Mapping[MsgType, RoleHandler]:
+        return {
+            MsgType.TRAIN_BATCH: self.on_batch,
+            MsgType.TRAIN_FORWARD: self.on_forward,
+            MsgType.TRAIN_BACKWARD: self.on_backward,
+            MsgType.TRAIN_TIED: self.on_tied,
+            MsgType.TRAIN_STEP: self.on_step,
+            MsgType.TRAIN_SAVE: self.on_save,
+        }
+
+    def summary(self) -> str:
+        return f"stage {self.p.index}/{self.p.num_stages} layers {self.p.start}-{self.p.end}"
+
+    def metrics(self) -> dict[str, Any]:
+        t = self.totals
+        out: dict[str, Any] = {
+            "stage": self.p.index, "layers": [self.p.start, self.p.end], "step": self.step,
+            "forward_s": round(t.forward_s, 4), "backward_s": round(t.backward_s, 4),
+            "idle_s": round(t.idle_s, 4), "bytes_forward": t.bytes_forward,
+            "bytes_backward": t.bytes_backward,
+        }
+        if self.last_loss is not None:
+            out["loss"] = self.last_loss
+        return out
+
+    def memory_bytes(self) -> int:
+        compute = getattr(self, "compute", None)
+        return compute.memory_bytes() if compute is not None else 0
+
+    # -- a step's micro-batches --------------------------------------------------------------
+
+    def _check_step(self, req: Request) -> int:
+        step = req.meta.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "step must be an int")
+        if step != self.step:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where} is at step {self.step}, got step {step}")
+        return step
+
+    async def on_batch(self, req: Request) -> Reply:
+        step = self._check_step(req)
+        if self.running or self.accumulated:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where}: step {step}'s micro-batches already ran")
+        self.running = True
+        self._tied_ready.clear()
+        self._tied_done.clear()
+        stats = _Totals()
+        try:
+            try:
+                loss, peak = await self._run_ops(step, stats)
+            except BaseExceptionGroup as group:
+                raise _unwrap(group) from None
+            await self._sync_tied(step)
+            grad_sq = await self._run(self.compute.grad_sq, self._exclude_tied())
+        except BaseException:
+            self.inbox.clear()
+            self.forwarded.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._run(self.compute.reset))
+            raise
+        finally:
+            self.running = False
+        self.accumulated = True
+        self.totals.add(stats)
+        out: dict[str, Any] = {
+            "step": step, "grad_sq": grad_sq, "forward_s": stats.forward_s,
+            "backward_s": stats.backward_s, "idle_s": stats.idle_s,
+            "bytes_forward": stats.bytes_forward, "bytes_backward": stats.bytes_backward,
+            "peak_in_flight": peak,
+        }
+        if loss is not None:
+            out["loss"] = loss
+            self.last_loss = loss
+        self.last = out
+        self.ctx.report(self.metrics())
+        return Reply(MsgType.TRAIN_BATCH, out)
+
+    def _exclude_tied(self) -> bool:
+        """The last stage leaves the tied weight out of its norm: the first stage counts it."""
+        return self.compute.tied is not None and self.p.last
+
+    async def _run_ops(self, step: int, stats: _Totals) -> tuple[float | None, int]:
+        """Run this stage's schedule for one step; returns (the step loss or None, peak)."""
+        p = self.p
+        inputs = labels = None
+        denom = 0
+        if p.first:
+            assert self.blocks is not None
+            rows = batch_rows(self.blocks.shape[0], p.batch_size, step, p.seed, p.shuffle)
+            inputs, labels = split_batch(self.blocks, rows)
+            denom = int((labels != IGNORE_INDEX).sum())
+        saved_labels: dict[int, torch.Tensor] = {}
+        loss = 0.0
+        in_flight = peak = 0
+        async with asyncio.TaskGroup() as sends:
+            for op in self.ops:
+                m = op.mb
+                if op.phase is Phase.FORWARD:
+                    if p.first:
+                        assert inputs is not None and labels is not None
+                        rows_m = micro_rows(range(p.batch_size), p.micro_batches, m)
+                        x, lab = inputs[rows_m], labels[rows_m]
+                    else:
+                        x, lab, denom = await self._wait(Phase.FORWARD, step, m, stats)
+                    t0 = time.perf_counter()
+                    out = await self._run(self.compute.forward, m, x, lab, denom)
+                    stats.forward_s += time.perf_counter() - t0
+                    self.forwarded.add(m)
+                    in_flight += 1
+                    peak = max(peak, in_flight)
+                    if p.last:
+                        loss += float(out)
+                    else:
+                        saved_labels[m] = lab
+                        tensors = {"hidden": out, "labels": lab}
+                        stats.bytes_forward += _nbytes(tensors)
+                        sends.create_task(self._send(
+                            MsgType.TRAIN_FORWARD, p.next, p.index + 1,
+                            {"step": step, "mb": m, "denom": denom}, tensors))
+                else:
+                    grad = None
+                    if not p.last:
+                        grad = await self._wait(Phase.BACKWARD, step, m, stats)
+                    t0 = time.perf_counter()
+                    gin = await self._run(self.compute.backward, m, grad)
+                    stats.backward_s += time.perf_counter() - t0
+                    self.forwarded.discard(m)
+                    in_flight -= 1
+                    if gin is not None:
+                        tensors = {"grad": gin}
+                        stats.bytes_backward += _nbytes(tensors)
+                        sends.create_task(self._send(
+                            MsgType.TRAIN_BACKWARD, p.prev, p.index - 1,
+                            {"step": step, "mb": m}, tensors))
+        return (loss if p.last else None), peak
+
+    async def _wait(self, phase: Phase, step: int, m: int, stats: _Totals) -> Any:
+        t0 = time.perf_counter()
+        src = self.p.index - 1 if phase is Phase.FORWARD else self.p.index + 1
+        try:
+            value = await self.inbox.get((phase, step, m), INBOX_TIMEOUT)
+        except TimeoutError:
+            what = "activations" if phase is Phase.FORWARD else "gradients"
+            raise ProtocolError(ErrorCode.TIMEOUT,
+                                f"{self.where}: no {what} of micro-batch {m} from stage {src} "
+                                f"within {INBOX_TIMEOUT:.0f}s") from None
+        stats.idle_s += time.perf_counter() - t0
+        return value
+
+    async def _send(self, msg_type: MsgType, to: Neighbour | None, index: int,
+                    meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+        assert to is not None
+        body, payload = tensor_meta(tensors, {**meta, "job": self.ctx.job, "rid": to.rid})
+        try:
+            return await self.ctx.cluster.request(to.node_id, msg_type, body, payload,
+                                                  timeout=SEND_TIMEOUT)
+        except RemoteError as e:
+            code = _code(e.code)
+            raise ProtocolError(code, f"{to.describe(index)} rejected {msg_type.name} from "
+                                      f"{self.where}: {e.message}") from e
+        except (ConnectionClosed, TimeoutError) as e:
+            raise ProtocolError(ErrorCode.PEER_DOWN,
+                                f"{self.where} cannot reach {to.describe(index)}: "
+                                f"{e or type(e).__name__}") from e
+
+    # -- tied embedding / head -----------------------------------------------------------------
+
+    async def _sync_tied(self, step: int) -> None:
+        """Sum the two copies' gradients of a tied embedding/head (first and last stage)."""
+        if self.compute.tied is None:
+            return
+        if self.p.first:
+            self._tied_ready.set()  # on_tied may now answer
+            try:
+                async with asyncio.timeout(INBOX_TIMEOUT):
+                    await self._tied_done.wait()
+            except TimeoutError:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"{self.where}: the last stage did not "
+                                    f"send its tied head gradient") from None
+            return
+        assert self.p.tied_peer is not None
+        own = await self._run(self.compute.tied_grad)
+        reply = await self._send(MsgType.TRAIN_TIED, self.p.tied_peer, 0,
+                                 {"step": step}, {"grad": own})
+        other = self._tied_tensor(reply.meta, reply.payload)
+        await self._run(lambda: self.compute.set_tied_grad(own + other))
+
+    def _tied_tensor(self, meta: Mapping[str, Any], payload: memoryview) -> torch.Tensor:
+        assert self.compute.tied is not None
+        tensors = unpack_tensors(meta.get("tensors"), payload)
+        g = tensors.get("grad")
+        want = tuple(self.compute.tied.shape)
+        if set(tensors) != {"grad"} or g is None or tuple(g.shape) != want \
+                or g.dtype != self.compute.tied.dtype:
+            got = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"{self.where}: expected the tied gradient 'grad' "
+                                f"{self.compute.tied.dtype} {want}, got {got}")
+        return g.clone()
+
+    async def on_tied(self, req: Request) -> Reply:
+        """First stage: the last stage's head gradient in, this stage's embedding gradient out."""
+        step = self._check_step(req)
+        if self.compute.tied is None or not self.p.first:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where} holds no tied embedding")
+        other = self._tied_tensor(req.meta, req.frame.payload)
+        if not self.running:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where} is not running step {step}'s micro-batches")
+        try:
+            async with asyncio.timeout(INBOX_TIMEOUT):
+                await self._tied_ready.wait()
+        except TimeoutError:
+            raise ProtocolError(ErrorCode.TIMEOUT,
+                                f"{self.where}: backward of step {step} did not finish") from None
+        if self._tied_done.is_set():
+            raise ProtocolError(ErrorCode.DUPLICATE, f"tied gradient of step {step} arrived twice")
+        own = await self._run(self.compute.tied_grad)
+        await self._run(lambda: self.compute.set_tied_grad(own + other))
+        self._tied_done.set()
+        body, payload = tensor_meta({"grad": own}, {"step": step})
+        return Reply(MsgType.TRAIN_TIED, body, payload)
+
+    # -- messages from neighbours ------------------------------------------------------------
+
+    def _check_mb(self, req: Request, phase: Phase) -> tuple[int, int]:
+        step = self._check_step(req)
+        if self.accumulated:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where}: step {step}'s micro-batches are done")
+        mb = req.meta.get("mb")
+        if isinstance(mb, bool) or not isinstance(mb, int) or not 0 <= mb < self.p.micro_batches:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"mb must be an int in [0, {self.p.micro_batches}), got {mb!r}")
+        return step, mb
+
+    def _expect(self, tensors: Mapping[str, torch.Tensor],
+                want: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], sender: str) -> None:
+        got = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        if got != dict(want):
+            fmt = ", ".join(f"{k} {str(d).removeprefix('torch.')} {s}" for k, (d, s) in want.items())
+            got_s = ", ".join(f"{k} {str(d).removeprefix('torch.')} {s}"
+                              for k, (d, s) in got.items()) or "nothing"
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"{self.where} expected {fmt} from {sender}, got {got_s}")
+
+    async def on_forward(self, req: Request) -> Reply:
+        if self.p.first:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where} takes no activations")
+        step, mb = self._check_mb(req, Phase.FORWARD)
+        denom = req.meta.get("denom")
+        if isinstance(denom, bool) or not isinstance(denom, int) or denom < 1:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"denom must be an int >= 1, got {denom!r}")
+        tensors = unpack_tensors(req.meta.get("tensors"), req.frame.payload)
+        b, t = self.p.mb_size, self.p.seq_len
+        self._expect(tensors, {"hidden": (torch.float32, (b, t, self.hidden)),
+                               "labels": (torch.int64, (b, t))}, f"stage {self.p.index - 1}")
+        labels = tensors["labels"]
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.vocab))
+        if bool(bad.any()):
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"{self.where}: labels outside [0, {self.vocab}) in micro-batch {mb}")
+        hidden = tensors["hidden"]
+        if not bool(torch.isfinite(hidden).all()):
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"{self.where}: non-finite activations in micro-batch {mb}")
+        self.inbox.put((Phase.FORWARD, step, mb), (hidden.clone(), labels.clone(), denom))
+        return Reply(MsgType.ACK, {})
+
+    async def on_backward(self, req: Request) -> Reply:
+        if self.p.last:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where} takes no gradients")
+        step, mb = self._check_mb(req, Phase.BACKWARD)
+        if mb not in self.forwarded:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where}: gradient for micro-batch {mb}, which it has not "
+                                f"sent forward")
+        tensors = unpack_tensors(req.meta.get("tensors"), req.frame.payload)
+        self._expect(tensors, {"grad": (torch.float32, (self.p.mb_size, self.p.seq_len,
+                                                        self.hidden))},
+                     f"stage {self.p.index + 1}")
+        self.inbox.put((Phase.BACKWARD, step, mb), tensors["grad"].clone())
+        return Reply(MsgType.ACK, {})
+
+    # -- optimizer step, checkpoint ----------------------------------------------------------
+
+    async def on_step(self, req: Request) -> Reply:
+        step = self._check_step(req)
+        if not self.accumulated:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where}: step {step}'s micro-batches have not run")
+        lr, scale = req.meta.get("lr"), req.meta.get("scale", 1.0)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                   for v in (lr, scale)):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "lr and scale must be numbers >= 0")
+        await self._run(self.compute.step, float(lr), float(scale))  # type: ignore[arg-type]
+        self.step += 1
+        self.accumulated = False
+        return Reply(MsgType.ACK, {"step": self.step})
+
+    async def on_save(self, req: Request) -> Reply:
+        """Stream this slice's tensors (HF names, or LoRA keys) in chunks; the final answer
+        carries the model's config (and, from the first stage, its tokenizer files)."""
+        if self.running:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where} is running a step")
+        lora = self.p.lora is not None
+        state = await self._run(lambda: {k: v.detach().contiguous().clone()
+                                         for k, v in self.compute.state_tensors(lora).items()})
+        chunk: dict[str, torch.Tensor] = {}
+        size = 0
+        for name, t in state.items():
+            chunk[name] = t
+            size += t.numel() * t.element_size()
+            if size >= SAVE_CHUNK:
+                body, payload = tensor_meta(chunk, {"step": self.step})
+                await req.partial(MsgType.TRAIN_SAVE, body, payload)
+                chunk, size = {}, 0
+        if chunk:
+            body, payload = tensor_meta(chunk, {"step": self.step})
+            await req.partial(MsgType.TRAIN_SAVE, body, payload)
+        files: dict[str, torch.Tensor] = {}
+        if self.p.first:
+            files = await self._run(self._tokenizer_files)
+        meta = {"step": self.step, "config": self.compute.config.source or {},
+                "files": sorted(files), "lora": self.p.lora.to_meta() if self.p.lora else None}
+        body, payload = tensor_meta(files, meta)
+        return Reply(MsgType.TRAIN_SAVE, body, payload)
+
+    def _tokenizer_files(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in TOKENIZER_FILES:
+            f = self.model_dir / name
+            if f.is_file() and 0 < f.stat().st_size <= MAX_FILE:
+                out[name] = torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
+        return out
+
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _code(code: int) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+def _unwrap(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a TaskGroup's failures: a ProtocolError if there is one."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for e in leaves:
+        if isinstance(e, ProtocolError):
+            return e
+    return leaves[0] if leaves else group
