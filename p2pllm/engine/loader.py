@@ -359,7 +359,7 @@ def save_hf_checkpoint(slices: Sequence[ModelSlice], config: ModelConfig, out_di
                          f"{' ...' if len(missing) > 5 else ''}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu()
+    tensors = {k: _own_storage((v.to(dtype) if dtype is not None else v).cpu())
                for k, v in state.items() if k in needed}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     raw = dict(config.source) if config.source else _config_to_hf(config)
@@ -372,6 +372,14 @@ def save_hf_checkpoint(slices: Sequence[ModelSlice], config: ModelConfig, out_di
             if src.is_file():
                 shutil.copyfile(src, out / name)
     return out
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and alone in its storage (safetensors refuses shared storage)."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
 
 
 def _config_to_hf(c: ModelConfig) -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""`p2pllm generate`: generate text locally (in this process) or across hosts via the daemon.
+
+``--mode local`` loads the model here and streams tokens as they come; ``--mode spec`` and
+``--mode split`` hand the same arguments to the local daemon (:mod:`p2pllm.cli.remote`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_MODEL = "shakespeare"
+DEFAULT_DRAFT_MODEL = "shakespeare-draft"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _draft_tokens(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--draft-tokens must be >= 1")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--mode", choices=("local", "spec", "split"), default="local",
+                   help="local: in this process; spec: speculative decoding (drafter + "
+                        "verifier peers); split: layers sharded across peers (default local)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="checkpoint directory, name under --models-dir, bundled model name, or "
+                        f"Hugging Face hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--models-dir", default=None, help="directory of named checkpoints")
+    p.add_argument("--adapter", default=None, help="peft LoRA adapter directory, merged at load")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weight dtype (default float32 on CPU)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads for local mode (default: torch's choice)")
+    p.add_argument("--max-tokens", type=_positive_int, default=128,
+                   help="stop after this many new tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="penalise tokens already present (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the text, token ids and timings")
+    spec = p.add_argument_group("speculative decoding (--mode spec)")
+    spec.add_argument("--draft-model", default=None,
+                      help=f"draft model (default {DEFAULT_DRAFT_MODEL} with the default model)")
+    spec.add_argument("--draft-tokens", type=_draft_tokens, default=None,
+                      help="draft window length, or 'auto' to adapt it to the acceptance rate")
+    spec.add_argument("--verifier", default=None, help="pin the verifier to this peer")
+    spec.add_argument("--drafter", default=None, help="pin the drafter to this peer")
+    split = p.add_argument_group("split inference (--mode split)")
+    split.add_argument("--shards", type=_positive_int, default=None, help="number of shards")
+    split.add_argument("--layers", default=None,
+                       help="explicit layer ranges, e.g. 0-7,7-16 (default: planned by memory)")
+    split.add_argument("--wire-dtype", choices=DTYPES, default=None,
+                       help="dtype of hidden states between shards (default float32)")
+    remote = p.add_argument_group("daemon (--mode spec|split)")
+    remote.add_argument("--daemon", metavar="HOST:PORT", default=None,
+                        help="daemon to ask (default 127.0.0.1:7411 or $P2PLLM_DAEMON)")
+    remote.add_argument("--secret-file", default=None,
+                        help="shared secret file, if the cluster uses one")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mode == "local":
+        return run_local(args)
+    if args.mode == "spec" and args.draft_model is None and args.model == DEFAULT_MODEL:
+        args.draft_model = DEFAULT_DRAFT_MODEL
+    from p2pllm.cli.remote import run_generate
+
+    return int(run_generate(args) or 0)
+
+
+def run_local(args: argparse.Namespace) -> int:
+    """Load the model in this process and generate; 0 on success, 1 model error, 2 usage."""
+    import torch
+
+    from p2pllm.engine.errors import ModelError
+    from p2pllm.engine.generate import generate
+    from p2pllm.engine.loader import load_slice, load_tokenizer, resolve_model
+    from p2pllm.engine.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        print(f"p2pllm generate: {e}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or "float32")
+    try:
+        path = resolve_model(args.model, args.models_dir)
+        model = load_slice(path, dtype=dtype, adapter=args.adapter)
+        tokenizer = load_tokenizer(path)
+        on_text = None
+        if not args.json:
+            sys.stdout.write(args.prompt)
+            sys.stdout.flush()
+
+            def on_text(piece: str) -> None:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+        result = generate(model, tokenizer, args.prompt, params, args.max_tokens, on_text=on_text)
+    except ModelError as e:
+        if not args.json:
+            sys.stdout.write("\n")
+        print(f"p2pllm generate: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"{result.generated_tokens} tokens, {result.tokens_per_s:.1f} tokens/s, "
+              f"first token {result.time_to_first_token_s * 1000:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="p2pllm generate", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Fixtures for the engine tests: tiny random checkpoints of each architecture, saved the way
+Hugging Face saves them, with their transformers models as the oracle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SHARED_MODELS = Path(__file__).resolve().parents[2] / ".." / "shared" / "models"
+
+_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _configs() -> dict[str, Any]:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        # GQA, Llama-3 rope scaling
+        "llama": LlamaConfig(**_COMMON, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        # tied embeddings, biases everywhere, head_dim != hidden / heads
+        "llama-tied": LlamaConfig(**_COMMON, tie_word_embeddings=True, attention_bias=True,
+                                  mlp_bias=True, head_dim=12),
+        # sliding-window attention shorter than the test sequences
+        "mistral": MistralConfig(**_COMMON, sliding_window=6),
+        # q/k/v bias
+        "qwen2": Qwen2Config(**_COMMON, tie_word_embeddings=True),
+        # q/k norm, head_dim larger than hidden / heads
+        "qwen3": Qwen3Config(**_COMMON, head_dim=24),
+    }
+
+
+ARCHS = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")  # keep in step with the tests
+
+
+@dataclass
+class Tiny:
+    name: str
+    path: Path
+    hf: Any  # the transformers model, float32, eval mode
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that a wrong rotation, mask or norm shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
+    """name -> Tiny for every architecture in ARCHS."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    out: dict[str, Tiny] = {}
+    for i, (name, cfg) in enumerate(_configs().items()):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(cfg)
+        _randomise(model, i)
+        model.eval()
+        path = root / name
+        model.save_pretrained(path)
+        out[name] = Tiny(name, path, model)
+    return out
+
+
+@pytest.fixture
+def shared_model() -> Any:
+    def get(name: str) -> Path:
+        path = (SHARED_MODELS / name).resolve()
+        if not (path / "config.json").is_file():
+            pytest.skip(f"real model {name} not found at {path} (../shared/models next to the "
+                        f"repository)")
+        return path
+
+    return get
