@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def test_lr_schedule_and_clipping() -> None:
     lrs = [o.lr_at(s, 6) for s in range(6)]
     assert lrs[:2] == [0.5, 1.0]
     assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
     lin = OptimConfig(lr=1.0, decay="linear", min_lr=0.0)
     assert [lin.lr_at(s, 3) for s in range(3)] == [1.0, 0.5, 0.0]
     assert OptimConfig(lr=0.3).lr_at(100, 5) == 0.3

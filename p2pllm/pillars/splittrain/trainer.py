@@ -49,7 +49,7 @@ from p2pllm.pillars.splittrain.compute import (
 from p2pllm.pillars.splittrain.data import batch_rows, split_batch
 from p2pllm.pillars.splittrain.schedule import SCHEDULES, bubble_fraction
 from p2pllm.plan.layers import StageCost, free_bytes, model_stage_cost, plan_stages
-from p2pllm.plan.partition import NodeBudget, PlanError
+from p2pllm.plan.partition import NodeBudget, PlanError, parse_layer_ranges
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import Frame, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -359,31 +359,49 @@ def _stage_cost(spec: RunSpec, nodes: Sequence[Mapping[str, Any]],
 
 
 def plan(spec: RunSpec, nodes: Sequence[Mapping[str, Any]], cost: StageCost) -> list[Stage]:
-    """Place the stages: the given nodes in order, or every node that accepts train-stage
-    (this node first, then by name); layers as given or in proportion to free memory."""
+    """Place the stages: on the given nodes in order, or on nodes that accept train-stage:
+    this node first (the dataset path is usually local), then those with the most free memory
+    (in name order); layers as given or in proportion to free memory."""
     if spec.nodes:
         chosen = [_find_node(nodes, t) for t in spec.nodes]
     else:
-        chosen = sorted((n for n in nodes if _accepts(n)),
-                        key=lambda n: (not n.get("self"), n["name"], n["node_id"]))
-        if not chosen:
+        cands = sorted((n for n in nodes if _accepts(n)),
+                       key=lambda n: (not n.get("self"), n["name"], n["node_id"]))
+        if not cands:
             raise ProtocolError(ErrorCode.REFUSED, "no node accepts the train-stage role")
+        count = spec.stages
+        if count is None and spec.layers is not None:
+            try:
+                count = len(parse_layer_ranges(spec.layers, cost.num_layers))
+            except PlanError as e:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"--layers: {e}") from e
+        if count is None:
+            count = min(len(cands), cost.num_layers)
+        chosen = _pick(cands, count)
     repeats = {n["node_id"]: sum(1 for c in chosen if c["node_id"] == n["node_id"])
                for n in chosen}
     budgets = [NodeBudget(f"{n['name']}({n['node_id'][:8]})#{i}",
                           free_bytes(n.get("caps", {})) // repeats[n["node_id"]])
                for i, n in enumerate(chosen)]
-    stages = spec.stages
-    if spec.nodes and spec.layers is None and stages is None:
-        stages = len(chosen)
     try:
-        ranges = plan_stages(budgets, cost, stages=stages, layers=spec.layers)
+        ranges = plan_stages(budgets, cost, stages=spec.stages, layers=spec.layers)
     except PlanError as e:
         code = ErrorCode.BAD_REQUEST if spec.layers is not None else ErrorCode.REFUSED
         raise ProtocolError(code, f"cannot plan the stages: {e}") from e
     by_id = {b.node_id: n for b, n in zip(budgets, chosen, strict=True)}
     return [Stage(i, by_id[r.node_id]["node_id"], by_id[r.node_id]["name"], r.start, r.end)
             for i, r in enumerate(ranges)]
+
+
+def _pick(cands: list[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
+    """``count`` candidates: the first if it is this node, then the most free memory."""
+    if count >= len(cands):
+        return cands
+    head = [cands[0]] if cands[0].get("self") else []
+    rest = cands[len(head):]
+    order = sorted(range(len(rest)), key=lambda i: (-free_bytes(rest[i].get("caps", {})), i))
+    keep = set(order[:max(0, count - len(head))])
+    return head + [n for i, n in enumerate(rest) if i in keep]
 
 
 async def coordinate(host: JobHost, req: Request) -> Reply:
