@@ -48,12 +48,16 @@ __all__ = [
 class ModelShape(Protocol):
     """What the cost model reads from a model config (``p2pllm.engine.config.ModelConfig``)."""
 
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    num_kv_heads: int
-    head_dim: int
-    tie_word_embeddings: bool
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
 
     def layer_param_count(self) -> int: ...
 

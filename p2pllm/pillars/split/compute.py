@@ -1,0 +1,231 @@
+"""What a shard computes, without any I/O: its model slice, a KV cache row per session, the
+check of what a peer sent, one forward over one or several sessions, and the sampler of the
+last shard. The shard role (shard.py) runs :meth:`ShardEngine.run` in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from p2pllm.engine.errors import ModelError
+from p2pllm.engine.kv_cache import KVCache
+from p2pllm.engine.model import ModelSlice
+from p2pllm.engine.sampling import SamplingParams, make_generator, sample
+from p2pllm.wire.frame import ProtocolError
+from p2pllm.wire.messages import ErrorCode
+
+__all__ = ["Sampler", "SessionCache", "ShardEngine", "Step", "slice_param_count"]
+
+
+class SessionCache(KVCache):
+    """A KV cache of ``rows`` sessions whose storage is reserved but not touched up front.
+
+    The engine's KVCache zero-fills its whole tensor, so a cache sized for many long sessions
+    would be resident from the start. Here memory becomes resident only as sessions fill it.
+    A row is zeroed (up to a high-water mark) before a batched forward may read past its
+    length: masked-out keys must still be finite numbers.
+    """
+
+    def __init__(self, *, num_layers: int, rows: int, num_kv_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", start: int = 0) -> None:
+        # KVCache.__init__ is not called: it would fill (and so touch) the whole slab.
+        if rows <= 0 or max_len <= 0 or num_layers < 0:
+            raise ValueError(f"bad cache shape: rows={rows} max_len={max_len}")
+        self.start = start
+        self.num_layers = num_layers
+        # (layers, 2, rows, kv_heads, max_len, head_dim)
+        self.data = torch.empty(num_layers, 2, rows, num_kv_heads, max_len, head_dim,
+                                dtype=dtype, device=device)
+        self.lengths: list[int] = [0] * rows
+        self._zeroed: list[int] = [0] * rows
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = index - self.start
+        if not 0 <= i < self.num_layers:
+            raise ModelError(f"layer {index} is not in this cache "
+                             f"[{self.start}, {self.start + self.num_layers})")
+        return self.data[i, 0], self.data[i, 1]
+
+    def zero_upto(self, rows: Sequence[int], length: int) -> None:
+        """Make positions [0, length) of ``rows`` finite (zero the ones never written)."""
+        for r in rows:
+            lo = max(self._zeroed[r], self.lengths[r])  # below: written or zeroed already
+            if lo < length:
+                self.data[:, :, r, :, lo:length].zero_()
+            self._zeroed[r] = max(self._zeroed[r], length)
+
+    def position_bytes(self) -> int:
+        """Bytes one position of one row takes over all layers."""
+        d = self.data
+        return d.shape[0] * 2 * d.shape[3] * d.shape[5] * d.element_size()
+
+
+@dataclass(eq=False)
+class Step:
+    """One session's input to one forward: T new positions starting at ``pos``."""
+
+    row: int
+    pos: int
+    x: torch.Tensor  # ids (T,) on the first shard, hidden states (T, H) elsewhere
+    sample: bool  # the last shard samples after this step
+
+    @property
+    def tokens(self) -> int:
+        return int(self.x.shape[0])
+
+
+class Sampler:
+    """The last shard's sampling state for one session (what generate_ids keeps locally)."""
+
+    def __init__(self, params: SamplingParams, prompt_len: int, max_new: int,
+                 stop_ids: Sequence[int], prompt_ids: Sequence[int] | None = None) -> None:
+        self.params = params
+        self.prompt_len = prompt_len
+        self.max_new = max_new
+        self.stops = frozenset(stop_ids)
+        self.generator = make_generator(params.seed)
+        self.penalise = params.repetition_penalty != 1.0
+        self.history: torch.Tensor | None = None
+        if self.penalise:
+            if prompt_ids is None:
+                raise ValueError("a repetition penalty needs the prompt ids")
+            self.history = torch.empty(prompt_len + max_new, dtype=torch.int64)
+            self.history[:prompt_len] = torch.tensor(list(prompt_ids), dtype=torch.int64)
+        self.generated = 0
+
+    def next(self, logits: torch.Tensor) -> tuple[int, str | None]:
+        """Draw the next token from (V,) logits -> (token, why generation ends or None)."""
+        n = self.prompt_len + self.generated
+        hist = self.history[:n] if self.history is not None else None
+        token, _ = sample(logits, self.params, self.generator, hist)
+        if self.history is not None:
+            self.history[n] = token
+        self.generated += 1
+        if token in self.stops:
+            return token, "eos"
+        if self.generated >= self.max_new:
+            return token, "max_tokens"
+        return token, None
+
+    @property
+    def next_pos(self) -> int:
+        """Position of the token just drawn (where it is fed back)."""
+        return self.prompt_len + self.generated - 1
+
+
+class ShardEngine:
+    """A model slice and its session cache; :meth:`run` is the only heavy call."""
+
+    def __init__(self, model: ModelSlice, *, rows: int, max_len: int,
+                 wire_dtype: torch.dtype = torch.float32) -> None:
+        self.model = model
+        self.config = model.config
+        self.wire_dtype = wire_dtype
+        c = model.config
+        self.max_len = min(max_len, c.max_position_embeddings)
+        self.cache = SessionCache(num_layers=model.end - model.start, rows=rows,
+                                  num_kv_heads=c.num_kv_heads, max_len=self.max_len,
+                                  head_dim=c.head_dim, dtype=model.dtype, device=model.device,
+                                  start=model.start)
+        self._free = list(range(rows - 1, -1, -1))
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    @property
+    def rows_free(self) -> int:
+        return len(self._free)
+
+    def take_row(self) -> int | None:
+        if not self._free:
+            return None
+        row = self._free.pop()
+        self.cache.lengths[row] = 0
+        return row
+
+    def give_row(self, row: int) -> None:
+        self.cache.lengths[row] = 0
+        self._free.append(row)
+
+    # -- input from a peer ----------------------------------------------------------------------
+
+    def check_input(self, tensors: dict[str, torch.Tensor], pos: int, limit: int) -> torch.Tensor:
+        """The step input a peer sent, checked: ids (T,) on the first shard, hidden states
+        (T, hidden) of the wire dtype elsewhere; positions [pos, pos + T) within ``limit``.
+        Raises ProtocolError(BAD_TENSOR / BAD_REQUEST). Returns a copy it may keep."""
+        m, c = self.model, self.config
+        if m.has_embed:
+            x = tensors.get("ids")
+            if x is None or set(tensors) != {"ids"}:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"the first shard takes one tensor "
+                                    f"'ids', got {sorted(tensors)}")
+            if x.dim() != 1 or x.dtype not in (torch.int64, torch.int32) or x.shape[0] < 1:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"ids must be int64 (T,) with T >= 1, "
+                                    f"got {x.dtype} {tuple(x.shape)}")
+            lo, hi = torch.aminmax(x)
+            if int(lo) < 0 or int(hi) >= c.vocab_size:
+                raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                    f"token id out of range [0, {c.vocab_size})")
+            x = x.to(torch.int64, copy=True)
+        else:
+            x = tensors.get("hidden")
+            if x is None or set(tensors) != {"hidden"}:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"shard at layer {m.start} takes one "
+                                    f"tensor 'hidden', got {sorted(tensors)}")
+            want = (x.shape[0] if x.dim() == 2 else "T", c.hidden_size)
+            if x.dim() != 2 or x.shape[1] != c.hidden_size or x.shape[0] < 1:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden states must be (T, "
+                                    f"{c.hidden_size}), got {tuple(x.shape)} (expected {want})")
+            if x.dtype != self.wire_dtype:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden states must be "
+                                    f"{_name(self.wire_dtype)} (the job's wire dtype), got "
+                                    f"{_name(x.dtype)}")
+            x = x.clone()
+        if pos + x.shape[0] > limit:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"positions {pos}..{pos + x.shape[0]} "
+                                f"exceed the session's length {limit}")
+        return x
+
+    # -- the forward ----------------------------------------------------------------------------
+
+    def run(self, steps: Sequence[Step]) -> list[torch.Tensor]:
+        """One forward over ``steps`` (one session, or several one-token steps).
+
+        Returns per step: (V,) float logits of its last position on the last shard, else its
+        hidden states (T, hidden) in the wire dtype, ready to send.
+        """
+        m = self.model
+        dev = m.device
+        with torch.inference_mode():
+            if len(steps) == 1:
+                s = steps[0]
+                x = s.x.to(dev).unsqueeze(0)  # (1, T) or (1, T, H)
+                positions = torch.arange(s.pos, s.pos + s.tokens, device=dev).unsqueeze(0)
+                slots = torch.tensor([s.row], device=dev)
+            else:
+                if any(s.tokens != 1 for s in steps):
+                    raise ModelError("only one-token steps are batched")
+                rows = [s.row for s in steps]
+                # the batch reads up to its longest row: the others must be finite there
+                self.cache.zero_upto(rows, max(s.pos for s in steps) + 1)
+                x = torch.stack([s.x for s in steps]).to(dev)  # (B, 1) or (B, 1, H)
+                positions = torch.tensor([[s.pos] for s in steps], device=dev)
+                slots = torch.tensor(rows, device=dev)
+            out = m(x, positions, self.cache, slots=slots, last_only=True)
+            if m.has_head:
+                return [out[i, -1].float() for i in range(len(steps))]  # (V,)
+            if out.dtype != self.wire_dtype:
+                out = out.to(self.wire_dtype)
+            return [out[i].cpu() for i in range(len(steps))]  # (T, H)
+
+
+def slice_param_count(model: ModelSlice) -> int:
+    """Distinct parameters a slice holds (a tied embedding/head once)."""
+    return model.num_parameters()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

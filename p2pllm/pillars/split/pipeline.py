@@ -1,0 +1,742 @@
+"""Coordinator of split inference: GENERATE mode "split".
+
+The daemon that receives GENERATE tokenizes the prompt (from its own copy of the model's
+tokenizer), then runs the session on a *pipeline*: a job holding one shard role per layer
+range, planned over the nodes that have the model in proportion to their free memory (or on
+the ranges the user gave). Pipelines outlive one request: concurrent and later requests for
+the same model and plan reuse the loaded shards (so many sessions are in flight on the same
+shards, each shard working on one while the next works on another), and a pipeline idle for
+``keep_alive`` seconds is released. ``p2pllm ctl stop JOB`` ends one at once.
+
+A session: SHARD_OPEN (a stream) to every shard; the prompt to the first shard in chunks;
+then the shards run the decode loop among themselves (the last shard feeds each sampled token
+back to the first) while the last shard streams the tokens here. A shard that dies ends its
+stream (at the latest after the keepalive timeout): the session fails with PEER_DOWN, the
+pipeline is dropped (its roles released), and the session is replayed on a fresh plan over
+the nodes still up (``retries`` times, default 1), with the tokens generated so far appended
+to the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2pllm.daemon.jobs import AssignRefused, Job, JobHost
+from p2pllm.engine.config import ModelConfig
+from p2pllm.engine.errors import ModelError
+from p2pllm.engine.generate import TextStream, continuation_text
+from p2pllm.engine.loader import load_tokenizer
+from p2pllm.engine.sampling import SamplingParams
+from p2pllm.pillars.split.messages import DTYPES, Hop, OpenSession, ShardParams
+from p2pllm.pillars.split.models import advertised_path, find_model
+from p2pllm.plan.layers import free_bytes, kv_bytes_per_token_layer, model_stage_cost, plan_stages
+from p2pllm.plan.partition import NodeBudget, PlanError
+from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
+from p2pllm.wire.frame import Frame, ProtocolError
+from p2pllm.wire.messages import ErrorCode, MsgType
+from p2pllm.wire.tensors import tensor_meta
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SplitRequest", "coordinate"]
+
+DEFAULT_KEEP_ALIVE = 30.0  # seconds an idle pipeline keeps its shards loaded
+DEFAULT_MAX_SESSIONS = 8  # sessions in flight on one pipeline (KV cache rows per shard)
+MAX_CONTEXT = 8192  # positions per session a shard reserves (address space, not memory)
+KV_RESERVE_TOKENS = 2048  # KV cache the planner charges each layer, in tokens
+PREFILL_CHUNK = 512  # prompt tokens per SHARD_FORWARD
+STEP_TIMEOUT = 600.0  # no news from the shards for this long: the session is abandoned
+CLOSE_TIMEOUT = 10.0
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class SessionError(ProtocolError):
+    """A session failed; ``tokens`` were generated before, ``peer_down`` when a shard is gone."""
+
+    def __init__(self, code: ErrorCode, message: str, *, peer_down: bool = False,
+                 tokens: Sequence[int] = ()) -> None:
+        super().__init__(code, message)
+        self.peer_down = peer_down
+        self.tokens = list(tokens)
+
+
+# -- the request --------------------------------------------------------------------------------
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message)
+
+
+def _opt_int(m: Mapping[str, Any], key: str, lo: int, hi: int, default: int | None) -> int | None:
+    v = m.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(f"{key} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class SplitRequest:
+    """A GENERATE body for mode "split", validated (protocol.md section 9.6)."""
+
+    model: str
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    max_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    dtype: str = "float32"
+    wire_dtype: str = "float32"
+    shards: int | None = None
+    layers: str | None = None
+    keep_alive: float = DEFAULT_KEEP_ALIVE
+    batch_decode: bool = False
+    retries: int = 1
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    prefill_chunk: int = PREFILL_CHUNK
+
+    @classmethod
+    def from_meta(cls, m: Mapping[str, Any]) -> SplitRequest:
+        model = m.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad("split generation needs a model (--model NAME or PATH)")
+        prompt, ids = m.get("prompt"), m.get("prompt_ids")
+        if ids is not None:
+            if not isinstance(ids, list) or not ids or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise _bad("prompt_ids must be a non-empty list of token ids")
+        elif not isinstance(prompt, str) or not prompt:
+            raise _bad("split generation needs a prompt")
+        dtypes = {}
+        for key in ("dtype", "wire_dtype"):
+            v = m.get(key) or "float32"
+            if v == "auto":
+                v = "float32"
+            if v not in DTYPES:
+                raise _bad(f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
+            dtypes[key] = v
+        layers = m.get("layers")
+        if layers is not None and (not isinstance(layers, str) or not layers.strip()):
+            raise _bad("layers must be ranges such as '0-7,7-16'")
+        keep = m.get("keep_alive", DEFAULT_KEEP_ALIVE)
+        if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 <= keep <= 86400:
+            raise _bad(f"keep_alive must be seconds in [0, 86400], got {keep!r}")
+        try:
+            sampling = SamplingParams(
+                temperature=float(m.get("temperature") or 0.0),
+                top_k=int(m.get("top_k") or 0),
+                top_p=float(m["top_p"]) if m.get("top_p") is not None else 1.0,
+                repetition_penalty=float(m.get("repetition_penalty") or 1.0),
+                seed=m.get("seed"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise _bad(f"bad sampling parameters: {exc}") from None
+        return cls(
+            model=model,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_ids=tuple(ids) if ids is not None else None,
+            max_tokens=_opt_int(m, "max_tokens", 1, 1 << 20, 128) or 128,
+            sampling=sampling,
+            dtype=dtypes["dtype"],
+            wire_dtype=dtypes["wire_dtype"],
+            shards=_opt_int(m, "shards", 1, 4096, None),
+            layers=layers.strip() if isinstance(layers, str) else None,
+            keep_alive=float(keep),
+            batch_decode=bool(m.get("batch_decode", False)),
+            retries=_opt_int(m, "retries", 0, 16, 1) or 0,
+            max_sessions=_opt_int(m, "max_sessions", 1, 256, DEFAULT_MAX_SESSIONS)
+            or DEFAULT_MAX_SESSIONS,
+            prefill_chunk=_opt_int(m, "prefill_chunk", 1, 1 << 16, PREFILL_CHUNK) or PREFILL_CHUNK,
+        )
+
+
+# -- models and plans -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """What the coordinator reads from its own copy: config and (optional) tokenizer."""
+
+    ref: str
+    path: Path
+    config: ModelConfig
+    tokenizer: Any | None
+
+    @property
+    def max_len(self) -> int:
+        return min(self.config.max_position_embeddings, MAX_CONTEXT)
+
+    def stop_ids(self) -> tuple[int, ...]:
+        stops = list(self.config.eos_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(eos, int) and eos not in stops:
+            stops.append(eos)
+        return tuple(stops)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One shard of a plan: layers [start, end) on a node, under a rid."""
+
+    index: int
+    node_id: str
+    name: str
+    rid: str
+    start: int
+    end: int
+    planned_bytes: int
+    model_ref: str  # how that node finds the model
+
+    def describe(self) -> dict[str, Any]:
+        return {"index": self.index, "node_id": self.node_id, "name": self.name,
+                "rid": self.rid, "layers": [self.start, self.end]}
+
+    @property
+    def label(self) -> str:
+        return f"shard {self.index} (layers {self.start}-{self.end}) on {self.name}"
+
+
+def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
+                  req: SplitRequest) -> list[Stage]:
+    """Pick and order the nodes that can hold a shard, and give them layer ranges.
+
+    Raises ProtocolError: NOT_FOUND when too few nodes have the model (naming who lacks it),
+    BAD_REQUEST for invalid ranges, REFUSED when the plan does not fit in memory.
+    """
+    # 1. candidates: nodes that have the model and take shard roles; self first
+    path_ref = "/" in model.ref or model.ref.startswith(("~", "."))
+    cands: list[tuple[Mapping[str, Any], str]] = []
+    lacking: list[str] = []
+    ordered = sorted(nodes, key=lambda n: (not n.get("self"), str(n.get("name")), n["node_id"]))
+    for n in ordered:
+        caps = n.get("caps") or {}
+        label = f"{n.get('name')}({str(n['node_id'])[:8]})"
+        accepts = caps.get("accepts") or ["auto"]
+        if "auto" not in accepts and "shard" not in accepts:
+            lacking.append(f"{label} does not take shard roles")
+            continue
+        if n.get("self"):
+            cands.append((n, str(model.path)))
+            continue
+        adv = advertised_path(caps, model.ref, model.path)
+        if adv is not None:
+            cands.append((n, adv))
+        elif path_ref:  # a path: assume a shared filesystem; the member checks on ASSIGN
+            cands.append((n, str(model.path)))
+        else:
+            lacking.append(f"{label} lacks model {model.ref!r}")
+    want = req.shards if req.shards is not None else (
+        len(req.layers.split(",")) if req.layers else None)
+    if not cands or (want is not None and want > len(cands)):
+        have = ", ".join(f"{n.get('name')}({str(n['node_id'])[:8]})" for n, _ in cands) or "none"
+        raise ProtocolError(ErrorCode.NOT_FOUND, (
+            f"{want or 1} shard(s) of {model.ref} need as many nodes with the model; nodes "
+            f"that have it: {have}" + (f"; {'; '.join(lacking)}" if lacking else "")))
+    # 2. costs and budgets
+    nbytes = _BYTES[req.dtype]
+    reserve = kv_bytes_per_token_layer(model.config, nbytes) * KV_RESERVE_TOKENS
+    cost = model_stage_cost(model.config, bytes_per_param=nbytes, reserve_bytes_per_layer=reserve)
+    labels = [f"{n.get('name')}({str(n['node_id'])[:8]})" for n, _ in cands]
+    budgets = [NodeBudget(label, free_bytes(n.get("caps") or {}))
+               for label, (n, _) in zip(labels, cands, strict=True)]
+    # 3. ranges
+    try:
+        ranges = plan_stages(budgets, cost, stages=req.shards, layers=req.layers)
+    except PlanError as exc:
+        code = ErrorCode.REFUSED if exc.shortfalls or "fit" in str(exc) else ErrorCode.BAD_REQUEST
+        raise ProtocolError(code, f"cannot plan {model.ref}: {exc}") from None
+    by_label = dict(zip(labels, cands, strict=True))
+    stages = []
+    for i, r in enumerate(ranges):
+        node, ref = by_label[r.node_id]
+        stages.append(Stage(i, str(node["node_id"]), str(node.get("name")), f"shard{i}",
+                            r.start, r.end, r.planned_bytes, ref))
+    return stages
+
+
+# -- a pipeline: one job, one shard role per stage ---------------------------------------------------
+
+
+@dataclass
+class SessionOutcome:
+    session: str
+    tokens: list[int]
+    stop_reason: str
+    started: float
+    ready: float
+    first_token: float | None
+    last_token: float | None
+    ended: float
+    shard_stats: dict[int, dict[str, Any]]
+
+
+OnToken = Callable[[int], Awaitable[None]]
+
+
+class Pipeline:
+    """Shards for one model and plan, loaded once and shared by many sessions."""
+
+    def __init__(self, registry: PipelineRegistry, key: tuple[Any, ...], model: LocalModel,
+                 stages: list[Stage], req: SplitRequest) -> None:
+        self.registry = registry
+        self.host = registry.host
+        self.key = key
+        self.model = model
+        self.stages = stages
+        self.req = req
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.job: Job | None = None
+        self.active = 0  # requests holding this pipeline
+        self.keep_alive = req.keep_alive
+        self.last_used = time.monotonic()
+        self.broken: str | None = None
+        self.closing = False
+        self.changed = asyncio.Event()
+        self.slots = asyncio.Semaphore(req.max_sessions)
+        self.params_loaded: dict[int, int] = {}
+        self.created = time.monotonic()
+        self.ready_at: float | None = None
+        self.sessions_done = 0
+        self.sessions_failed = 0
+        self.tokens_total = 0
+        self.recent: deque[dict[str, Any]] = deque(maxlen=8)
+
+    @property
+    def cluster(self) -> Any:
+        return self.host.cluster
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id if self.job is not None else ""
+
+    def usable(self, up: set[str]) -> bool:
+        if self.closing or self.broken:
+            return False
+        if self.ready.done() and (self.ready.cancelled() or self.ready.exception() is not None):
+            return False
+        return all(s.node_id in up for s in self.stages)
+
+    def mark_broken(self, reason: str) -> None:
+        if self.broken is None:
+            log.warning("split pipeline %s broken: %s", self.job_id, reason)
+            self.broken = reason
+        self.changed.set()
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        self.changed.set()
+
+    def shard_params(self, stage: Stage) -> ShardParams:
+        n = len(self.stages)
+        first, last = self.stages[0], self.stages[-1]
+        nxt = self.stages[stage.index + 1] if stage.index + 1 < n else None
+        c = self.model.config
+        return ShardParams(
+            model=stage.model_ref, start=stage.start, end=stage.end, num_layers=c.num_layers,
+            index=stage.index, count=n, dtype=self.req.dtype, wire_dtype=self.req.wire_dtype,
+            next=Hop(nxt.node_id, nxt.rid) if nxt else None,
+            first=Hop(first.node_id, first.rid) if stage is last else None,
+            max_sessions=self.req.max_sessions, max_len=self.model.max_len,
+            batch_decode=self.req.batch_decode, stage_bytes=stage.planned_bytes,
+            hidden_size=c.hidden_size, vocab_size=c.vocab_size)
+
+    def job_params(self) -> dict[str, Any]:
+        return {"model": self.model.ref, "dtype": self.req.dtype,
+                "wire_dtype": self.req.wire_dtype, "batch_decode": self.req.batch_decode,
+                "layers": ",".join(f"{s.start}-{s.end}" for s in self.stages),
+                "nodes": [s.name for s in self.stages]}
+
+    def publish(self) -> None:
+        if self.job is None:
+            return
+        self.job.update(
+            shards=len(self.stages),
+            plan=[s.describe() | {"params": self.params_loaded.get(s.index)} for s in self.stages],
+            sessions_active=self.active, sessions_done=self.sessions_done,
+            sessions_failed=self.sessions_failed, tokens=self.tokens_total,
+            recent_sessions=list(self.recent),
+            setup_s=round(self.ready_at - self.created, 3) if self.ready_at else None)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Own the job: assign every shard, hold them while used, release them after."""
+        try:
+            async with self.host.job("split", self.job_params()) as job:
+                self.job = job
+                await self._assign_all(job)
+                self.ready_at = time.monotonic()
+                self.ready.set_result(None)
+                self.publish()
+                await self._hold()
+        except asyncio.CancelledError as exc:
+            self._failed(ProtocolError(ErrorCode.CANCELLED, "the daemon is shutting down"))
+            raise exc
+        except ProtocolError as exc:
+            self._failed(exc)
+        except Exception as exc:
+            log.warning("split pipeline failed", exc_info=True)
+            self._failed(ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.closing = True
+            self.registry.forget(self)
+
+    def _failed(self, exc: ProtocolError) -> None:
+        self.broken = self.broken or exc.message
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+
+    async def _assign_all(self, job: Job) -> None:
+        results = await asyncio.gather(*(
+            job.assign(s.node_id, "shard", self.shard_params(s).to_meta(), rid=s.rid,
+                       summary=f"layers {s.start}-{s.end} of {self.model.path.name}")
+            for s in self.stages), return_exceptions=True)
+        problems = []
+        for s, r in zip(self.stages, results, strict=True):
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+            if isinstance(r, AssignRefused):
+                problems.append(f"{s.label} refused: {r.reason}")
+            elif isinstance(r, BaseException):
+                problems.append(f"{s.label} failed: {type(r).__name__}: {r}")
+        if problems:
+            raise ProtocolError(ErrorCode.REFUSED, "the plan could not be placed: "
+                                + "; ".join(problems))
+
+    async def _hold(self) -> None:
+        while True:
+            if self.broken:
+                raise ProtocolError(ErrorCode.PEER_DOWN, self.broken)
+            idle = time.monotonic() - self.last_used
+            if self.active == 0 and idle >= self.keep_alive:
+                self.closing = True
+                return
+            self.changed.clear()
+            timeout = self.keep_alive - idle if self.active == 0 else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.changed.wait()
+
+    # -- a session ------------------------------------------------------------------------------
+
+    async def run_session(self, prompt_ids: Sequence[int], sampling: SamplingParams,
+                          max_new: int, stop_ids: Sequence[int], on_token: OnToken,
+                          ) -> SessionOutcome:
+        """Generate up to ``max_new`` tokens after ``prompt_ids`` on this pipeline's shards."""
+        sid = uuid.uuid4().hex[:16]
+        job = self.job_id
+        n, last = len(self.stages), len(self.stages) - 1
+        n_prompt = len(prompt_ids)
+        max_len = n_prompt + max_new - 1
+        plain = OpenSession(sid, max_len).to_meta()
+        penalise = sampling.repetition_penalty != 1.0
+        tail = OpenSession(sid, max_len, n_prompt, max_new, tuple(stop_ids), sampling,
+                           tuple(prompt_ids) if penalise else None).to_meta()
+        events: asyncio.Queue[tuple[int, Frame | BaseException]] = asyncio.Queue()
+
+        async def watch(stage: Stage) -> None:
+            meta = {"job": job, "rid": stage.rid, **(tail if stage.index == last else plain)}
+            try:
+                async for frame in self.cluster.stream(stage.node_id, MsgType.SHARD_OPEN, meta):
+                    events.put_nowait((stage.index, frame))
+            except (RemoteError, ConnectionClosed, OSError, TimeoutError) as exc:
+                events.put_nowait((stage.index, exc))
+
+        tokens: list[int] = []
+        started = time.monotonic()
+        first_token: float | None = None
+        last_token: float | None = None
+        stats: dict[int, dict[str, Any]] = {}
+        tasks = [asyncio.create_task(watch(s), name=f"split-watch-{sid}-{s.index}")
+                 for s in self.stages]
+        closed_ok = False
+        try:
+            # 1. every shard has the session open
+            ready: set[int] = set()
+            while len(ready) < n:
+                idx, item = await self._next(events, tokens)
+                if item.msg_type == MsgType.SHARD_OPEN and item.is_partial:
+                    ready.add(idx)
+                    if isinstance(item.meta.get("params"), int):
+                        self.params_loaded[idx] = item.meta["params"]
+                else:
+                    raise SessionError(ErrorCode.INTERNAL, f"{self.stages[idx].label} answered "
+                                       f"{item.msg_type.name} before opening the session")
+            ready_at = time.monotonic()
+            # 2. the prompt, in chunks, to the first shard
+            first = self.stages[0]
+            chunk = self.req.prefill_chunk
+            for off in range(0, n_prompt, chunk):
+                ids = torch.tensor(list(prompt_ids[off:off + chunk]), dtype=torch.int64)
+                meta, payload = tensor_meta({"ids": ids}, {
+                    "job": job, "rid": first.rid, "session": sid, "pos": off,
+                    "sample": off + chunk >= n_prompt})
+                try:
+                    await self.cluster.request(first.node_id, MsgType.SHARD_FORWARD, meta,
+                                               payload, timeout=STEP_TIMEOUT)
+                except (RemoteError, ConnectionClosed, OSError, TimeoutError) as exc:
+                    raise self._error(0, exc, tokens) from None
+            # 3. tokens, until the last shard ends the session
+            while True:
+                idx, item = await self._next(events, tokens)
+                if idx == last and item.msg_type == MsgType.SHARD_RESULT and item.is_partial:
+                    token = item.meta.get("token")
+                    if not isinstance(token, int):
+                        raise SessionError(ErrorCode.INTERNAL, "the last shard sent no token")
+                    last_token = time.monotonic()
+                    first_token = first_token or last_token
+                    tokens.append(token)
+                    await on_token(token)
+                elif idx == last and not item.is_partial:
+                    stats[last] = dict(item.meta.get("stats") or {})
+                    reason = str(item.meta.get("reason", "max_tokens"))
+                    break
+                else:
+                    raise SessionError(ErrorCode.INTERNAL, f"{self.stages[idx].label} ended the "
+                                       f"session unexpectedly ({item.msg_type.name})",
+                                       tokens=tokens)
+            # 4. close it on the other shards, collecting their figures
+            acks = await asyncio.gather(*(
+                self.cluster.request(s.node_id, MsgType.SHARD_CLOSE,
+                                     {"job": job, "rid": s.rid, "session": sid},
+                                     timeout=CLOSE_TIMEOUT)
+                for s in self.stages[:last]), return_exceptions=True)
+            for s, ack in zip(self.stages[:last], acks, strict=True):
+                if isinstance(ack, Frame):
+                    stats[s.index] = dict(ack.meta.get("stats") or {})
+            closed_ok = True
+        finally:
+            # Cancelling a watcher whose stream is still open sends CANCEL: the shard frees
+            # the session (after an error, or when this request itself is cancelled).
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if closed_ok:
+                self.sessions_done += 1
+            else:
+                self.sessions_failed += 1
+        return SessionOutcome(sid, tokens, reason, started, ready_at, first_token, last_token,
+                              time.monotonic(), stats)
+
+    async def _next(self, events: asyncio.Queue[tuple[int, Frame | BaseException]],
+                    tokens: list[int]) -> tuple[int, Frame]:
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                idx, item = await events.get()
+        except TimeoutError:
+            raise SessionError(ErrorCode.TIMEOUT, f"no word from the shards for {STEP_TIMEOUT:g}s",
+                               tokens=tokens) from None
+        if isinstance(item, BaseException):
+            raise self._error(idx, item, tokens)
+        return idx, item
+
+    def _error(self, idx: int, exc: BaseException, tokens: list[int]) -> SessionError:
+        stage = self.stages[idx]
+        if isinstance(exc, RemoteError):
+            try:
+                code = ErrorCode(exc.code)
+            except ValueError:
+                code = ErrorCode.INTERNAL
+            if code == ErrorCode.PEER_DOWN:
+                self.mark_broken(exc.message)
+            elif code == ErrorCode.UNKNOWN_JOB:  # the member dropped the role (it restarted?)
+                self.mark_broken(f"{stage.label} no longer holds the job")
+            return SessionError(code, f"{stage.label}: {exc.message}",
+                                peer_down=code in (ErrorCode.PEER_DOWN, ErrorCode.UNKNOWN_JOB),
+                                tokens=tokens)
+        reason = f"{stage.label} is down: {exc}"
+        self.mark_broken(reason)
+        return SessionError(ErrorCode.PEER_DOWN, reason, peer_down=True, tokens=tokens)
+
+
+# -- the registry of pipelines of one daemon -------------------------------------------------------
+
+
+class PipelineRegistry:
+    """The pipelines a daemon coordinates, by model and plan; owns their tasks."""
+
+    def __init__(self, host: JobHost) -> None:
+        self.host = host
+        self.pipelines: dict[tuple[Any, ...], Pipeline] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._models: dict[Path, LocalModel] = {}
+
+    async def local_model(self, ref: str, need_tokenizer: bool) -> LocalModel:
+        path = find_model(ref, self.host.config.models_dir)
+        if path is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, (
+                f"model {ref!r} is not on this node (the coordinator needs its config and "
+                f"tokenizer): give a path or a folder under --models-dir"))
+        model = self._models.get(path)
+        if model is None:
+            try:
+                config = await asyncio.to_thread(ModelConfig.from_dir, path)
+            except ModelError as exc:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"cannot read {path}: {exc}") from None
+            try:
+                tokenizer = await asyncio.to_thread(load_tokenizer, path)
+            except ModelError as exc:
+                log.info("no tokenizer for %s: %s", path, exc)
+                tokenizer = None
+            model = self._models[path] = LocalModel(ref, path, config, tokenizer)
+        if need_tokenizer and model.tokenizer is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{path} has no tokenizer: send "
+                                f"prompt_ids instead of a prompt")
+        return model
+
+    async def acquire(self, req: SplitRequest, model: LocalModel) -> tuple[Pipeline, bool]:
+        """A ready pipeline for this request (reused or new); the caller must release() it."""
+        key = (str(model.path), req.dtype, req.wire_dtype, req.shards, req.layers,
+               req.batch_decode, req.max_sessions)
+        nodes = self.host.cluster.nodes()
+        up = {str(n["node_id"]) for n in nodes}
+        pipe = self.pipelines.get(key)
+        created = False
+        if pipe is None or not pipe.usable(up):
+            stages = plan_pipeline(nodes, model, req)
+            pipe = Pipeline(self, key, model, stages, req)
+            self.pipelines[key] = pipe
+            task = asyncio.get_running_loop().create_task(pipe.serve(), name="split-pipeline")
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            created = True
+        pipe.active += 1
+        pipe.keep_alive = req.keep_alive
+        pipe.touch()
+        try:
+            await asyncio.shield(pipe.ready)
+        except BaseException:
+            self.release(pipe)
+            raise
+        return pipe, created
+
+    def release(self, pipe: Pipeline) -> None:
+        pipe.active -= 1
+        pipe.touch()
+        pipe.publish()
+
+    def forget(self, pipe: Pipeline) -> None:
+        if self.pipelines.get(pipe.key) is pipe:
+            del self.pipelines[pipe.key]
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[JobHost, PipelineRegistry] = weakref.WeakKeyDictionary()
+
+
+def registry_for(host: JobHost) -> PipelineRegistry:
+    reg = _REGISTRIES.get(host)
+    if reg is None:
+        reg = _REGISTRIES[host] = PipelineRegistry(host)
+    return reg
+
+
+# -- GENERATE ----------------------------------------------------------------------------------------
+
+
+async def coordinate(host: JobHost, req: Request) -> Reply:
+    """GENERATE mode "split": stream tokens as partials, answer the result (section 9.6)."""
+    r = SplitRequest.from_meta(req.meta)
+    registry = registry_for(host)
+    model = await registry.local_model(r.model, need_tokenizer=r.prompt_ids is None)
+    if r.prompt_ids is not None:
+        prompt_ids = list(r.prompt_ids)
+    else:
+        prompt_ids = list(model.tokenizer(r.prompt)["input_ids"])  # type: ignore[misc]
+    vocab = model.config.vocab_size
+    if not prompt_ids or max(prompt_ids) >= vocab:
+        raise _bad(f"prompt ids must be non-empty and below the vocabulary size {vocab}")
+    limit = model.max_len
+    if len(prompt_ids) > limit:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"the prompt has {len(prompt_ids)} tokens; "
+                            f"the model takes at most {limit}")
+    budget = min(r.max_tokens, limit - len(prompt_ids) + 1)
+    stops = model.stop_ids()
+    stream = TextStream(model.tokenizer, prompt_ids) if model.tokenizer is not None else None
+
+    async def on_token(token: int) -> None:
+        piece = stream.push(token) if stream is not None else ""
+        await req.partial(MsgType.GENERATE, {"token_ids": [token], "text": piece})
+
+    generated: list[int] = []
+    outcomes: list[tuple[Pipeline, SessionOutcome, bool]] = []
+    setup_s = 0.0
+    attempt = 0
+    t0 = time.monotonic()
+    while True:
+        t_acq = time.monotonic()
+        pipe, created = await registry.acquire(r, model)
+        if created:
+            setup_s += time.monotonic() - t_acq
+        try:
+            async with pipe.slots:
+                outcome = await pipe.run_session(
+                    prompt_ids + generated, r.sampling, budget - len(generated), stops, on_token)
+            outcomes.append((pipe, outcome, created))
+            pipe.tokens_total += len(outcome.tokens)
+            generated += outcome.tokens
+            break
+        except SessionError as exc:
+            generated += exc.tokens
+            pipe.tokens_total += len(exc.tokens)
+            done = len(generated) >= budget or (generated and generated[-1] in stops)
+            if exc.peer_down and attempt < r.retries and not done:
+                attempt += 1
+                log.warning("split session failed (%s); replaying %d+%d tokens on a new plan "
+                            "(retry %d of %d)", exc.message, len(prompt_ids), len(generated),
+                            attempt, r.retries)
+                continue
+            raise
+        finally:
+            registry.release(pipe)
+
+    pipe, outcome, _ = outcomes[-1]
+    stop_reason = outcome.stop_reason
+    if stop_reason == "max_tokens" and budget < r.max_tokens:
+        stop_reason = "length"
+    first = outcome.first_token or outcome.ended
+    n_out = len(generated)
+    decode_s = (outcome.last_token or first) - first
+    wire = sum(int(st.get("bytes_out", 0)) for st in outcome.shard_stats.values())
+    positions = len(prompt_ids) + n_out - 1
+    session = {"session": outcome.session, "tokens": n_out,
+               "time_to_first_token_s": round(first - outcome.started, 6),
+               "tokens_per_s": round((len(outcome.tokens) - 1) / decode_s, 3) if decode_s > 0 else 0.0}
+    pipe.recent.append(session)
+    pipe.publish()
+    text = continuation_text(model.tokenizer, prompt_ids, generated) if model.tokenizer else ""
+    return Reply(MsgType.GENERATE, {
+        "text": text,
+        "prompt_tokens": len(prompt_ids),
+        "generated_tokens": n_out,
+        "token_ids": generated,
+        "seconds": round(outcome.ended - outcome.started, 6),
+        "tokens_per_s": session["tokens_per_s"],
+        "time_to_first_token_s": session["time_to_first_token_s"],
+        "mode": "split",
+        "stop_reason": stop_reason,
+        "job": pipe.job_id,
+        "session": outcome.session,
+        "setup_s": round(setup_s, 6),
+        "pipeline_reused": not outcomes[-1][2],
+        "retries": attempt,
+        "total_s": round(time.monotonic() - t0, 6),
+        "dtype": r.dtype,
+        "wire_dtype": r.wire_dtype,
+        "shards": [s.describe() | {"params": pipe.params_loaded.get(s.index),
+                                   **outcome.shard_stats.get(s.index, {})}
+                   for s in pipe.stages],
+        "wire_bytes": wire,
+        "wire_bytes_per_position": round(wire / positions, 3) if positions > 0 else 0.0,
+    })
