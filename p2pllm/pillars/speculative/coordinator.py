@@ -1,0 +1,292 @@
+"""GENERATE mode "spec": the local daemon plans, assigns and runs one speculative generation.
+
+1. tokenize the prompt with the tokenizer of the target (or the draft: they share it) found on
+   this host;
+2. rank nodes for the verifier and the drafter (:mod:`.placement`) and ASSIGN down each
+   ranking until one accepts (one node may take both);
+3. ask the drafter to run the session (SPEC_DRAFT_RUN, streamed) against the verifier;
+   forward each partial to the CLI as ``{"token_ids", "text"}``;
+4. answer with the result: the engine's ``generate --json`` fields plus the speculative ones.
+
+Every assigned role is released when the job ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from p2pllm.daemon.jobs import AssignRefused, Job, JobHost
+from p2pllm.engine.errors import ModelError
+from p2pllm.engine.generate import JSON_FIELDS, TextStream, continuation_text
+from p2pllm.engine.loader import load_tokenizer
+from p2pllm.engine.sampling import SamplingParams
+from p2pllm.pillars.speculative.messages import MAX_PROMPT, MAX_WINDOW, DraftRun, params_from_meta
+from p2pllm.pillars.speculative.models import DTYPES, find_local_model, model_bytes
+from p2pllm.pillars.speculative.placement import Candidate, PlanError, rank_drafters, rank_verifiers
+from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
+from p2pllm.wire.frame import ProtocolError
+from p2pllm.wire.messages import ErrorCode, MsgType
+
+__all__ = ["GenerateSpec", "coordinate"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 128
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message)
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """A GENERATE request in mode "spec", validated."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...] | None
+    model: str
+    draft_model: str
+    window: int | None  # None = "auto"
+    max_tokens: int
+    params: SamplingParams
+    seed: int | None
+    dtype: str = "float32"
+    draft_dtype: str = "float32"
+    verifier: str | None = None
+    drafter: str | None = None
+    q_top_k: int = 256
+    q_mass: float = 0.999
+    overlap: bool = True
+    min_window: int = 1
+    max_window: int = 16
+    session_timeout: float = 120.0
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> GenerateSpec:
+        model, draft = meta.get("model"), meta.get("draft_model")
+        if not isinstance(model, str) or not model:
+            raise _bad("--mode spec needs --model TARGET")
+        if not isinstance(draft, str) or not draft:
+            raise _bad("--mode spec needs --draft-model DRAFT")
+        prompt = meta.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise _bad("'prompt' must be a string")
+        ids = meta.get("prompt_ids")
+        prompt_ids: tuple[int, ...] | None = None
+        if ids is not None:
+            if (not isinstance(ids, list) or not 1 <= len(ids) <= MAX_PROMPT
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+                raise _bad("'prompt_ids' must be a non-empty list of token ids")
+            prompt_ids = tuple(ids)
+        elif not prompt:
+            raise _bad("empty prompt")
+        window = _window(meta.get("draft_tokens", "auto"))
+        max_tokens = meta.get("max_tokens", DEFAULT_MAX_TOKENS)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1 << 20:
+            raise _bad(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        seed = meta.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed < 2**63):
+            raise _bad(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        raw = {k: meta[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")
+               if meta.get(k) is not None}
+        params = params_from_meta(raw, seed)
+        dtype = meta.get("dtype") or "float32"
+        draft_dtype = meta.get("draft_dtype") or dtype
+        for d in (dtype, draft_dtype):
+            if d not in DTYPES:
+                raise _bad(f"dtype {d!r} is not supported; choose one of {sorted(DTYPES)}")
+        pins = {k: meta.get(k) for k in ("verifier", "drafter")}
+        for k, v in pins.items():
+            if v is not None and (not isinstance(v, str) or not v):
+                raise _bad(f"--{k} must name a node")
+        q_top_k = meta.get("q_top_k", 256)
+        if isinstance(q_top_k, bool) or not isinstance(q_top_k, int) or not 0 <= q_top_k <= 1 << 16:
+            raise _bad("q_top_k must be an integer in [0, 65536]")
+        q_mass = meta.get("q_mass", 0.999)
+        if isinstance(q_mass, bool) or not isinstance(q_mass, int | float) or not 0 < q_mass <= 1:
+            raise _bad("q_mass must be a number in (0, 1]")
+        overlap = meta.get("overlap", True)
+        if not isinstance(overlap, bool):
+            raise _bad("overlap must be a boolean")
+        lo, hi = meta.get("min_window", 1), meta.get("max_window", 16)
+        if (isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int)
+                or not isinstance(hi, int) or not 1 <= lo <= hi <= MAX_WINDOW):
+            raise _bad(f"need 1 <= min_window <= max_window <= {MAX_WINDOW}")
+        timeout = meta.get("session_timeout", 120.0)
+        if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+            raise _bad("session_timeout must be a number of seconds in (0, 86400]")
+        return cls(prompt=prompt, prompt_ids=prompt_ids, model=model, draft_model=draft,
+                   window=window, max_tokens=max_tokens, params=params, seed=seed, dtype=dtype,
+                   draft_dtype=draft_dtype, verifier=pins["verifier"], drafter=pins["drafter"],
+                   q_top_k=q_top_k, q_mass=float(q_mass), overlap=overlap, min_window=lo, max_window=hi,
+                   session_timeout=float(timeout))
+
+
+def _window(raw: Any) -> int | None:
+    if raw is None or raw == "auto":
+        return None
+    if isinstance(raw, str) and raw.isdigit():
+        raw = int(raw)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_WINDOW:
+        raise _bad(f"--draft-tokens must be 'auto' or an integer in [0, {MAX_WINDOW}], got {raw!r}")
+    return raw
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str) -> Any:
+    return load_tokenizer(path)
+
+
+def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return (eos,) if isinstance(eos, int) else ()
+
+
+async def coordinate(host: JobHost, req: Request) -> Reply:
+    spec = GenerateSpec.from_meta(req.meta)
+    models_dir = host.config.models_dir
+    target_path = find_local_model(spec.model, models_dir)
+    draft_path = find_local_model(spec.draft_model, models_dir)
+
+    # 1. the prompt's token ids, with the tokenizer found on this host
+    tokenizer = None
+    for path in (target_path, draft_path):
+        if path is not None:
+            try:
+                tokenizer = await asyncio.to_thread(_tokenizer, str(path))
+                break
+            except ModelError as exc:
+                log.debug("no tokenizer in %s: %s", path, exc)
+    if spec.prompt_ids is not None:
+        prompt_ids = list(spec.prompt_ids)
+    elif tokenizer is None:
+        raise _bad(f"this daemon needs the tokenizer to encode the prompt: neither {spec.model} "
+                   f"nor {spec.draft_model} is on this host (use --models-dir)")
+    else:
+        prompt_ids = list(tokenizer(spec.prompt)["input_ids"])
+        if not prompt_ids:
+            raise _bad("the prompt encodes to no tokens")
+
+    # 2. placement
+    nodes = host.cluster.nodes()
+    try:
+        verifiers = rank_verifiers(
+            nodes, spec.model, local_path=str(target_path) if target_path else None,
+            local_has=target_path is not None,
+            size_hint=model_bytes(target_path) if target_path else None, pin=spec.verifier)
+    except PlanError as exc:
+        raise ProtocolError(ErrorCode.NOT_FOUND, str(exc)) from exc
+    seed = spec.seed if spec.seed is not None else random.SystemRandom().randrange(2**63)
+    job_params = {"model": spec.model, "draft_model": spec.draft_model,
+                  "draft_tokens": "auto" if spec.window is None else spec.window,
+                  "max_tokens": spec.max_tokens, "temperature": spec.params.temperature,
+                  "seed": seed}
+    async with host.job("spec", job_params) as job:
+        t_assign = time.perf_counter()
+        verifier = await _assign_first(job, verifiers, "verifier", {
+            "model": _model_ref(spec.model, target_path), "dtype": spec.dtype,
+            "session_timeout": spec.session_timeout})
+        try:
+            drafters = rank_drafters(
+                nodes, spec.draft_model, verifier.node_id,
+                local_path=str(draft_path) if draft_path else None,
+                local_has=draft_path is not None,
+                size_hint=model_bytes(draft_path) if draft_path else None, pin=spec.drafter)
+        except PlanError as exc:
+            raise ProtocolError(ErrorCode.NOT_FOUND, str(exc)) from exc
+        drafter = await _assign_first(job, drafters, "drafter", {
+            "model": _model_ref(spec.draft_model, draft_path), "dtype": spec.draft_dtype})
+        load_s = time.perf_counter() - t_assign
+        job.update(verifier=verifier.name, drafter=drafter.name)
+        run = DraftRun(
+            prompt=tuple(prompt_ids), max_tokens=spec.max_tokens, params=spec.params, seed=seed,
+            window=spec.window, verifier=verifier.node_id, stop=_stop_ids(tokenizer),
+            q_top_k=spec.q_top_k, q_mass=spec.q_mass, overlap=spec.overlap, min_window=spec.min_window,
+            max_window=spec.max_window)
+        result = await _run(host, job, req, drafter, run, tokenizer)
+    result.update(verifier=verifier.name, drafter=drafter.name, seed=seed,
+                  load_s=round(load_s, 6), job=job.id)
+    return Reply(MsgType.GENERATE, result)
+
+
+def _model_ref(name: str, local: Path | None) -> str:
+    """What to ask a member to load: the name (resolved there), or a path given by the user."""
+    return str(local) if local is not None and "/" in name else name
+
+
+async def _assign_first(job: Job, ranked: list[Candidate], role: str,
+                        params: dict[str, Any]) -> Candidate:
+    reasons = []
+    for cand in ranked:
+        try:
+            await job.assign(cand.node_id, role, params, rid=role,
+                             summary=f"{role} {params['model']}")
+            return cand
+        except AssignRefused as exc:
+            log.info("%s refused %s: %s", cand.name, role, exc.reason)
+            reasons.append(f"{cand.name}: {exc.reason}")
+    raise ProtocolError(ErrorCode.REFUSED, f"no node took the {role} role: " + "; ".join(reasons))
+
+
+async def _run(host: JobHost, job: Job, req: Request, drafter: Candidate, run: DraftRun,
+               tokenizer: Any) -> dict[str, Any]:
+    """Stream the drafter's session to the CLI; the result fields."""
+    prompt = list(run.prompt)
+    stream = TextStream(tokenizer, prompt) if tokenizer is not None else None
+    tokens: list[int] = []
+    final: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    t_first = 0.0
+    try:
+        async for frame in host.cluster.stream(drafter.node_id, MsgType.SPEC_DRAFT_RUN,
+                                               run.to_meta(job.id)):
+            if not frame.is_partial:
+                final = dict(frame.meta)
+                break
+            new = [int(t) for t in frame.meta.get("token_ids", [])]
+            if not tokens and new:
+                t_first = time.perf_counter() - t0
+            tokens.extend(new)
+            text = "".join(stream.push(t) for t in new) if stream is not None else ""
+            await req.partial(MsgType.GENERATE, {"token_ids": new, "text": text})
+            rounds, drafted = frame.meta.get("rounds", 0), frame.meta.get("drafted", 0)
+            accepted = frame.meta.get("accepted", 0)
+            job.update(tokens=len(tokens), rounds=rounds,
+                       acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0)
+    except RemoteError as exc:
+        code = ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+        raise ProtocolError(code, f"speculative generation failed on {drafter.name}: {exc.message}") from exc
+    except ConnectionClosed as exc:
+        raise ProtocolError(ErrorCode.PEER_DOWN, f"lost the drafter {drafter.name}: {exc}") from exc
+    seconds = time.perf_counter() - t0
+    metrics = final.get("metrics", {}) if isinstance(final.get("metrics"), dict) else {}
+    all_ids = [int(t) for t in final.get("token_ids", tokens)]
+    text = continuation_text(tokenizer, prompt, all_ids) if tokenizer is not None else ""
+    decode = seconds - t_first
+    out: dict[str, Any] = {
+        "text": text,
+        "prompt_tokens": len(prompt),
+        "generated_tokens": len(all_ids),
+        "token_ids": all_ids,
+        "seconds": seconds,
+        "tokens_per_s": (len(all_ids) - 1) / decode if len(all_ids) > 1 and decode > 0 else 0.0,
+        "time_to_first_token_s": t_first,
+        "mode": "spec",
+    }
+    assert set(JSON_FIELDS) <= set(out)
+    for key in ("acceptance_rate", "drafted", "accepted", "rounds", "draft_tokens"):
+        out[key] = metrics.get(key)
+    skip = {"generated_tokens", "tokens_per_s", "seconds"}
+    out.update({k: v for k, v in metrics.items() if k not in out and k not in skip})
+    job.update(tokens=len(all_ids), rounds=out["rounds"], acceptance_rate=out["acceptance_rate"],
+               tokens_per_s=round(out["tokens_per_s"], 2))
+    return out

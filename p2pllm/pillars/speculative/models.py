@@ -1,0 +1,152 @@
+"""Models the speculative roles of one daemon share: loaded once, reference-counted.
+
+Several jobs on one node (several drafter sessions, or a drafter and a verifier of the same
+checkpoint) use one copy of the weights. Forward passes on a shared model are serialised by
+its lock: they run in worker threads, and torch already spreads one pass over the node's
+threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2pllm.engine.config import ModelConfig
+from p2pllm.engine.errors import ModelError
+from p2pllm.engine.loader import list_models, load_slice
+from p2pllm.engine.model import ModelSlice
+
+__all__ = ["DTYPES", "LoadedModel", "ModelCache", "find_local_model", "model_bytes"]
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def find_local_model(name: str, models_dir: str | None) -> Path | None:
+    """The checkpoint directory ``name`` stands for on this host, or None.
+
+    A directory path, a folder under ``models_dir``, or a listed (bundled) model's name.
+    Never touches the network (unlike ``resolve_model``'s hub fallback).
+    """
+    if not name:
+        return None
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return p.resolve()
+    if models_dir and "/" not in name and (Path(models_dir).expanduser() / name / "config.json").is_file():
+        return (Path(models_dir).expanduser() / name).resolve()
+    try:
+        for info in list_models(models_dir):
+            if info.name == name:
+                return info.path
+    except Exception as exc:  # a broken models dir is "not found", not a crash
+        log.debug("cannot list models in %s: %s", models_dir, exc)
+    return None
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes of the checkpoint's weights files (an estimate of the memory a load takes)."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One loaded model and the lock its forward passes take."""
+
+    key: tuple[str, str, str]
+    model: ModelSlice
+    config: ModelConfig
+    nbytes: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    refs: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.key[0]
+
+
+class ModelCache:
+    """Reference-counted loaded models, keyed by (resolved path, dtype, device)."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str, str], LoadedModel] = {}
+        self._loading: dict[tuple[str, str, str], asyncio.Future[LoadedModel]] = {}
+
+    async def acquire(self, path: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+        """Load (or share) a whole model; pair every acquire with one release.
+
+        ``path``: a resolved checkpoint directory (as :func:`find_local_model` returns).
+        """
+        if dtype not in DTYPES:
+            raise ModelError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+        key = (str(path), dtype, device)
+        while True:
+            loaded = self._models.get(key)
+            if loaded is not None:
+                loaded.refs += 1
+                return loaded
+            pending = self._loading.get(key)
+            if pending is None:
+                break
+            await asyncio.shield(pending)  # someone else is loading it: share theirs
+        fut: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            model = await asyncio.to_thread(load_slice, path, dtype=DTYPES[dtype], device=device)
+            loaded = LoadedModel(key, model, model.config, _param_bytes(model), refs=1)
+            self._models[key] = loaded
+            fut.set_result(loaded)
+            log.info("loaded %s (%s, %s, %.1f MB)", path, dtype, device, loaded.nbytes / 1e6)
+            return loaded
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            self._loading.pop(key, None)
+
+    def release(self, loaded: LoadedModel) -> None:
+        loaded.refs -= 1
+        if loaded.refs <= 0 and self._models.get(loaded.key) is loaded:
+            del self._models[loaded.key]
+            log.info("unloaded %s", loaded.path)
+
+    def loaded(self) -> Mapping[tuple[str, str, str], LoadedModel]:
+        return dict(self._models)
+
+
+def _param_bytes(model: ModelSlice) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
+    c = loaded.config
+    return {"path": loaded.path, "layers": c.num_layers, "vocab": c.vocab_size,
+            "dtype": loaded.key[1], "device": loaded.key[2]}
+
+
+# The daemon process's shared models (roles of every job on this node use it).
+MODELS = ModelCache()
