@@ -92,6 +92,7 @@ async def test_split_training_equals_single_process_training(daemons, ctl, tmp_p
         (tied, 2, "1f1b", 2, lora),
         (tied, 3, "gpipe", 4, lora),
         (tied, 3, "1f1b", 2, lora),
+        (tied, 2, "1f1b", 2, {"init": "random"}),  # from scratch: the same init everywhere
     ]
     for i, (model, stages, schedule, micro, extra) in enumerate(cases):
         what = f"case {i}: {stages} stages {schedule} M={micro} {extra}"
@@ -109,7 +110,7 @@ async def test_split_training_equals_single_process_training(daemons, ctl, tmp_p
                             warmup_steps=extra.get("warmup_steps", 0),
                             decay=extra.get("decay", "constant"), min_lr=extra.get("min_lr", 0.0))
         ref = train_local(model, blocks, steps=3, batch_size=BATCH, micro_batches=micro,
-                          optim=optim, lora=spec, seed=4)
+                          optim=optim, lora=spec, seed=4, init=extra.get("init", "checkpoint"))
         # Assert: the plan, the losses, the bytes, the final parameters.
         placed = [s["name"] for s in result["stages"]]
         assert placed[0] == "a" and len(set(placed)) == stages, what  # the coordinator first
@@ -259,12 +260,14 @@ async def check_bad_input(ctl: Any, a: Any, b: Any, tmp_path: Path) -> None:
                                           "pillar": "splittrain"}, timeout=60)
     assert ei.value.code == ErrorCode.BAD_REQUEST
     await cb.request(MsgType.RELEASE, {"job": "jbad"}, timeout=10)
-    # Both daemons still serve, and a real job runs afterwards.
+    # Both daemons still serve, and a real job runs afterwards: both stages on b (one daemon
+    # holding two stages of a job; the coordinator holding none).
     data = tiny_data(tmp_path, vocab=96)
     _, result = await train(conn, {"model": str(model), "data": str(data), "steps": 2,
                                    "batch_size": 2, "micro_batches": 2, "seq_len": 8,
-                                   "stages": 2})
+                                   "nodes": ["b", b.node_id[:8]]})
     assert len(result["losses"]) == 2
+    assert [(s["name"], s["layers"]) for s in result["stages"]] == [("b", [0, 1]), ("b", [1, 2])]
     assert (await cb.request(MsgType.STATUS, {}, timeout=10)).meta["node"]["name"] == "b"
 
 

@@ -380,14 +380,18 @@ def plan(spec: RunSpec, nodes: Sequence[Mapping[str, Any]], cost: StageCost) -> 
         chosen = _pick(cands, count)
     repeats = {n["node_id"]: sum(1 for c in chosen if c["node_id"] == n["node_id"])
                for n in chosen}
-    budgets = [NodeBudget(f"{n['name']}({n['node_id'][:8]})#{i}",
+    budgets = [NodeBudget(f"{n['name']}({n['node_id'][:8]})"
+                          + (f" stage {i}" if repeats[n["node_id"]] > 1 else ""),
                           free_bytes(n.get("caps", {})) // repeats[n["node_id"]])
                for i, n in enumerate(chosen)]
     try:
         ranges = plan_stages(budgets, cost, stages=spec.stages, layers=spec.layers)
     except PlanError as e:
         code = ErrorCode.BAD_REQUEST if spec.layers is not None else ErrorCode.REFUSED
-        raise ProtocolError(code, f"cannot plan the stages: {e}") from e
+        hint = ""
+        if not spec.nodes and len(chosen) < (spec.stages or 0):
+            hint = " (to put several stages on one node, list it several times in --nodes)"
+        raise ProtocolError(code, f"cannot plan the stages: {e}{hint}") from e
     by_id = {b.node_id: n for b, n in zip(budgets, chosen, strict=True)}
     return [Stage(i, by_id[r.node_id]["node_id"], by_id[r.node_id]["name"], r.start, r.end)
             for i, r in enumerate(ranges)]
