@@ -62,7 +62,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 def load_checkpoint(path: str | Path) -> Checkpoint | None:
     """The checkpoint at ``path``, or None if there is none. CheckpointError if unreadable."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -72,7 +72,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint | None:
             meta: Mapping[str, str] = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         state = json.loads(meta["p2pllm_fl"])
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read FL checkpoint {path}: {exc}") from exc
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file (format {state.get('format')!r})")

@@ -236,9 +236,10 @@ class FLRun:
         try:
             if self.state.done < cfg.rounds:
                 await self._select_clients()
-        finally:
-            if initial is not None and not initial.done():
+        except BaseException:
+            if initial is not None:
                 initial.cancel()
+            raise
         if initial is not None:
             self.global_adapter = await initial
         self.adapter_bytes = lora_mod.adapter_nbytes(self.global_adapter)
@@ -287,9 +288,21 @@ class FLRun:
             if len(found) >= max(cfg.min_clients, cfg.clients or 0) or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(POLL)
+        if not found:
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                f"no node with FL data that accepts {ROLE} (waited {cfg.wait_clients:g}s); "
+                f"start clients with `p2pllmd --data-dir DIR` holding .txt or .jsonl files",
+            )
+        if len(found) < cfg.min_clients:
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                f"need at least {cfg.min_clients} clients with FL data, found {len(found)} "
+                f"({', '.join(str(n['name']) for n in found)}) after waiting {cfg.wait_clients:g}s",
+            )
         if cfg.quantize:
             devices = {str(n["name"]): (n.get("caps") or {}).get("device", "?") for n in found}
-            if found and "cuda" not in devices.values():
+            if "cuda" not in devices.values():
                 raise ProtocolError(
                     ErrorCode.REFUSED,
                     f"QLoRA ({cfg.quantize} base) needs CUDA clients with bitsandbytes, and every "
@@ -298,12 +311,6 @@ class FLRun:
                 )
         await self._refill()
         if len(self._active()) < cfg.min_clients:
-            if not found:
-                raise ProtocolError(
-                    ErrorCode.NOT_FOUND,
-                    f"no node with FL data that accepts {ROLE} (waited {cfg.wait_clients:g}s); "
-                    f"start clients with `p2pllmd --data-dir DIR` holding .txt or .jsonl files",
-                )
             refused = "; ".join(f"{self._name(n)}: {r}" for n, r in self.refusals.items()) or "none"
             raise ProtocolError(
                 ErrorCode.REFUSED,
