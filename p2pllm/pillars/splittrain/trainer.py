@@ -521,7 +521,9 @@ class _Run:
         await self._assign()
         plan_meta = [{"index": st.index, "node_id": st.node_id, "name": st.name,
                       "layers": [st.start, st.end]} for st in self.stages]
-        self.job.update(stages=plan_meta, steps_total=s.steps, step=0)
+        self.job.update(step=0, loss=None, step_seconds=None,
+                        bubble=bubble_fraction(len(self.stages), s.micro_batches),
+                        idle_fraction=None, steps_total=s.steps, stages=plan_meta)
         await self.req.partial(MsgType.TRAIN_RUN, {"event": "plan", "job": self.job.id,
                                                    "stages": plan_meta})
         train_s = 0.0
@@ -529,7 +531,8 @@ class _Run:
             rec = await self._step(step)
             train_s += rec["seconds"]
             self.records.append(rec)
-            self.job.update(step=step + 1, loss=rec["loss"], step_s=rec["seconds"],
+            self.job.update(step=step + 1, loss=rec["loss"], step_seconds=rec["seconds"],
+                            idle_fraction=self._idle_fraction(),
                             bytes_forward=rec["bytes_forward"],
                             bytes_backward=rec["bytes_backward"])
             await self.req.partial(MsgType.TRAIN_RUN, {"event": "step", **rec})
@@ -567,16 +570,22 @@ class _Run:
                        for r in replies],
         }
 
+    def _stage_idle(self, tot: Mapping[str, float]) -> float:
+        window = tot["busy_window_s"] or 1.0
+        return max(0.0, 1.0 - (tot["forward_s"] + tot["backward_s"]) / window)
+
+    def _idle_fraction(self) -> float:
+        return sum(self._stage_idle(t) for t in self.stage_totals) / len(self.stage_totals)
+
     def _result(self, train_s: float, total_s: float) -> dict[str, Any]:
         s = self.spec
         stages: list[dict[str, Any]] = []
         for st, tot in zip(self.stages, self.stage_totals, strict=True):
-            window = tot["busy_window_s"] or 1.0
             stages.append({
                 "index": st.index, "node_id": st.node_id, "name": st.name,
                 "layers": [st.start, st.end], "forward_s": tot["forward_s"],
                 "backward_s": tot["backward_s"], "idle_s": tot["idle_s"],
-                "idle_fraction": max(0.0, 1.0 - (tot["forward_s"] + tot["backward_s"]) / window),
+                "idle_fraction": self._stage_idle(tot),
             })
         steps = [{k: r[k] for k in ("step", "loss", "seconds", "bytes_forward", "bytes_backward",
                                     "lr", "grad_norm")} for r in self.records]
@@ -585,7 +594,7 @@ class _Run:
             "job": self.job.id, "losses": [r["loss"] for r in self.records], "steps": steps,
             "stages": stages, "seconds": total_s, "train_seconds": train_s,
             "step_seconds": train_s / max(1, len(self.records)),
-            "idle_fraction": sum(x["idle_fraction"] for x in stages) / len(stages),
+            "idle_fraction": self._idle_fraction(),
             "bubble": bubble_fraction(len(self.stages), s.micro_batches),
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "schedule": s.schedule, "micro_batches": s.micro_batches,
