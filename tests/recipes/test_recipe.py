@@ -99,6 +99,16 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (out / "tiny" / "model.safetensors").read_bytes() == target_bytes
     assert (out / "tiny-draft" / "model.safetensors").read_bytes() == before  # deterministic
 
+    # --only eval recomputes the metrics and keeps each model's training record
+    draft_metrics = json.loads((out / "tiny-draft" / "metrics.json").read_text())
+    rc = shakespeare.main(["--config", str(cfg), "--out", str(out), "--sdist", str(MINI.parent),
+                           "--work-dir", str(work), "--only", "eval", "--log-level", "WARNING"])
+    assert rc == 0
+    again = json.loads((out / "tiny-draft" / "metrics.json").read_text())
+    assert again["curve"] == draft_metrics["curve"]
+    assert again["heldout_loss"] == draft_metrics["heldout_loss"]
+    assert again["speculative"]["acceptance"]["alpha"] >= acc["acceptance_rate"] - 1e-9
+
 
 def test_data_blocks_start_with_bos_and_cover_the_stream() -> None:
     stream = TokenStream(torch.arange(2, 42), bos=0)
