@@ -360,8 +360,12 @@ class Connection:
                 self.close(exc.message)
         except asyncio.CancelledError:
             raise
-        except ConnectionClosed:
-            log.debug("%s: closed while handling %s", self, frame.msg_type.name)
+        except ConnectionClosed as exc:
+            # Either this connection closed (nothing can be sent) or one the handler used
+            # to reach another peer did: tell our caller which peer went away.
+            log.debug("%s: connection closed while handling %s: %s", self, frame.msg_type.name, exc)
+            if req.wants_reply and not self.closed:
+                self._write_error(frame.request_id, ErrorCode.PEER_DOWN, str(exc))
         except Exception as exc:
             log.warning("%s: handler for %s failed", self, frame.msg_type.name, exc_info=True)
             if req.wants_reply:

@@ -258,3 +258,22 @@ async def test_frames_split_across_many_small_writes(pair) -> None:
     body = msgpack.unpackb(await reader.readexactly(mlen))
     assert mtype == MsgType.STATUS and rid == 7 and body == {"echo": 9}
     writer.close()
+
+
+async def test_handler_losing_another_peer_answers_peer_down() -> None:
+    async def handler(conn: Connection, req: Request) -> Reply:
+        raise ConnectionClosed("connection to shard-1 closed: peer closed the connection")
+
+    conns: list[Connection] = []
+    server = await serve("127.0.0.1", 0, handler, conns.append)
+    port = server.sockets[0].getsockname()[1]
+
+    async def no(conn, req):
+        return None
+
+    client = await connect("127.0.0.1", port, no)
+    with pytest.raises(RemoteError) as ei:
+        await client.request(MsgType.STATUS, {}, timeout=5)
+    assert ei.value.code == ErrorCode.PEER_DOWN and "shard-1" in ei.value.message
+    client.close()
+    server.close()
