@@ -206,7 +206,6 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
         drafter = await _assign_first(job, drafters, "drafter", {
             "model": _model_ref(spec.draft_model, draft_path), "dtype": spec.draft_dtype})
         load_s = time.perf_counter() - t_assign
-        job.update(verifier=verifier.name, drafter=drafter.name)
         run = DraftRun(
             prompt=tuple(prompt_ids), max_tokens=spec.max_tokens, params=spec.params, seed=seed,
             window=spec.window, verifier=verifier.node_id, stop=_stop_ids(tokenizer),

@@ -205,7 +205,7 @@ class DraftState:
 class SessionMetrics:
     """What one session measured; ``as_dict`` is what ``generate --json`` and status show."""
 
-    window: str = "auto"
+    window: int | str = "auto"  # the --draft-tokens setting
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -277,7 +277,7 @@ class SpecSession:
         self.run = run
         self.emit = emit
         self.peer = f"verifier {peer_name or run.verifier[:8]}"
-        self.metrics = SessionMetrics(window="auto" if run.window is None else str(run.window))
+        self.metrics = SessionMetrics(window="auto" if run.window is None else run.window)
         self.session: int | None = None
         self.tokens: list[int] = []
 
