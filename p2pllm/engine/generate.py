@@ -116,7 +116,9 @@ def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
         positions = torch.arange(n_prompt).unsqueeze(0)
         logits = model(ids, positions, cache, last_only=True)[0, -1]
         t_prefill = time.perf_counter()
-        token, _ = sample(logits, params, gen, history[:n_prompt] if penalise else None)
+        argmax = params.greedy and not penalise  # sample() would give the same token
+        token = int(logits.argmax()) if argmax else sample(
+            logits, params, gen, history[:n_prompt] if penalise else None)[0]
         t1 = time.perf_counter()
         # 2. decode: one token per step, into preallocated (1, 1) inputs
         tok_t = torch.empty(1, 1, dtype=torch.int64)
@@ -134,8 +136,8 @@ def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
             tok_t.fill_(token)
             pos_t.fill_(n_prompt + len(out) - 1)
             logits = model(tok_t, pos_t, cache, last_only=True)[0, -1]
-            token, _ = sample(logits, params, gen,
-                              history[:n_prompt + len(out)] if penalise else None)
+            token = int(logits.argmax()) if argmax else sample(
+                logits, params, gen, history[:n_prompt + len(out)] if penalise else None)[0]
         t2 = time.perf_counter()
 
     decode_s = t2 - t1

@@ -20,7 +20,8 @@ from torch import nn
 
 from p2pllm.engine.model import MLP, Attention, Fused, Linear, shadow_attributes
 
-__all__ = ["can_pack", "fuse_projections", "pack_linears", "unpack_linears"]
+__all__ = ["can_pack", "fuse_projections", "pack_linears", "preallocate_fused",
+           "unpack_linears"]
 
 
 def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
@@ -46,11 +47,42 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse q/k/v and gate/up of every layer (dense weights); returns how many groups."""
     n = 0
     for owner, attr, mods in _groups(model):
+        current = getattr(owner, attr)
+        if current is not None and not current.weight.is_mkldnn and current.usable(mods):
+            n += 1  # already fused (e.g. preallocated by the loader)
+            continue
         fused = _fuse_dense(mods)
         setattr(owner, attr, fused)
         n += fused is not None
     shadow_attributes(model)
     return n
+
+
+def preallocate_fused(model: nn.Module, dtype: torch.dtype,
+                      device: torch.device | str) -> None:
+    """Give every q/k/v and gate/up group (still on the meta device) one real, uninitialised
+    buffer, its modules' parameters being views of it: the loader then copies the checkpoint
+    tensors straight into place, with no concatenation afterwards."""
+    for owner, attr, mods in _groups(model):
+        lins = [m for m in mods if type(m) is Linear]
+        if len(lins) != len(mods) or not all(m.weight.is_meta for m in lins):
+            continue
+        has_bias = [m.bias is not None for m in lins]
+        if any(has_bias) and not all(has_bias):
+            continue
+        splits = tuple(int(m.weight.shape[0]) for m in lins)
+        weight = torch.empty(sum(splits), lins[0].in_features, dtype=dtype, device=device)
+        bias = torch.empty(sum(splits), dtype=dtype, device=device) if all(has_bias) else None
+        lo = 0
+        for m, size in zip(lins, splits, strict=True):
+            m.weight = nn.Parameter(weight[lo:lo + size])
+            if bias is not None:
+                m.bias = nn.Parameter(bias[lo:lo + size])
+            lo += size
+        ptrs = [m.weight.data_ptr() for m in lins]
+        if bias is not None:
+            ptrs += [m.bias.data_ptr() for m in lins]
+        setattr(owner, attr, Fused(weight, bias, splits, tuple(ptrs)))
 
 
 def _fuse_dense(mods: tuple[nn.Module, ...]) -> Fused | None:

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2pllm.engine.adapter import load_lora
+from p2pllm.engine.adapter import LoraDelta, load_lora
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import CheckpointError, ModelError, ModelNotFoundError
-from p2pllm.engine.layout import can_pack, fuse_projections, pack_linears
+from p2pllm.engine.layout import can_pack, fuse_projections, pack_linears, preallocate_fused
 from p2pllm.engine.model import ModelSlice
 
 __all__ = [
@@ -38,6 +38,7 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F64": torch.float64}
+_CHUNK_BYTES = 16 << 20
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                     "special_tokens_map.json", "vocab.json", "merges.txt",
                     "generation_config.json", "added_tokens.json")
@@ -181,10 +182,15 @@ class _Checkpoint:
                 self.files[name] = f
                 self.nbytes[name] = nbytes
 
-    def read(self, names: Iterable[str],
-             aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-        """Read the named tensors, one file open at a time. ``aliases``: where a name is
-        absent, the other name it may be stored under (a tied embedding saved as the head)."""
+    def tensors(self, names: Iterable[str], aliases: dict[str, str] | None = None,
+                dtype: torch.dtype | None = None, raw: Iterable[str] = (),
+                into: Mapping[str, torch.Tensor] | None = None,
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the named tensors one at a time, converted to ``dtype`` (except those in
+        ``raw``), so a caller that stores each before the next holds little more than the
+        result; names in ``into`` are read straight into that tensor. ``aliases``: where a
+        name is absent, the other name it may be stored under (a tied embedding saved as
+        the head)."""
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for n in names:
             stored = n
@@ -193,17 +199,46 @@ class _Checkpoint:
             if stored not in self.files:
                 raise CheckpointError(f"{self.path}: tensor {n!r} is missing from the checkpoint")
             by_file.setdefault(self.files[stored], []).append((n, stored))
+        keep = set(raw)
         from safetensors import SafetensorError, safe_open
 
-        out: dict[str, torch.Tensor] = {}
         for f, file_names in by_file.items():
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    for n, stored in file_names:
-                        out[n] = st.get_tensor(stored)
-            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"cannot read {f}: {e}") from e
-        return out
+            for n, stored in file_names:
+                # Open per tensor: safetensors maps the file, and mapped pages count as this
+                # process's memory until it is closed, so one open file would cost the size
+                # of everything read from it on top of the converted copies.
+                try:
+                    with safe_open(str(f), framework="pt") as st:
+                        t = _read(st, stored, None if n in keep else dtype,
+                                  None if into is None or n in keep else into.get(n))
+                except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                    raise CheckpointError(f"cannot read {f}: {e}") from e
+                yield n, t
+
+
+def _read(st: Any, name: str, dtype: torch.dtype | None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor from an open safetensors file, in ``dtype`` (None: as stored), written into
+    ``out`` if given. A conversion goes in chunks of rows, so the stored-dtype copy never
+    exists whole."""
+    view = st.get_slice(name)
+    stored = _DTYPES.get(view.get_dtype())
+    shape = list(view.get_shape())
+    if out is not None and tuple(out.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(shape)}, the config implies "
+                              f"{tuple(out.shape)}")
+    with torch.no_grad():
+        if stored is None or len(shape) == 0 or (out is None and dtype in (None, stored)):
+            t = st.get_tensor(name)
+            t = t if dtype is None else t.to(dtype)
+            return t if out is None else out.copy_(t)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        row_bytes = max(1, out[0].numel() * stored.itemsize)
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        for i in range(0, shape[0], step):
+            out[i:i + step] = view[i:i + step]
+    return out
 
 
 def _read_header(f: Path) -> dict[str, int]:
@@ -278,40 +313,14 @@ def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ModelError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
 
-    # 1. an empty module of the slice's shape, on the meta device
+    # 1. an empty module of the slice's shape, on the meta device; fused projections get
+    #    their real buffers now, to be filled in place
     model = _meta_slice(config, start, end, embed, head)
+    preallocate_fused(model, dtype, device)
     # 2. the adapter's deltas for this slice
     deltas = load_lora(adapter, config) if adapter is not None else {}
-    # 3. read this slice's tensors only, and move them into the module
-    names = dict(model.named_parameters(remove_duplicate=False))
-    ckpt = _Checkpoint(path)
-    wanted = {model.hf_name(n) for n in names}
-    tied = {"model.embed_tokens.weight": "lm_head.weight"} if config.tie_word_embeddings else None
-    tensors = ckpt.read(sorted(wanted), tied)
-    loaded: dict[str, nn.Parameter] = {}
-    used: set[str] = set()
-    for name, meta in names.items():
-        key = model.hf_name(name)
-        module = "lm_head" if name.startswith("lm_head.") else key.removesuffix(".weight")
-        delta = deltas.get(module) if name.endswith(".weight") else None
-        if delta is not None and module == "lm_head" and config.tie_word_embeddings:
-            raise ModelError("a LoRA adapter on lm_head of a model with tied embeddings is "
-                             "not supported")
-        if key not in loaded:
-            t = tensors.pop(key)
-            if tuple(t.shape) != tuple(meta.shape):
-                raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                      f"the config implies {tuple(meta.shape)}")
-            if delta is not None:
-                t = delta.merge(t)
-                used.add(module)
-            loaded[key] = nn.Parameter(t.to(device=device, dtype=dtype))
-        _set_param(model, name, loaded[key])
-    del tensors
-    for module in sorted(set(deltas) - used):
-        if _in_slice(module, start, end, head):
-            raise ModelError(f"the adapter targets {module!r}, which is not a linear layer "
-                             f"of this model")
+    # 3. read this slice's tensors only, one at a time, into the module
+    _fill(model, path, dtype, device, deltas)
     model.tie_weights()
     model.eval()
     # 4. inference layouts: fused projections, and oneDNN packing for bfloat16
@@ -321,6 +330,53 @@ def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
     if pack:
         pack_linears(model)
     return model
+
+
+def _fill(model: ModelSlice, path: Path, dtype: torch.dtype, device: torch.device | str,
+          deltas: dict[str, LoraDelta]) -> None:
+    """Read the slice's tensors into ``model`` (meta parameters replaced, preallocated fused
+    views filled in place), merging adapter deltas. A function of its own so that nothing
+    read stays referenced once it returns."""
+    by_key: dict[str, list[str]] = {}
+    for name in dict(model.named_parameters(remove_duplicate=False)):
+        by_key.setdefault(model.hf_name(name), []).append(name)
+    config = model.config
+    tied = {"model.embed_tokens.weight": "lm_head.weight"} if config.tie_word_embeddings else None
+    used: set[str] = set()
+    raw = {k for k in by_key if (k.endswith(".weight") and k.removesuffix(".weight") in deltas)
+           or (k == "model.embed_tokens.weight" and "lm_head" in deltas)}  # merged in float32
+    into = {k: p for k, names in by_key.items()
+            if not (p := model.get_parameter(names[0])).is_meta}  # preallocated fused views
+    for key, t in _Checkpoint(path).tensors(sorted(by_key), tied, dtype, raw, into):
+        names = by_key[key]
+        want = tuple(model.get_parameter(names[0]).shape)  # meta or preallocated
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                  f"the config implies {want}")
+        for name in names:
+            module = "lm_head" if name.startswith("lm_head.") else key.removesuffix(".weight")
+            delta = deltas.get(module) if name.endswith(".weight") else None
+            if delta is None:
+                continue
+            if len(names) > 1:
+                raise ModelError("a LoRA adapter on lm_head of a model with tied embeddings "
+                                 "is not supported")
+            t = delta.merge(t)
+            used.add(module)
+        target = model.get_parameter(names[0])
+        if not target.is_meta:  # a preallocated view of a fused buffer
+            if t is not target:
+                with torch.no_grad():
+                    target.copy_(t)
+            continue
+        param = nn.Parameter(t.to(device=device, dtype=dtype))
+        del t
+        for name in names:
+            _set_param(model, name, param)
+    for module in sorted(set(deltas) - used):
+        if _in_slice(module, model.start, model.end, model.has_head):
+            raise ModelError(f"the adapter targets {module!r}, which is not a linear layer "
+                             f"of this model")
 
 
 def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> None:

@@ -87,10 +87,14 @@ def test_partial_load_reads_only_the_slice_tensors(tiny: dict[str, Any],
             read.append(name)
             return self.f.get_tensor(name)
 
+        def get_slice(self, name: str) -> Any:
+            read.append(name)
+            return self.f.get_slice(name)
+
     monkeypatch.setattr(safetensors, "safe_open", Spy)
     load_slice(tiny["llama"].path, layers=(1, 2))
     assert read and all(n.startswith("model.layers.1.") for n in read)
-    assert len(read) == len(slice_tensor_names(load_slice(tiny["llama"].path).config,
+    assert len(set(read)) == len(slice_tensor_names(load_slice(tiny["llama"].path).config,
                                                1, 2, False, False))
 
 
