@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 OPEN_TIMEOUT = 300.0  # prefilling a long prompt on a slow host
 VERIFY_TIMEOUT = 300.0  # a dead verifier is noticed sooner, by the keepalive
 CLOSE_TIMEOUT = 5.0
+LOOKAHEAD_MIN_HIT = 0.05  # skip the look-ahead when it would almost surely be thrown away
 _MASK64 = (1 << 64) - 1
 
 
@@ -209,6 +210,7 @@ class SessionMetrics:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # rounds that ended on a rejected draft token
     generated: int = 0
     lookaheads: int = 0  # windows drafted ahead during a verification
     lookahead_hits: int = 0  # ... and sent as drafted
@@ -235,6 +237,10 @@ class SessionMetrics:
             "drafted": self.drafted,
             "accepted": self.accepted,
             "rounds": self.rounds,
+            "rejections": self.rejections,
+            # per-token acceptance α (censored-geometric estimate: each round tries tokens
+            # until the first rejection), the α of the speedup formula
+            "alpha": self.accepted / (self.accepted + self.rejections) if self.accepted + self.rejections else 0.0,
             "draft_tokens": self.window,
             "generated_tokens": self.generated,
             "mean_tokens_per_round": self.generated / rounds,
@@ -351,6 +357,7 @@ class SpecSession:
             DraftState, self.loaded, min(limit, draft_max), run.params, run.seed, run.q_top_k,
             opened.vocab_size, run.q_mass)
         policy = None
+        estimate = AdaptiveWindow(1, max_window=1)  # α̂ alone, whatever sets the window
         if run.window is None:
             initial = min(max(4, run.min_window), run.max_window)
             policy = AdaptiveWindow(initial, min_window=run.min_window, max_window=run.max_window)
@@ -376,7 +383,9 @@ class SpecSession:
             ahead: asyncio.Task[Draft] | None = None
             steer = Steer()
             nxt_start, nxt_produced = start + gamma + 1, len(self.tokens) + gamma + 1
-            if run.overlap and ready(nxt_start, nxt_produced):
+            # worth it when a hit is not hopeless: all γ accepted and the guess right, ≈ α^(γ+1)
+            if (run.overlap and ready(nxt_start, nxt_produced)
+                    and estimate.alpha ** (gamma + 1) >= LOOKAHEAD_MIN_HIT):
                 pol = None
                 if policy is not None:
                     pol = copy.copy(policy)
@@ -403,8 +412,11 @@ class SpecSession:
             m.rounds += 1
             m.drafted += gamma
             m.accepted += n
-            if policy is not None and gamma:
-                policy.update(gamma, n, cost_ratio=self._cost_ratio())
+            m.rejections += int(n < gamma)
+            if gamma:
+                estimate.update(gamma, n)
+                if policy is not None:
+                    policy.update(gamma, n, cost_ratio=self._cost_ratio())
             new = [*draft.tokens[:n], bonus]
             committed.extend(new)
             taken, done = self._take(new, stops)
