@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,20 +68,22 @@ def estimate_examples(total_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE) ->
     return int(total_bytes / BYTES_PER_TOKEN) // max(1, block_size)
 
 
-def make_blocks(token_lists: Sequence[Sequence[int]], block_size: int, eos_id: int | None) -> Tensor:
+def make_blocks(token_lists: Iterable[Sequence[int]], block_size: int, eos_id: int | None) -> Tensor:
     """Concatenate the token lists (EOS between texts) and cut into (N, block_size) int64 blocks.
 
     The remainder shorter than a block is dropped.
     """
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
-    stream: list[int] = []
+    eos = torch.tensor([eos_id], dtype=torch.int64) if eos_id is not None else None
+    parts: list[Tensor] = []
     for ids in token_lists:
-        stream.extend(int(i) for i in ids)
-        if eos_id is not None:
-            stream.append(int(eos_id))
-    n = len(stream) // block_size
-    return torch.tensor(stream[: n * block_size], dtype=torch.int64).view(n, block_size)
+        parts.append(torch.as_tensor(list(ids), dtype=torch.int64))
+        if eos is not None:
+            parts.append(eos)
+    stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+    n = stream.numel() // block_size
+    return stream[: n * block_size].reshape(n, block_size).clone()
 
 
 def split_blocks(blocks: Tensor, eval_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -122,14 +124,21 @@ def load_local_data(
     eos_id: int | None,
 ) -> LocalData:
     """Read, tokenize, block and split the data dir. Raises DataError when it is unusable."""
-    texts = list(iter_texts(data_dir))
-    if not texts:
+    count = 0
+
+    def encoded() -> Iterator[Sequence[int]]:
+        nonlocal count
+        for text in iter_texts(data_dir):
+            count += 1
+            yield encode(text)
+
+    blocks = make_blocks(encoded(), block_size, eos_id)
+    if count == 0:
         raise DataError(f"no .txt or .jsonl text under {data_dir}")
-    blocks = make_blocks([encode(t) for t in texts], block_size, eos_id)
     if blocks.shape[0] < 2:
         raise DataError(
-            f"{data_dir}: {len(texts)} texts give {blocks.shape[0]} blocks of {block_size} tokens; "
+            f"{data_dir}: {count} texts give {blocks.shape[0]} blocks of {block_size} tokens; "
             f"need at least 2 (add text or lower the block size)"
         )
     train, held = split_blocks(blocks, eval_fraction, seed)
-    return LocalData(train=train, eval=held, texts=len(texts))
+    return LocalData(train=train, eval=held, texts=count)
