@@ -97,6 +97,10 @@ def _lin(m: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
     return m(x)
 
 
+_silu = torch._C._nn.silu  # F.silu without its Python wrapper
+_vector_norm = torch.linalg.vector_norm
+
+
 def _rotate(x: torch.Tensor, step: _Step) -> torch.Tensor:
     """Rotary embedding of (B, T, heads, hd): x*cos + rotate_half(x)*sin."""
     return torch.addcmul(x * step.cos, torch.roll(x, x.shape[-1] // 2, -1), step.sin)
@@ -122,12 +126,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.shape = (dim,)
+        self._eps = torch.tensor(eps, dtype=torch.float32, device="cpu")  # 0-dim: any device
+        self._inv_dim = 1.0 / dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.shape, self.weight, self.eps)
+            return torch.rms_norm(x, self.shape, self.weight, self.eps)  # no Python wrapper
         # As transformers: normalise in fp32, cast back, then scale.
-        y = F.rms_norm(x.float(), self.shape, None, self.eps)
+        y = torch.rms_norm(x.float(), self.shape, None, self.eps)
+        return self.weight * y.to(x.dtype)
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same without autograd, in 5 cheap ops instead of torch.rms_norm's ~10 (the
+        mean of squares comes from the 2-norm: equal up to one rounding)."""
+        xf = x if x.dtype == torch.float32 else x.float()
+        n = _vector_norm(xf, 2, -1, True)
+        y = xf * torch.addcmul(self._eps, n, n, value=self._inv_dim).rsqrt_()
+        if x.dtype == torch.float32:
+            return y.mul_(self.weight)
         return self.weight * y.to(x.dtype)
 
 
@@ -184,8 +200,8 @@ class Attention(nn.Module):
                 qk = _rotate(qkv[:, :, :nh + nkv], step)  # q and k rotated in one go
                 q, k = qk[:, :, :nh], qk[:, :, nh:]
             else:
-                q = _rotate(self.q_norm.forward(qkv[:, :, :nh]), step)
-                k = _rotate(self.k_norm.forward(qkv[:, :, nh:nh + nkv]), step)
+                q = _rotate(_norm(self.q_norm, qkv[:, :, :nh]), step)
+                k = _rotate(_norm(self.k_norm, qkv[:, :, nh:nh + nkv]), step)
         else:
             q = _lin(self.q_proj, x, fast).view(b, t, nh, hd)
             k = _lin(self.k_proj, x, fast).view(b, t, nkv, hd)
@@ -278,7 +294,7 @@ class MLP(nn.Module):
         if fast and fused is not None and fused.usable((self.gate_proj, self.up_proj)):
             gate_up = fused(x)
             i = fused.splits[0]
-            h = F.silu(gate_up[..., :i]) * gate_up[..., i:]
+            h = _silu(gate_up[..., :i]).mul_(gate_up[..., i:])
         else:
             h = F.silu(_lin(self.gate_proj, x, fast)) * _lin(self.up_proj, x, fast)
         return _lin(self.down_proj, h, fast)
@@ -294,10 +310,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, step: _Step) -> torch.Tensor:
         if step.fast:  # the same math, without nn.Module dispatch
-            h = h + self.self_attn.forward(self.input_layernorm.forward(h), step)
-            return h + self.mlp.forward(self.post_attention_layernorm.forward(h), True)
+            h = h + self.self_attn.forward(_norm(self.input_layernorm, h), step)
+            return h + self.mlp.forward(_norm(self.post_attention_layernorm, h), True)
         h = h + self.self_attn(self.input_layernorm(h), step)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """No-grad RMSNorm (or whatever module replaced it)."""
+    return m.fast(x) if type(m) is RMSNorm else m(x)
 
 
 _SHADOWED = (Linear, RMSNorm, Attention, MLP, DecoderLayer)
@@ -444,8 +465,9 @@ class ModelSlice(nn.Module):
         # 1. inputs
         h = self._embed(x)
         b, t = h.shape[0], h.shape[1]
-        if positions.shape != (b, t):
-            raise ModelError(f"positions must have shape {(b, t)}, got {tuple(positions.shape)}")
+        if positions.shape != (b, t) or positions.dtype not in (torch.int64, torch.int32):
+            raise ModelError(f"positions must be integers of shape {(b, t)}, got "
+                             f"{positions.dtype} {tuple(positions.shape)}")
         step = self._plan(positions, cache, slots, b, t)
         step.fast = not torch.is_grad_enabled()
         # 2. layers
@@ -465,7 +487,8 @@ class ModelSlice(nn.Module):
             return h
         if last_only:
             h = h[:, -1:]
-        return _lin(self.lm_head, self.norm(h), step.fast)
+        h = _norm(self.norm, h) if step.fast else self.norm(h)
+        return _lin(self.lm_head, h, step.fast)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:
@@ -480,9 +503,8 @@ class ModelSlice(nn.Module):
         if x.dim() != 3 or x.shape[2] != h or not x.is_floating_point():
             raise ModelError(f"this slice starts at layer {self.start}: expected hidden states "
                              f"(B, T, {h}), got {x.dtype} {tuple(x.shape)}")
-        if x.dtype != self.dtype:
-            x = x.to(self.dtype)
-        return x
+        dtype = self._rope_table().dtype  # the weights' dtype, cached
+        return x if x.dtype == dtype else x.to(dtype)
 
     def _plan(self, positions: torch.Tensor, cache: KVCache | None, slots: torch.Tensor | None,
               b: int, t: int) -> _Step:

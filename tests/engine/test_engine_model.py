@@ -266,8 +266,10 @@ def test_bad_inputs_raise_model_errors(tiny: dict[str, Tiny]) -> None:
     middle = load_slice(tiny["llama"].path, layers=(1, 2))
     ids = _ids(5)
     with torch.inference_mode():
-        with pytest.raises(ModelError, match="positions must have shape"):
+        with pytest.raises(ModelError, match="positions must be integers of shape"):
             model(ids, _pos(0, 4))
+        with pytest.raises(ModelError, match="positions must be integers"):
+            model(ids, _pos(0, 5).float())
         with pytest.raises(ModelError, match="token id out of range"):
             model(torch.tensor([[1, 96]]), _pos(0, 2))
         with pytest.raises(ModelError, match="integer token ids"):
