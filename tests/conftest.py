@@ -78,6 +78,8 @@ class DaemonProc:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 

@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 DIAL_BACKOFF = (0.2, 5.0)
 TICK = 0.5
-LINK_PROBE_EVERY = 5.0  # seconds between throughput probes of each link
-LINK_PROBE_BYTES = 256 * 1024
+LINK_PROBE_EVERY = 15.0  # seconds between throughput probes of each link
+LINK_PROBE_BYTES = 128 * 1024  # ~17 KB/s per link on average
 
 
 @dataclass

@@ -359,7 +359,13 @@ class Connection:
             if exc.fatal:
                 self.close(exc.message)
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # really cancelled: by CANCEL, a closing connection or shutdown
+            # A CancelledError that escaped a handler without anyone cancelling it.
+            log.warning("%s: handler for %s raised a stray CancelledError", self, frame.msg_type.name)
+            if req.wants_reply and not self.closed:
+                self._write_error(frame.request_id, ErrorCode.INTERNAL, "handler was cancelled")
         except ConnectionClosed as exc:
             # Either this connection closed (nothing can be sent) or one the handler used
             # to reach another peer did: tell our caller which peer went away.

@@ -277,3 +277,22 @@ async def test_handler_losing_another_peer_answers_peer_down() -> None:
     assert ei.value.code == ErrorCode.PEER_DOWN and "shard-1" in ei.value.message
     client.close()
     server.close()
+
+
+async def test_stray_cancelled_error_in_a_handler_still_answers() -> None:
+    async def handler(conn: Connection, req: Request) -> Reply:
+        raise asyncio.CancelledError()  # nobody cancelled this task
+
+    conns: list[Connection] = []
+    server = await serve("127.0.0.1", 0, handler, conns.append)
+    port = server.sockets[0].getsockname()[1]
+
+    async def no(conn, req):
+        return None
+
+    client = await connect("127.0.0.1", port, no)
+    with pytest.raises(RemoteError) as ei:
+        await client.request(MsgType.STATUS, {}, timeout=5)
+    assert ei.value.code == ErrorCode.INTERNAL
+    client.close()
+    server.close()
