@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from p2pllm.wire.connection import Connection, Reply, Request, connect, serve  # noqa: E402
-from p2pllm.wire.frame import Limits  # noqa: E402
-from p2pllm.wire.messages import MsgType  # noqa: E402
-from p2pllm.wire.tensors import tensor_meta, unpack_tensors  # noqa: E402
+from p2pllm.wire.connection import Connection, Reply, Request, connect, serve
+from p2pllm.wire.frame import Limits
+from p2pllm.wire.messages import MsgType
+from p2pllm.wire.tensors import tensor_meta, unpack_tensors
 
 LIMITS = Limits(max_payload=1 << 30)
 

@@ -31,7 +31,7 @@ class DaemonProc:
     def __init__(self, name: str, args: list[str], log_dir: Path, threads: int = 1) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
         cmd = [
             sys.executable, "-m", "p2pllm.cli.p2pllmd",
