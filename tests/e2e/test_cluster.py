@@ -242,3 +242,30 @@ async def test_pinned_and_modelless_peers_are_planned_around(daemons, ctl, tmp_p
     listed = [j for j in await jobs(ctl, a.port) if j["pillar"] == "split" and j["members"]]
     assert listed and all(members(j) == {a.node_id} for j in listed)
     assert all(n.node_id not in members(j) and p.node_id not in members(j) for j in listed)
+
+
+async def test_members_release_roles_when_the_coordinator_dies(daemons, ctl, tmp_path) -> None:
+    both = models_dir(tmp_path, [TINY])
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("keepalive_interval: 0.3\nkeepalive_timeout: 2\n")
+    a = daemons("ka", "--no-mdns", "--config", str(cfg), "--models-dir", str(both))
+    b = daemons("kb", "--no-mdns", "--config", str(cfg), "--models-dir", str(both), "--peer", a.address)
+    data = tmp_path / "train.txt"
+    data.write_text(STORY.format(n="Sue") * 40)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "p2pllm.cli.main", "train", "split", "--model", TINY, "--data", str(data),
+        "--stages", "2", "--steps", "100000", "--batch-size", "2", "--seq-len", "32",
+        "--daemon", a.address, cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async def b_holds_a_stage():
+            return [r for r in await roles_held(ctl, [b.port]) if r["role"] == "train-stage"]
+
+        await wait_for(b_holds_a_stage, timeout=120, what="b holding a train-stage role")
+        a.kill()  # the coordinator dies without releasing anything
+        await wait_for(lambda: _no_roles(ctl, [b.port]), timeout=15, what="b releasing its orphan role")
+        assert "coordinator ka is down" in b.log()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
