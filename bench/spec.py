@@ -1,25 +1,30 @@
 """Speculative decoding benchmark: target alone vs spec across two daemons vs transformers.
 
-    python bench/spec.py [--tokens 128] [--repeats 3] [--threads 1] [--quick] [--work DIR]
+    python bench/spec.py [--tokens 96] [--repeats 3] [--threads 1] [--window 4] [--all]
+                         [--quick] [--work DIR] [--only NAME]
 
 For each (target, draft) pair, in one run, interleaved ``--repeats`` times (this machine is
-shared; medians are reported):
+shared: every ratio is taken within one repeat, then the median over repeats):
 
-- ``target_only``: our engine's local greedy decoding of the target (``generate_ids``);
-- ``spec``: ``generate --mode spec`` through two real p2pllmd processes on loopback (the
-  drafter on one, the verifier on the other, ``--threads`` torch threads each), for a fixed
-  window γ and for ``auto``; plus one sampling run (temperature 0.8) for the bytes of q;
+- ``target_only`` / ``draft_only``: our engine's local greedy decoding (``generate_ids``);
+- ``spec_w{γ}``, ``spec_w{γ}_no_lookahead``, ``spec_auto``: ``generate --mode spec`` through
+  two real p2pllmd processes on loopback (the drafter on one, the verifier on the other,
+  ``--threads`` torch threads each), plus one sampling run (temperature 0.8) for the bytes of q;
 - ``hf_assisted``: transformers' ``generate(assistant_model=draft)`` in this process
   (``--threads`` threads), and ``hf_target_only`` beside it.
 
 Then α (per-token acceptance, censored-geometric estimate), γ, the cost ratio c (the draft's
-decode step over the target's, measured with our engine), the measured speedup over
-target_only, the theoretical one (1−α^(γ+1)) / ((1−α)(γc+1)), their ratio, and the per-round
-network time and bytes. Prints one JSON object.
+decode step over the target's, our engine), the measured speedup over target_only, the
+theoretical one (1−α^(γ+1)) / ((1−α)(γc+1)), their ratio, the same with the measured cost v
+of a (γ+1)-token verification forward in decode steps in place of 1 (γc + v), the ratio to
+transformers' assisted generation, and the per-round network time and bytes. Prints one
+JSON object.
 
-Pairs: (a) a random-initialised ~110M Llama (hidden 768, 12 layers, vocab 32000) and a draft
-made of its first 2 layers + final norm + head; (b) tinystories-656k (trained) and its first
-layer + final norm + head; (c) the bundled shakespeare pair when present.
+Pairs: (a) a random-initialised ~110M Llama (hidden 768, 12 layers, vocab 32000, as in
+bench/engine.py) with the same weights in bfloat16 as the draft (``--all`` adds its first 2
+layers + final norm + head as a second draft: α ≈ 0.05 for random weights); (b)
+tinystories-656k (trained) with its first layer + final norm + head; (c) the bundled
+shakespeare pair when present.
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ from p2pllm.cli.client import open_daemon  # noqa: E402
 from p2pllm.cli.remote import stream_generate  # noqa: E402
 from p2pllm.engine.generate import generate_ids  # noqa: E402
 from p2pllm.engine.loader import list_models, load_slice  # noqa: E402
-from p2pllm.pillars.speculative.acceptance import expected_speedup  # noqa: E402
+from p2pllm.pillars.speculative.acceptance import (  # noqa: E402
+    expected_speedup,
+    expected_tokens_per_round,
+)
 from p2pllm.pillars.speculative.drafts import random_llama, truncate  # noqa: E402
 from p2pllm.wire.messages import MsgType  # noqa: E402
 
@@ -57,7 +65,7 @@ PROMPT_IDS = [1, 80, 147, 201, 282, 57, 313, 598]  # any ids < every vocab here
 # -- models -----------------------------------------------------------------------------------
 
 
-def build_pairs(work: Path, quick: bool) -> list[dict[str, Any]]:
+def build_pairs(work: Path, quick: bool, all_pairs: bool) -> list[dict[str, Any]]:
     """[{name, target, draft}] with every model under work/models (a daemon --models-dir)."""
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -68,10 +76,11 @@ def build_pairs(work: Path, quick: bool) -> list[dict[str, Any]]:
             else dict(hidden_size=768, layers=12, intermediate_size=2048, heads=12, kv_heads=12)
         random_llama(big, vocab_size=32000, max_positions=2048, seed=0, **size)  # type: ignore[arg-type]
     draft = models / f"{big.name}-2l"
-    if not (draft / "config.json").exists():
+    if all_pairs and not (draft / "config.json").exists():
         truncate(big, draft, layers=2)
-    pairs.append({"name": f"{big.name} + its first 2 layers (random init)", "target": big.name,
-                  "draft": draft.name, "kind": "random"})
+    if all_pairs:
+        pairs.append({"name": f"{big.name} + its first 2 layers (random init)", "target": big.name,
+                      "draft": draft.name, "kind": "random"})
     half = models / f"{big.name}-bf16"
     if not (half / "config.json").exists():
         truncate(big, half, layers=int(json.loads((big / "config.json").read_text())["num_hidden_layers"]),
@@ -161,10 +170,32 @@ def run_local(path: Path, n: int, dtype: str = "float32") -> dict[str, float]:
             "tokens": r.generated_tokens, "ids": r.token_ids}  # type: ignore[dict-item]
 
 
-def run_spec(address: str, pair: dict[str, Any], n: int, window: Any, temperature: float = 0.0) -> dict[str, Any]:
+def forward_costs(path: Path, sizes: list[int], reps: int = 5) -> dict[int, float]:
+    """Median seconds of one T-token forward on a KV cache (T = 1: a decode step), per T."""
+    model = load_slice(path)
+    out: dict[int, float] = {}
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(PROMPT_IDS) + max(sizes) + 1)
+        model(torch.tensor([PROMPT_IDS]), torch.arange(len(PROMPT_IDS))[None], cache)
+        base = cache.lengths[0]
+        for t in sorted(set(sizes)):
+            times = []
+            for _ in range(reps):
+                ids = torch.full((1, t), 5, dtype=torch.int64)
+                t0 = time.perf_counter()
+                model(ids, torch.arange(base, base + t)[None], cache)
+                times.append(time.perf_counter() - t0)
+                cache.rollback(0, base)
+            out[t] = statistics.median(times)
+    return out
+
+
+def run_spec(address: str, pair: dict[str, Any], n: int, window: Any, temperature: float = 0.0,
+             overlap: bool = True) -> dict[str, Any]:
     meta = {"mode": "spec", "prompt": "", "prompt_ids": PROMPT_IDS, "model": pair["target"],
             "draft_model": pair["draft"], "draft_tokens": window, "max_tokens": n,
-            "temperature": temperature, "seed": 1, "draft_dtype": pair.get("draft_dtype", "float32")}
+            "temperature": temperature, "seed": 1, "draft_dtype": pair.get("draft_dtype", "float32"),
+            "overlap": overlap}
     r = asyncio.run(stream_generate(address, None, meta, echo=False))
     return {**r, "e2e_tps": r["generated_tokens"] / r["seconds"], "decode_tps": r["tokens_per_s"]}
 
@@ -192,9 +223,7 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
     n, threads = args.tokens, args.threads
     torch.set_num_threads(threads)
     tpath, dpath = model_path(work, pair, "target"), model_path(work, pair, "draft")
-    # c: the draft's decode step over the target's, our engine, this process
     ddtype = pair.get("draft_dtype", "float32")
-    draft_local = run_local(dpath, n, ddtype)
     hf_t = AutoModelForCausalLM.from_pretrained(tpath, dtype=torch.float32).eval()
     hf_d = AutoModelForCausalLM.from_pretrained(dpath, dtype=getattr(torch, ddtype)).eval()
     logs = work / "logs"
@@ -206,6 +235,11 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
         link = d / pair[which]
         if not link.exists():
             link.symlink_to(model_path(work, pair, which), target_is_directory=True)
+    w = args.window
+    spec_variants = {f"spec_w{w}": (w, True), f"spec_w{w}_no_lookahead": (w, False),
+                     "spec_auto": ("auto", True)}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (
+        "target_only", "draft_only", *spec_variants, "hf_target_only", "hf_assisted")}
     verifier = Daemon("verifier", ["--models-dir", str(dirs["target"])], logs / "verifier.log", threads)
     drafter = None
     try:
@@ -213,39 +247,54 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
                          logs / "drafter.log", threads)
         asyncio.run(wait_linked(drafter))
         run_spec(drafter.address, pair, 8, 4)  # warm up: imports, first loads
-        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (
-            "target_only", f"spec_w{args.window}", "spec_auto", "hf_target_only", "hf_assisted")}
+        # interleaved; every ratio is taken within one repeat (this machine's load drifts)
         for _ in range(args.repeats):
             runs["target_only"].append(run_local(tpath, n))
-            runs[f"spec_w{args.window}"].append(run_spec(drafter.address, pair, n, args.window))
-            runs["spec_auto"].append(run_spec(drafter.address, pair, n, "auto"))
+            runs["draft_only"].append(run_local(dpath, n, ddtype))
+            for key, (window, overlap) in spec_variants.items():
+                runs[key].append(run_spec(drafter.address, pair, n, window, overlap=overlap))
             runs["hf_target_only"].append(run_hf(hf_t, None, n))
             runs["hf_assisted"].append(run_hf(hf_t, hf_d, n))
-        sampled = run_spec(drafter.address, pair, n, args.window, temperature=0.8)
+        sampled = run_spec(drafter.address, pair, n, w, temperature=0.8)
     finally:
         for d in (drafter, verifier):
             if d is not None:
                 d.stop()
     ref = runs["target_only"][0]["ids"]
-    same = {k: all(r.get("ids", r.get("token_ids")) == ref for r in v) for k, v in runs.items()}
-    base = median(runs["target_only"], "decode_tps")
-    c = base / float(draft_local["decode_tps"])
+    same = {k: all(r.get("ids", r.get("token_ids")) == ref for r in v)
+            for k, v in runs.items() if k != "draft_only"}
+
+    def ratio(a: str, ka: str, b: str, kb: str) -> float:
+        return float(statistics.median(float(x[ka]) / float(y[kb])
+                                       for x, y in zip(runs[a], runs[b], strict=True)))
+
+    c = ratio("target_only", "decode_tps", "draft_only", "decode_tps")
+    # what a verification forward of γ+1 tokens costs, in decode steps of the target (the
+    # formula takes 1: true when decoding is bound by memory bandwidth, not on 1 CPU thread)
+    sizes = {k: max(1, round(median(runs[k], "mean_window"))) + 1 for k in spec_variants}
+    costs = forward_costs(tpath, [1, *sizes.values()])
     out: dict[str, Any] = {
         "pair": pair["name"],
         "tokens": n,
         "c_draft_over_target": round(c, 4),
-        "target_only": {"decode_tps": round(base, 2), "e2e_tps": round(median(runs["target_only"], "e2e_tps"), 2)},
+        "target_only": {"decode_tps": round(median(runs["target_only"], "decode_tps"), 2),
+                        "e2e_tps": round(median(runs["target_only"], "e2e_tps"), 2)},
+        "draft_only": {"decode_tps": round(median(runs["draft_only"], "decode_tps"), 2)},
         "hf_target_only": {"e2e_tps": round(median(runs["hf_target_only"], "e2e_tps"), 2)},
-        "hf_assisted": {"e2e_tps": round(median(runs["hf_assisted"], "e2e_tps"), 2)},
+        "hf_assisted": {"e2e_tps": round(median(runs["hf_assisted"], "e2e_tps"), 2),
+                        "speedup_vs_hf_target_only": round(
+                            ratio("hf_assisted", "e2e_tps", "hf_target_only", "e2e_tps"), 3)},
         "same_tokens_as_target_only": same,
     }
-    for key in (f"spec_w{args.window}", "spec_auto"):
+    for key in spec_variants:
         rows = runs[key]
         alpha = median(rows, "alpha")
         gamma = median(rows, "mean_window")
-        measured = median(rows, "decode_tps") / base
+        measured = ratio(key, "decode_tps", "target_only", "decode_tps")
         g = max(1, round(gamma))
         theory = expected_speedup(min(alpha, 1.0), g, c)
+        v = costs[sizes[key]] / costs[1]
+        theory_v = expected_tokens_per_round(min(alpha, 1.0), g) / (g * c + v)
         out[key] = {
             "decode_tps": round(median(rows, "decode_tps"), 2),
             "e2e_tps": round(median(rows, "e2e_tps"), 2),
@@ -255,15 +304,18 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
             "speedup_measured": round(measured, 3),
             "speedup_theoretical": round(theory, 3),
             "measured_over_theoretical": round(measured / theory, 3),
-            "vs_hf_assisted_e2e": round(median(rows, "e2e_tps") / out["hf_assisted"]["e2e_tps"], 3),
+            "verify_forward_cost_in_steps": round(v, 3),
+            "speedup_theoretical_with_verify_cost": round(theory_v, 3),
+            "measured_over_theoretical_with_verify_cost": round(measured / theory_v, 3),
+            "vs_hf_assisted_e2e": round(ratio(key, "e2e_tps", "hf_assisted", "e2e_tps"), 3),
             "network_ms_per_round": round(median(rows, "network_ms_per_round"), 3),
             "bytes_per_round": round(median(rows, "bytes_per_round"), 1),
             "rounds": median(rows, "rounds"),
             "lookahead_hits_per_round": round(
                 statistics.median(r["lookahead_hits"] / max(r["rounds"], 1) for r in rows), 3),
-            "wait_s": round(median(rows, "wait_s"), 4),
             "draft_s": round(median(rows, "draft_s"), 4),
             "verify_s": round(median(rows, "verify_s"), 4),
+            "wait_s": round(median(rows, "wait_s"), 4),
             "seconds": round(median(rows, "seconds"), 4),
         }
     out["spec_sampling_t0.8"] = {
@@ -284,10 +336,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small random pair instead of 110M")
     ap.add_argument("--work", type=Path, default=None, help="keep models here (default: a temp dir)")
     ap.add_argument("--only", default=None, help="run only pairs whose name contains this")
+    ap.add_argument("--all", action="store_true",
+                    help="also the 110M target with its first 2 layers as the draft (alpha ~0.05)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        pairs = build_pairs(work, args.quick)
+        pairs = build_pairs(work, args.quick, args.all)
         if args.only:
             pairs = [p for p in pairs if args.only in p["name"]]
         results = [bench_pair(work, p, args) for p in pairs]

@@ -28,7 +28,13 @@ from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import JSON_FIELDS, TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.pillars.speculative.messages import MAX_PROMPT, MAX_WINDOW, DraftRun, params_from_meta
+from p2pllm.pillars.speculative.messages import (
+    MAX_PROMPT,
+    MAX_WINDOW,
+    DraftRun,
+    error_code,
+    params_from_meta,
+)
 from p2pllm.pillars.speculative.models import DTYPES, find_local_model, model_bytes
 from p2pllm.pillars.speculative.placement import Candidate, PlanError, rank_drafters, rank_verifiers
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
@@ -154,8 +160,8 @@ def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
 async def coordinate(host: JobHost, req: Request) -> Reply:
     spec = GenerateSpec.from_meta(req.meta)
     models_dir = host.config.models_dir
-    target_path = find_local_model(spec.model, models_dir)
-    draft_path = find_local_model(spec.draft_model, models_dir)
+    target_path = await asyncio.to_thread(find_local_model, spec.model, models_dir)
+    draft_path = await asyncio.to_thread(find_local_model, spec.draft_model, models_dir)
 
     # 1. the prompt's token ids, with the tokenizer found on this host
     tokenizer = None
@@ -262,7 +268,7 @@ async def _run(host: JobHost, job: Job, req: Request, drafter: Candidate, run: D
             job.update(tokens=len(tokens), rounds=rounds,
                        acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0)
     except RemoteError as exc:
-        code = ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+        code = error_code(exc.code)
         raise ProtocolError(code, f"speculative generation failed on {drafter.name}: {exc.message}") from exc
     except ConnectionClosed as exc:
         raise ProtocolError(ErrorCode.PEER_DOWN, f"lost the drafter {drafter.name}: {exc}") from exc
@@ -287,5 +293,8 @@ async def _run(host: JobHost, job: Job, req: Request, drafter: Candidate, run: D
     skip = {"generated_tokens", "tokens_per_s", "seconds"}
     out.update({k: v for k, v in metrics.items() if k not in out and k not in skip})
     job.update(tokens=len(all_ids), rounds=out["rounds"], acceptance_rate=out["acceptance_rate"],
-               tokens_per_s=round(out["tokens_per_s"], 2))
+               tokens_per_s=round(out["tokens_per_s"], 2),
+               **{k: out[k] for k in ("drafted", "accepted", "alpha", "mean_tokens_per_round",
+                                      "draft_s", "verify_s", "network_s", "bytes_out", "bytes_in",
+                                      "stop_reason") if k in out})
     return out

@@ -40,6 +40,7 @@ from p2pllm.pillars.speculative.messages import (
     OpenRequest,
     VerifyReply,
     VerifyWindow,
+    error_code,
 )
 from p2pllm.pillars.speculative.models import LoadedModel
 from p2pllm.wire.connection import ConnectionClosed, RemoteError
@@ -183,7 +184,7 @@ class DraftState:
         pos = torch.arange(start, start + len(pending), device=dev).unsqueeze(0)
         with self.loaded.lock:
             out = self.model(ids, pos, self.cache, last_only=True)  # (1, 1, V)
-        return out[0, -1, : self.vocab_limit].float()
+        return out[0, -1, : self.vocab_limit].float().cpu()  # (V,): sampling is on the CPU
 
     def _dist(self, logits: torch.Tensor, seq: list[int]) -> torch.Tensor:
         return distribution(logits, self.params, seq if self.penalise else None)
@@ -297,7 +298,7 @@ class SpecSession:
         except ConnectionClosed as exc:
             raise ProtocolError(ErrorCode.PEER_DOWN, f"lost the {self.peer}: {exc}") from exc
         except RemoteError as exc:
-            code = ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+            code = error_code(exc.code)
             raise ProtocolError(code, f"{self.peer}: {exc.message}") from exc
         except TimeoutError as exc:
             raise ProtocolError(ErrorCode.TIMEOUT,

@@ -33,6 +33,7 @@ __all__ = [
     "OpenRequest",
     "VerifyReply",
     "VerifyWindow",
+    "error_code",
     "params_from_meta",
     "params_to_meta",
 ]
@@ -42,6 +43,14 @@ MAX_PROMPT = 1 << 17  # prompt tokens, at most
 MAX_TOKENS = 1 << 20  # tokens to generate, at most
 MAX_Q_ENTRIES = 1 << 16  # entries of one position's sparse q, at most
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def error_code(code: int) -> ErrorCode:
+    """The ErrorCode of a peer's ERROR (INTERNAL for a number this version does not know)."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
 
 
 def _bad(message: str) -> ProtocolError:
