@@ -19,7 +19,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +148,12 @@ class VerifierEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []
+        queued = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                queued.append(item)
+        self._fail(queued, ProtocolError(ErrorCode.UNKNOWN_SESSION, "the verifier has stopped"))
         for s in list(self.sessions.values()):
             s.closed = True
         self.sessions.clear()
@@ -244,14 +250,23 @@ class VerifierEngine:
             live = [s for s in self.sessions.values() if not s.closed]  # snapshot for the thread
             try:
                 await asyncio.to_thread(self._process, work, freed, live)
+            except asyncio.CancelledError:  # the engine is closing: fail what was taken
+                self._fail(work, ProtocolError(ErrorCode.UNKNOWN_SESSION, "the verifier has stopped"))
+                raise
             except Exception as exc:  # a bug, not a peer's fault: fail this batch, keep serving
                 log.warning("verifier batch failed", exc_info=True)
-                for w in work:
-                    if w.error is None and w.result is None:
-                        w.error = ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                self._fail(work, ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
             for w in work:
                 if w.future is not None and not w.future.done():
                     w.future.set_result(None)
+
+    @staticmethod
+    def _fail(work: list[_Work], error: ProtocolError) -> None:
+        for w in work:
+            if w.error is None and w.result is None:
+                w.error = error
+            if w.future is not None and not w.future.done():
+                w.future.set_result(None)
 
     async def _sweeper(self) -> None:
         while True:
@@ -282,9 +297,9 @@ class VerifierEngine:
                 self._verify(ready)
 
     @staticmethod
-    def _guard(work: _Work, fn: object) -> None:
+    def _guard(work: _Work, fn: Callable[[_Work], None]) -> None:
         try:
-            fn(work)  # type: ignore[operator]
+            fn(work)
         except ProtocolError as exc:
             work.error = exc
         except (ModelError, ValueError) as exc:
