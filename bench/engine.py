@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -196,12 +197,13 @@ def bench_model(name: str, path: Path, dtype_name: str, threads: list[int], n: i
 # -- peak RSS of loading ------------------------------------------------------------------
 
 _RSS_SNIPPET = r"""
-import resource, sys, json
+import sys, json
 import torch
 sys.path.insert(0, {repo!r})
 from p2pllm.engine.loader import load_slice
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak():  # VmHWM: peak RSS of this address space (ru_maxrss would include the parent's)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 import safetensors
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.model import ModelSlice
@@ -274,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     bandwidth = {th: round(read_bandwidth(th, 5), 2) for th in threads}
     result: dict[str, Any] = {
-        "machine": {"cpu": cpu_name(), "cores": __import__("os").cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "torch": torch.__version__,
                     "transformers": __import__("transformers").__version__},
-        "bandwidth_gbs": bandwidth, "runs": [],
+        "bandwidth_gbs": bandwidth, "load_average_start": os.getloadavg(), "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         models: list[tuple[str, Path, int]] = []
@@ -295,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         result["bandwidth_gbs_after"] = {th: round(read_bandwidth(th, 5), 2) for th in threads}
         if big is not None:
             result["rss"] = {
-                "command": "fresh python process: load_slice(path, layers=...) ; peak RSS "
-                           "(ru_maxrss) minus RSS after imports",
+                "command": "fresh python process per row: load_slice(path, layers=..., dtype=...),"
+                           " then one token through it; peak RSS (VmHWM) minus the peak after "
+                           "imports",
                 "whole_float32": rss(big, None, "float32"),
                 "layers_0_6_float32": rss(big, (0, 6), "float32"),
                 "layers_6_12_float32": rss(big, (6, 12), "float32"),
@@ -304,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 "whole_bfloat16": rss(big, None, "bfloat16"),
                 "layers_0_6_bfloat16": rss(big, (0, 6), "bfloat16"),
             }
+    result["load_average_end"] = os.getloadavg()
     result["targets"] = targets(result["runs"])
     result["seconds"] = round(time.time() - start, 1)
     result["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
