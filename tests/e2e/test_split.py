@@ -9,6 +9,7 @@ survivors).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -350,6 +351,56 @@ async def test_hidden_states_of_the_wrong_shape_or_dtype_from_a_peer_are_typed_e
     _, res2 = await generate(cluster["a"].port, model="stories-260k", prompt="Once upon a time",
                              max_tokens=40, shards=2)
     assert res2["token_ids"] == STORIES_IDS and res2["job"] == job
+
+
+async def test_a_shard_assigned_by_hand_refuses_frees_idle_sessions_and_limits_rows(cluster) -> None:
+    d = cluster["d"]
+    conn = await open_daemon(d.address)
+    job = "split-byhand"
+    params = {"model": "stories-260k", "start": 0, "end": 5, "num_layers": 5,
+              "first": {"node": d.node_id, "rid": "shard0"}, "max_sessions": 1,
+              "session_idle_s": 0.5}
+    try:
+        async def assign(**extra: Any) -> Any:
+            meta = {"job": job, "rid": "shard0", "role": "shard", "pillar": "split",
+                    "params": params | extra}
+            return await conn.request(MsgType.ASSIGN, meta, timeout=60)
+
+        for extra, match in (({"model": "no-such-model"}, "not on this node"),
+                             ({"stage_bytes": 1 << 60}, "not enough memory"),
+                             ({"num_layers": 6, "end": 6}, "has num_layers 5"),
+                             ({"first": None}, "needs 'first'")):
+            with pytest.raises(RemoteError, match=match) as err:
+                await assign(**extra)
+            assert err.value.code == ErrorCode.REFUSED
+        await assign()
+        opened = {"job": job, "rid": "shard0", "max_len": 16, "prompt_len": 2, "max_new": 4}
+        s1 = conn.stream(MsgType.SHARD_OPEN, opened | {"session": "s1"})
+        assert (await anext(s1)).is_partial
+        with pytest.raises(RemoteError) as err:  # one row only
+            await anext(conn.stream(MsgType.SHARD_OPEN, opened | {"session": "s2"}))
+        assert err.value.code == ErrorCode.REFUSED
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError) as err:  # nobody feeds s1: freed after 0.5 s
+            async with asyncio.timeout(10):
+                await anext(s1)
+        assert err.value.code == ErrorCode.TIMEOUT and time.monotonic() - t0 < 5
+        # the row is free again: a session runs to its end on this one-shard pipeline
+        s3 = conn.stream(MsgType.SHARD_OPEN, opened | {"session": "s3"})
+        assert (await anext(s3)).is_partial
+        meta, payload = tensor_meta({"ids": torch.tensor([1, 403])},
+                                    {"job": job, "rid": "shard0", "session": "s3", "pos": 0,
+                                     "sample": True})
+        await conn.request(MsgType.SHARD_FORWARD, meta, payload, timeout=10)
+        frames = [f async for f in s3]
+        assert [f.meta["token"] for f in frames if f.is_partial] == generate_ids(
+            load_slice(shared_model("stories-260k")), [1, 403], max_tokens=4).token_ids
+        assert frames[-1].msg_type == MsgType.SHARD_CLOSE
+        assert frames[-1].meta["reason"] == "max_tokens"
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.request(MsgType.RELEASE, {"job": job}, timeout=10)
+        conn.close()
 
 
 async def test_cli_generate_split_end_to_end(cluster) -> None:

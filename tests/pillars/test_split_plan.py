@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pllm.engine.config import ModelConfig
+from p2pllm.pillars.split.pipeline import LocalModel, SplitRequest, plan_pipeline
 from p2pllm.plan.layers import (
     StageCost,
     free_bytes,
@@ -17,6 +19,8 @@ from p2pllm.plan.layers import (
     plan_stages,
 )
 from p2pllm.plan.partition import NodeBudget, PlanError
+from p2pllm.wire.frame import ProtocolError
+from p2pllm.wire.messages import ErrorCode
 
 GiB = 1 << 30
 
@@ -115,3 +119,65 @@ def test_any_plan_is_contiguous_covering_and_within_budget(frees, num_layers, st
     chosen = sorted(int(r.node_id[1:]) for r in plan)
     others = [frees[i] for i in range(len(frees)) if i not in chosen]
     assert not others or min(frees[i] for i in chosen) >= max(others)
+
+
+# -- the split coordinator's plan over cluster nodes (pure: no sockets) -------------------------
+
+def node(name: str, free: int, *, me: bool = False, models=("m",), accepts=("auto",)) -> dict:
+    caps = {"mem_free": free, "mem_budget": free, "mem_used_by_roles": 0,
+            "accepts": list(accepts),
+            "models": [{"name": m, "path": f"/models/{m}"} for m in models]}
+    return {"node_id": f"{name}-id-0123456789", "name": name, "caps": caps, "self": me}
+
+
+def local(ref: str = "m") -> LocalModel:
+    return LocalModel(ref, Path("/models/m"), cfg(), None)
+
+
+def test_split_plan_puts_this_node_first_and_follows_memory() -> None:
+    nodes = [node("c", 3 * GiB), node("a", 1 * GiB), node("me", 4 * GiB, me=True)]
+    stages = plan_pipeline(nodes, local(), SplitRequest(model="m", prompt="x"))
+    assert [(s.name, s.start, s.end, s.rid) for s in stages] == [
+        ("me", 0, 4, "shard0"), ("a", 4, 5, "shard1"), ("c", 5, 8, "shard2")]
+    assert stages[0].model_ref == "/models/m" and stages[1].model_ref == "/models/m"
+
+
+def test_split_plan_names_the_nodes_that_lack_the_model_or_refuse_shards() -> None:
+    nodes = [node("me", GiB, me=True), node("b", GiB, models=()),
+             node("c", GiB, accepts=("verifier",))]
+    with pytest.raises(ProtocolError) as e:
+        plan_pipeline(nodes, local(), SplitRequest(model="m", prompt="x", shards=2))
+    assert e.value.code == ErrorCode.NOT_FOUND
+    assert "b(b-id-012) lacks model 'm'" in e.value.message
+    assert "c(c-id-012) does not take shard roles" in e.value.message
+    # a path is taken to be readable by every peer (the member checks on ASSIGN)
+    stages = plan_pipeline(nodes[:2], local("/models/m"),
+                           SplitRequest(model="/models/m", prompt="x", shards=2))
+    assert [s.name for s in stages] == ["me", "b"]
+
+
+def test_split_plan_errors_are_typed() -> None:
+    nodes = [node("me", GiB, me=True), node("b", GiB)]
+    with pytest.raises(ProtocolError) as e:
+        plan_pipeline(nodes, local(), SplitRequest(model="m", prompt="x", layers="0-4,3-8"))
+    assert e.value.code == ErrorCode.BAD_REQUEST and "overlaps" in e.value.message
+    with pytest.raises(ProtocolError) as e:
+        plan_pipeline([node("me", 1000, me=True), node("b", 1000)], local(),
+                      SplitRequest(model="m", prompt="x"))
+    assert e.value.code == ErrorCode.REFUSED and "lacks" in e.value.message
+
+
+def test_split_request_validates_the_generate_body() -> None:
+    r = SplitRequest.from_meta({"model": "m", "prompt": "hi", "shards": 2, "wire_dtype": "bfloat16",
+                                "temperature": 0.7, "seed": 3, "layers": " 0-1,1-8 "})
+    assert r.shards == 2 and r.wire_dtype == "bfloat16" and r.sampling.seed == 3
+    assert r.layers == "0-1,1-8" and r.retries == 1 and r.max_tokens == 128
+    for bad, match in (({"prompt": "hi"}, "model"), ({"model": "m"}, "prompt"),
+                       ({"model": "m", "prompt": "x", "shards": 0}, "shards"),
+                       ({"model": "m", "prompt": "x", "dtype": "int8"}, "dtype"),
+                       ({"model": "m", "prompt_ids": [1, -1]}, "prompt_ids"),
+                       ({"model": "m", "prompt": "x", "top_p": 2.0}, "top_p"),
+                       ({"model": "m", "prompt": "x", "keep_alive": -1}, "keep_alive")):
+        with pytest.raises(ProtocolError, match=match) as e:
+            SplitRequest.from_meta(bad)
+        assert e.value.code == ErrorCode.BAD_REQUEST

@@ -216,7 +216,7 @@ class ShardEngine:
                 slots = torch.tensor(rows, device=dev)
             out = m(x, positions, self.cache, slots=slots, last_only=True)
             if m.has_head:
-                return [out[i, -1].float() for i in range(len(steps))]  # (V,)
+                return [out[i, -1].float().cpu() for i in range(len(steps))]  # (V,)
             if out.dtype != self.wire_dtype:
                 out = out.to(self.wire_dtype)
             return [out[i].cpu() for i in range(len(steps))]  # (T, H)

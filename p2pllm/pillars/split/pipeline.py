@@ -549,12 +549,14 @@ class Pipeline:
                 code = ErrorCode(exc.code)
             except ValueError:
                 code = ErrorCode.INTERNAL
-            if code == ErrorCode.PEER_DOWN:
-                self.mark_broken(exc.message)
-            elif code == ErrorCode.UNKNOWN_JOB:  # the member dropped the role (it restarted?)
-                self.mark_broken(f"{stage.label} no longer holds the job")
-            return SessionError(code, f"{stage.label}: {exc.message}",
-                                peer_down=code in (ErrorCode.PEER_DOWN, ErrorCode.UNKNOWN_JOB),
+            # A member that lost the role (it restarted, or released it while shutting down)
+            # is as gone as a dead one, unless this job is being stopped on purpose.
+            stopping = self.job is not None and self.job.stopped
+            gone = code == ErrorCode.PEER_DOWN or (
+                code in (ErrorCode.UNKNOWN_JOB, ErrorCode.CANCELLED) and not stopping)
+            if gone:
+                self.mark_broken(f"{stage.label}: {exc.message}")
+            return SessionError(code, f"{stage.label}: {exc.message}", peer_down=gone,
                                 tokens=tokens)
         reason = f"{stage.label} is down: {exc}"
         self.mark_broken(reason)
