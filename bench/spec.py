@@ -7,9 +7,11 @@ For each (target, draft) pair, in one run, interleaved ``--repeats`` times (this
 shared: every ratio is taken within one repeat, then the median over repeats):
 
 - ``target_only`` / ``draft_only``: our engine's local greedy decoding (``generate_ids``);
-- ``spec_w{γ}``, ``spec_w{γ}_no_lookahead``, ``spec_auto``: ``generate --mode spec`` through
-  two real p2pllmd processes on loopback (the drafter on one, the verifier on the other,
-  ``--threads`` torch threads each), plus one sampling run (temperature 0.8) for the bytes of q;
+- ``spec_w{γ}``, ``spec_auto`` (window γ / adaptive, look-ahead at its default: off, as the
+  two daemons share this machine), ``spec_w{γ}_lookahead`` (forced on): ``generate --mode
+  spec`` through two real p2pllmd processes on loopback (the drafter on one, the verifier on
+  the other, ``--threads`` torch threads each), plus one sampling run (temperature 0.8) for
+  the bytes of q;
 - ``hf_assisted``: transformers' ``generate(assistant_model=draft)`` in this process
   (``--threads`` threads), and ``hf_target_only`` beside it.
 
@@ -191,7 +193,7 @@ def forward_costs(path: Path, sizes: list[int], reps: int = 5) -> dict[int, floa
 
 
 def run_spec(address: str, pair: dict[str, Any], n: int, window: Any, temperature: float = 0.0,
-             overlap: bool = True) -> dict[str, Any]:
+             overlap: bool | str = "auto") -> dict[str, Any]:
     meta = {"mode": "spec", "prompt": "", "prompt_ids": PROMPT_IDS, "model": pair["target"],
             "draft_model": pair["draft"], "draft_tokens": window, "max_tokens": n,
             "temperature": temperature, "seed": 1, "draft_dtype": pair.get("draft_dtype", "float32"),
@@ -236,8 +238,10 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
         if not link.exists():
             link.symlink_to(model_path(work, pair, which), target_is_directory=True)
     w = args.window
-    spec_variants = {f"spec_w{w}": (w, True), f"spec_w{w}_no_lookahead": (w, False),
-                     "spec_auto": ("auto", True)}
+    # the defaults (look-ahead "auto": off, as both daemons share this machine) and a fixed
+    # window with the look-ahead forced on
+    spec_variants: dict[str, tuple[Any, bool | str]] = {
+        f"spec_w{w}": (w, "auto"), f"spec_w{w}_lookahead": (w, True), "spec_auto": ("auto", "auto")}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (
         "target_only", "draft_only", *spec_variants, "hf_target_only", "hf_assisted")}
     verifier = Daemon("verifier", ["--models-dir", str(dirs["target"])], logs / "verifier.log", threads)
@@ -311,6 +315,7 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
             "network_ms_per_round": round(median(rows, "network_ms_per_round"), 3),
             "bytes_per_round": round(median(rows, "bytes_per_round"), 1),
             "rounds": median(rows, "rounds"),
+            "lookahead": rows[0]["lookahead"],
             "lookahead_hits_per_round": round(
                 statistics.median(r["lookahead_hits"] / max(r["rounds"], 1) for r in rows), 3),
             "draft_s": round(median(rows, "draft_s"), 4),

@@ -108,9 +108,11 @@ async def test_greedy_across_daemons_equals_the_target_alone(pair: Any, ctl: Any
     await wait_peers(ctl, a, b)
     jobs_before = len([j for j in (await status(ctl, a.port))["jobs"] if j["pillar"] == "spec"])
     ref = local_reference(dirs["b"] / "target", PROMPT, 48)
-    for draft, window in (("twin", 4), ("early", 1), ("early", 4), ("early", "auto"), ("twin", "auto")):
+    cases = (("twin", 4, True), ("early", 1, "auto"), ("early", 4, True), ("early", "auto", "auto"),
+             ("twin", "auto", "auto"))
+    for draft, window, overlap in cases:
         meta = {"mode": "spec", "prompt": PROMPT, "model": "target", "draft_model": draft,
-                "draft_tokens": window, "max_tokens": 48}
+                "draft_tokens": window, "max_tokens": 48, "overlap": overlap}
         chunks: list[dict[str, Any]] = []
         conn = await ctl(a.port)
         result: dict[str, Any] = {}
@@ -119,7 +121,7 @@ async def test_greedy_across_daemons_equals_the_target_alone(pair: Any, ctl: Any
                 chunks.append(frame.meta)
             else:
                 result = frame.meta
-        label = f"{draft}/{window}"
+        label = f"{draft}/{window}/{overlap}"
         assert result["token_ids"] == ref.token_ids, label
         assert result["text"] == ref.text, label
         assert [t for c in chunks for t in c["token_ids"]] == ref.token_ids, label
@@ -129,8 +131,11 @@ async def test_greedy_across_daemons_equals_the_target_alone(pair: Any, ctl: Any
         assert result["draft_tokens"] == window
         assert result["rounds"] == len(chunks)
         assert result["bytes_out"] > 0 and result["network_s"] >= 0
+        # the look-ahead: on when asked; by default off, both daemons sharing this machine
+        assert result["lookahead"] is (overlap is True)
         if draft == "twin":
             assert result["acceptance_rate"] == 1.0
+            assert (result["lookahead_hits"] > 0) is (overlap is True)
         else:
             assert 0.0 <= result["acceptance_rate"] < 1.0
     # the jobs, their members and metrics in the coordinator's status

@@ -167,12 +167,13 @@ def test_open_needs_a_prompt_and_a_seed() -> None:
 
 
 def test_draft_run_round_trip() -> None:
-    for window in (None, 0, 5):
+    for window, overlap in ((None, None), (0, False), (5, True)):
         run = DraftRun(prompt=(1, 2, 3), max_tokens=9, params=SamplingParams(temperature=1.0, seed=4),
                        seed=4, window=window, verifier="abc", stop=(2,), q_top_k=8, q_mass=0.9,
-                       overlap=False, min_window=2, max_window=6)
+                       overlap=overlap, min_window=2, max_window=6)
         meta = run.to_meta("spec-1")
         assert meta["window"] == ("auto" if window is None else window)
+        assert meta["overlap"] == ("auto" if overlap is None else overlap)
         assert DraftRun.from_meta(through_wire(meta).meta) == run
     meta = DraftRun((1,), 4, SamplingParams(), 0, None, "abc").to_meta("j")
     for key, value in (("window", MAX_WINDOW + 1), ("window", "big"), ("q_mass", 0.0),

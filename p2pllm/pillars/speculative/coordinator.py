@@ -70,7 +70,7 @@ class GenerateSpec:
     drafter: str | None = None
     q_top_k: int = 256
     q_mass: float = 0.999
-    overlap: bool = True
+    overlap: bool | None = None  # None: the drafter decides (8.4)
     min_window: int = 1
     max_window: int = 16
     session_timeout: float = 120.0
@@ -120,9 +120,11 @@ class GenerateSpec:
         q_mass = meta.get("q_mass", 0.999)
         if isinstance(q_mass, bool) or not isinstance(q_mass, int | float) or not 0 < q_mass <= 1:
             raise _bad("q_mass must be a number in (0, 1]")
-        overlap = meta.get("overlap", True)
-        if not isinstance(overlap, bool):
-            raise _bad("overlap must be a boolean")
+        overlap = meta.get("overlap", "auto")
+        if overlap == "auto" or overlap is None:
+            overlap = None
+        elif not isinstance(overlap, bool):
+            raise _bad("overlap must be a boolean or \"auto\"")
         lo, hi = meta.get("min_window", 1), meta.get("max_window", 16)
         if (isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int)
                 or not isinstance(hi, int) or not 1 <= lo <= hi <= MAX_WINDOW):

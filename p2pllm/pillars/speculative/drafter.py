@@ -213,6 +213,7 @@ class SessionMetrics:
     accepted: int = 0
     rejections: int = 0  # rounds that ended on a rejected draft token
     generated: int = 0
+    lookahead_on: bool = True
     lookaheads: int = 0  # windows drafted ahead during a verification
     lookahead_hits: int = 0  # ... and sent as drafted
     wasted: int = 0  # drafted tokens thrown away (rejected look-aheads)
@@ -246,6 +247,7 @@ class SessionMetrics:
             "generated_tokens": self.generated,
             "mean_tokens_per_round": self.generated / rounds,
             "mean_window": self.drafted / rounds,
+            "lookahead": self.lookahead_on,
             "lookaheads": self.lookaheads,
             "lookahead_hits": self.lookahead_hits,
             "wasted_drafts": self.wasted,
@@ -277,7 +279,7 @@ class SpecSession:
     """One generation: open a verifier session, run the rounds, stream tokens, close."""
 
     def __init__(self, cluster: Any, job: str, loaded: LoadedModel, run: DraftRun,
-                 emit: Emit, peer_name: str = "") -> None:
+                 emit: Emit, peer_name: str = "", lookahead: bool | None = None) -> None:
         self.cluster = cluster
         self.job = job
         self.loaded = loaded
@@ -287,6 +289,10 @@ class SpecSession:
         self.metrics = SessionMetrics(window="auto" if run.window is None else run.window)
         self.session: int | None = None
         self.tokens: list[int] = []
+        # run.overlap decides; when it leaves it open ("auto"), the caller's default
+        self.lookahead = run.overlap if run.overlap is not None else (
+            True if lookahead is None else lookahead)
+        self.metrics.lookahead_on = self.lookahead
 
     # -- talking to the verifier ----------------------------------------------------------------
 
@@ -385,7 +391,7 @@ class SpecSession:
             steer = Steer()
             nxt_start, nxt_produced = start + gamma + 1, len(self.tokens) + gamma + 1
             # worth it when a hit is not hopeless: all γ accepted and the guess right, ≈ α^(γ+1)
-            if (run.overlap and ready(nxt_start, nxt_produced)
+            if (self.lookahead and ready(nxt_start, nxt_produced)
                     and estimate.alpha ** (gamma + 1) >= LOOKAHEAD_MIN_HIT):
                 pol = None
                 if policy is not None:

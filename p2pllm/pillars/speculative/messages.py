@@ -311,7 +311,8 @@ class DraftRun:
     stop: tuple[int, ...] = ()  # extra stop ids (the verifier adds the target's EOS)
     q_top_k: int = 256  # most entries of q sent per position in sampling mode (0 = no cap)
     q_mass: float = 0.999  # ... and no more than it takes to cover this much probability
-    overlap: bool = True  # draft the next window while one is verified
+    overlap: bool | None = None  # look ahead while a window is verified; None: unless the
+    # verifier shares this host (then both compete for its cores: measured in bench/spec.py)
     min_window: int = 1
     max_window: int = 16
 
@@ -328,7 +329,7 @@ class DraftRun:
             "stop": list(self.stop),
             "q_top_k": self.q_top_k,
             "q_mass": self.q_mass,
-            "overlap": self.overlap,
+            "overlap": "auto" if self.overlap is None else self.overlap,
             "min_window": self.min_window,
             "max_window": self.max_window,
         }
@@ -338,9 +339,11 @@ class DraftRun:
         seed = _seed(meta)
         raw_window = meta.get("window", "auto")
         window = None if raw_window == "auto" else _int(meta, "window", 0, MAX_WINDOW)
-        overlap = meta.get("overlap", True)
-        if not isinstance(overlap, bool):
-            raise _bad("'overlap' must be a boolean")
+        overlap = meta.get("overlap", "auto")
+        if overlap == "auto":
+            overlap = None
+        elif not isinstance(overlap, bool):
+            raise _bad("'overlap' must be a boolean or \"auto\"")
         lo = _int(meta, "min_window", 1, MAX_WINDOW, 1)
         hi = _int(meta, "max_window", lo, MAX_WINDOW, max(lo, 16))
         return cls(

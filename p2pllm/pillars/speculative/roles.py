@@ -70,6 +70,15 @@ def _refuse_model(config: DaemonConfig, caps: Mapping[str, Any], params: Mapping
     return None
 
 
+def _same_host(nodes: Mapping[str, Mapping[str, Any]], a: str, b: str) -> bool:
+    """Whether two nodes share a machine (one node, or one address host): their forward
+    passes then compete for the same cores, and drafting ahead slows the verifier down."""
+    if a == b:
+        return True
+    hosts = [str(nodes.get(n, {}).get("address", "")).rpartition(":")[0] for n in (a, b)]
+    return bool(hosts[0]) and hosts[0] == hosts[1]
+
+
 class _ModelRole(Role):
     """What both roles share: the model they load, its description, throttled reports."""
 
@@ -232,7 +241,8 @@ class DrafterRole(_ModelRole):
         if self.loaded is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "the drafter has stopped")
         run = DraftRun.from_meta(req.meta)
-        peer = next((n["name"] for n in self.ctx.cluster.nodes() if n["node_id"] == run.verifier), "")
+        nodes = {n["node_id"]: n for n in self.ctx.cluster.nodes()}
+        peer = nodes.get(run.verifier, {}).get("name", "")
 
         async def emit(tokens: list[int], m: SessionMetrics) -> None:
             await req.partial(MsgType.SPEC_DRAFT_RUN, {
@@ -240,7 +250,8 @@ class DrafterRole(_ModelRole):
                 "accepted": m.accepted})
             self._report()
 
-        session = SpecSession(self.ctx.cluster, self.ctx.job, self.loaded, run, emit, peer)
+        session = SpecSession(self.ctx.cluster, self.ctx.job, self.loaded, run, emit, peer,
+                              lookahead=not _same_host(nodes, self.ctx.node_id, run.verifier))
         self.current = session.metrics
         self.runs += 1
         try:
