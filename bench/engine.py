@@ -1,6 +1,6 @@
 """Engine benchmark: decode and prefill tokens/s, ours vs transformers, and the memory limit.
 
-    python bench/engine.py [--quick] [--threads 1,2] [--dtypes float32,bfloat16]
+    python bench/engine.py [--quick] [--threads 1,2] [--dtypes float32,bfloat16] [--models ...]
 
 Prints one JSON object:
   machine        cpu, torch/transformers versions
@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer tokens, one repeat")
-    ap.add_argument("--no-110m", action="store_true", help="skip the 110M model")
+    ap.add_argument("--models", default="tinystories-656k,stories-260k,llama-110m",
+                    help="which of the models to run (default all)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurements")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = args.dtypes.split(",")
@@ -283,11 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_gbs": bandwidth, "load_average_start": os.getloadavg(), "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
+        wanted = args.models.split(",")
         models: list[tuple[str, Path, int]] = []
         for name in ("tinystories-656k", "stories-260k"):
-            if (SHARED / name / "config.json").is_file():
+            if name in wanted and (SHARED / name / "config.json").is_file():
                 models.append((name, (SHARED / name).resolve(), 64 if args.quick else 128))
-        big = None if args.no_110m else make_110m(Path(tmp))
+        big = make_110m(Path(tmp)) if "llama-110m" in wanted else None
         if big is not None:
             models.append(("llama-110m", big, 16 if args.quick else 48))
         for name, path, n in models:
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["runs"] += bench_model(name, path, dt, threads, n, repeats, bandwidth)
         # bandwidth again at the end: the machine is shared, report both
         result["bandwidth_gbs_after"] = {th: round(read_bandwidth(th, 5), 2) for th in threads}
-        if big is not None:
+        if big is not None and not args.no_rss:
             result["rss"] = {
                 "command": "fresh python process per row: load_slice(path, layers=..., dtype=...),"
                            " then one token through it; peak RSS (VmHWM) minus the peak after "
