@@ -243,6 +243,10 @@ class TrainStageRole(Role):
     @classmethod
     def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any],
                params: Mapping[str, Any]) -> str | None:
+        model = params.get("model")
+        if isinstance(model, str) and not _model_here(config, caps, model):
+            return (f"{config.name or 'this node'} does not have model {model!r} "
+                    f"(no such directory, not in its --models-dir)")
         need = params.get("memory_bytes", 0)
         if isinstance(need, int) and need > 0:
             room = int(caps.get("mem_budget", 0)) - int(caps.get("mem_used_by_roles", 0))
@@ -691,3 +695,13 @@ def _unwrap(group: BaseExceptionGroup) -> BaseException:
         if isinstance(e, ProtocolError):
             return e
     return leaves[0] if leaves else group
+
+
+def _model_here(config: DaemonConfig, caps: Mapping[str, Any], model: str) -> bool:
+    """Cheap check (no loading, no hub): a local directory, or a model this node advertises."""
+    if Path(model).expanduser().is_dir():
+        return True
+    if config.models_dir and (Path(config.models_dir) / model).is_dir():
+        return True
+    return any(isinstance(m, Mapping) and model in (m.get("name"), m.get("path"))
+               for m in caps.get("models", []) or [])

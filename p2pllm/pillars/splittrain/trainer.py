@@ -408,17 +408,65 @@ def _pick(cands: list[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]
     return head + [n for i, n in enumerate(rest) if i in keep]
 
 
+MAX_REPLANS = 3  # a member refusing its stage makes the coordinator plan again without it
+
+
+def _has_model(node: Mapping[str, Any], model: str, local_path: str | None) -> bool:
+    """Whether a node lists the model (by name or path), or may read it (a path)."""
+    for m in node.get("caps", {}).get("models", []) or []:
+        if isinstance(m, Mapping) and (
+            m.get("name") == model or m.get("path") in (model, local_path)
+        ):
+            return True
+    return "/" in model or model.startswith((".", "~"))
+
+
 async def coordinate(host: JobHost, req: Request) -> Reply:
-    """TRAIN_RUN: plan the stages, assign them, drive the steps, save, report."""
+    """TRAIN_RUN: plan the stages, assign them, drive the steps, save, report.
+
+    Nodes that lack the model files are left out of the plan; a node that refuses its stage
+    (ASSIGN answered REFUSED) is left out of a new plan, up to MAX_REPLANS times.
+    """
+    from p2pllm.engine.loader import resolve_model
+
     spec = RunSpec.from_meta(req.meta)
     if spec.save is not None:
         check_save_dir(spec.save)
-    nodes = host.cluster.nodes()
-    cost, _tied = _stage_cost(spec, nodes, host.config.models_dir)
-    stages = plan(spec, nodes, cost)
+    cost, _tied = _stage_cost(spec, host.cluster.nodes(), host.config.models_dir)
+    try:
+        local_path: str | None = str(resolve_model(spec.model, host.config.models_dir))
+    except ModelError:
+        local_path = None
+    excluded: dict[str, str] = {}  # node id -> why it is left out
     async with host.job("splittrain", spec.job_params()) as job:
-        run = _Run(job, spec, stages, req, cost)
-        return await run.run()
+        for attempt in range(MAX_REPLANS + 1):
+            nodes = [n for n in host.cluster.nodes() if n["node_id"] not in excluded]
+            if not spec.nodes:
+                lacking = [n for n in nodes if not _has_model(n, spec.model, local_path)]
+                nodes = [n for n in nodes if _has_model(n, spec.model, local_path)]
+                if not nodes:
+                    names = ", ".join(n["name"] for n in lacking) or "none"
+                    raise ProtocolError(
+                        ErrorCode.NOT_FOUND,
+                        f"no node has {spec.model!r} (without it: {names})"
+                        + "".join(f"; {why}" for why in excluded.values()),
+                    )
+            run = _Run(job, spec, plan(spec, nodes, cost), req, cost)
+            try:
+                await run._assign()
+            except StageFailed as e:
+                if e.code != ErrorCode.REFUSED or spec.nodes or attempt == MAX_REPLANS:
+                    raise ProtocolError(
+                        ErrorCode(e.code) if e.code in ErrorCode._value2member_map_ else ErrorCode.REFUSED,
+                        f"split training stopped: {e}"
+                        + "".join(f"; earlier: {why}" for why in excluded.values()),
+                    ) from e
+                excluded[e.stage.node_id] = f"{e.stage.name} refused: {e.message}"
+                log.info("re-planning %s without %s: %s", job.id, e.stage.name, e.message)
+                await job.release_all()
+                continue
+            return await run.run()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _Run:
@@ -435,6 +483,7 @@ class _Run:
         self.stage_totals = [{"forward_s": 0.0, "backward_s": 0.0, "idle_s": 0.0,
                               "busy_window_s": 0.0} for _ in stages]
         self.saved: str | None = None
+        self.assigned = False
 
     @property
     def cluster(self) -> Any:
@@ -471,6 +520,7 @@ class _Run:
                 raise StageFailed(st, code, e.reason) from e
 
         await self._gather([one(st) for st in self.stages])
+        self.assigned = True
 
     async def _gather(self, coros: Sequence[Any]) -> list[Any]:
         """Run one call per stage; on the first failure cancel the rest and raise it (a stage
@@ -518,7 +568,8 @@ class _Run:
     async def _run(self) -> Reply:
         s = self.spec
         t_start = time.perf_counter()
-        await self._assign()
+        if not self.assigned:
+            await self._assign()
         plan_meta = [{"index": st.index, "node_id": st.node_id, "name": st.name,
                       "layers": [st.start, st.end]} for st in self.stages]
         self.job.update(step=0, loss=None, step_seconds=None,
