@@ -263,7 +263,7 @@ async def test_members_release_roles_when_the_coordinator_dies(daemons, ctl, tmp
 
         await wait_for(b_holds_a_stage, timeout=120, what="b holding a train-stage role")
         a.kill()  # the coordinator dies without releasing anything
-        await wait_for(lambda: _no_roles(ctl, [b.port]), timeout=15, what="b releasing its orphan role")
+        await wait_for(lambda: _no_roles(ctl, [b.port]), timeout=30, what="b releasing its orphan role")
         assert "coordinator ka is down" in b.log()
     finally:
         if proc.returncode is None:
