@@ -88,6 +88,8 @@ class RotaryTable:
         self.inv_freq = freq.to(self.device)
         self.cos = torch.empty(0, config.head_dim, dtype=dtype, device=self.device)
         self.sin = torch.empty(0, config.head_dim, dtype=dtype, device=self.device)
+        self._cos4 = self.cos.view(1, 0, 1, config.head_dim)
+        self._sin4 = self.sin.view(1, 0, 1, config.head_dim)
 
     def __len__(self) -> int:
         return int(self.cos.shape[0])
@@ -106,6 +108,8 @@ class RotaryTable:
         sin[:, :half].neg_()
         self.cos = cos.to(self.dtype)
         self.sin = sin.to(self.dtype)
+        self._cos4 = self.cos.view(1, n, 1, self.cos.shape[1])  # (1, n, 1, hd) for span()
+        self._sin4 = self.sin.view(1, n, 1, self.sin.shape[1])
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin for ``positions`` (B, T) -> each (B, T, 1, head_dim)."""
@@ -113,5 +117,4 @@ class RotaryTable:
 
     def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin for positions ``start .. start+length-1`` -> each (1, T, 1, head_dim)."""
-        return (self.cos[start:start + length].unsqueeze(0).unsqueeze(2),
-                self.sin[start:start + length].unsqueeze(0).unsqueeze(2))
+        return self._cos4.narrow(1, start, length), self._sin4.narrow(1, start, length)
