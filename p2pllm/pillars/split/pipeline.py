@@ -381,9 +381,9 @@ class Pipeline:
                 self.ready.set_result(None)
                 self.publish()
                 await self._hold()
-        except asyncio.CancelledError as exc:
+        except asyncio.CancelledError:
             self._failed(ProtocolError(ErrorCode.CANCELLED, "the daemon is shutting down"))
-            raise exc
+            raise
         except ProtocolError as exc:
             self._failed(exc)
         except Exception as exc:
@@ -655,7 +655,8 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
     if r.prompt_ids is not None:
         prompt_ids = list(r.prompt_ids)
     else:
-        prompt_ids = list(model.tokenizer(r.prompt)["input_ids"])  # type: ignore[misc]
+        assert model.tokenizer is not None  # local_model() checked
+        prompt_ids = list(model.tokenizer(r.prompt)["input_ids"])
     vocab = model.config.vocab_size
     if not prompt_ids or max(prompt_ids) >= vocab:
         raise _bad(f"prompt ids must be non-empty and below the vocabulary size {vocab}")

@@ -176,6 +176,10 @@ class ShardRole(Role):
                  p.layers, path.name, self.params_loaded)
 
     async def stop(self) -> None:
+        if not hasattr(self, "engine"):  # start() did not get as far as loading
+            if hasattr(self, "_executor"):
+                self._executor.shutdown(wait=False)
+            return
         for s in list(self._sessions.values()):
             self._fail(s, ErrorCode.CANCELLED,
                        f"shard {self.p.index} (layers {self.p.layers}) was released")
