@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from p2pllm.cli.client import DaemonUnavailable, open_daemon
+from p2pllm.cli.dashboard import job_metrics_text, links_table, peers_table
 from p2pllm.config import ConfigError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError
 from p2pllm.wire.messages import MsgType
@@ -87,7 +90,8 @@ async def _run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(meta, indent=2, default=str))
             else:
-                render_jobs(Console(), meta)
+                snap = (await conn.request(MsgType.STATUS, {}, timeout=10)).meta
+                render_jobs(Console(), {**meta, "node": snap["node"], "peers": snap["peers"]})
             return 0
         if cmd == "stop":
             meta = (await conn.request(MsgType.JOB_STOP, {"job": args.job}, timeout=60)).meta
@@ -98,52 +102,34 @@ async def _run(args: argparse.Namespace) -> int:
         conn.close()
 
 
-def _mem(n: Any) -> str:
-    if not isinstance(n, int | float):
-        return "-"
-    return f"{n / 2**30:.1f}G"
-
-
-def _roles(roles: list[dict[str, Any]]) -> str:
-    return ", ".join(
-        f"{r['role']}@{r['job']}" + (f" [{r['summary']}]" if r.get("summary") else "") for r in roles
-    ) or "-"
-
-
 def render_status(console: Console, snap: dict[str, Any]) -> None:
-    node = snap["node"]
-    table = Table(title=f"p2pllm — {node['name']} ({node['node_id'][:8]}) at {node['address']}")
-    for col in ("name", "node id", "address", "state", "device", "mem free/total", "score", "models", "roles", "rtt ms"):
-        table.add_column(col)
-    rows = [(node, True)] + [(p, False) for p in snap["peers"]]
-    for p, is_self in rows:
-        models = ", ".join(m["name"] for m in p.get("models", [])) or "-"
-        rtt = "self" if is_self else ("-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.2f}")
-        table.add_row(
-            p["name"] + (" *" if is_self else ""),
-            p["node_id"][:8],
-            p["address"],
-            p["state"],
-            str(p.get("device", "-")),
-            f"{_mem(p.get('mem_free'))}/{_mem(p.get('mem_total'))}",
-            str(p.get("compute_score", "-")),
-            models,
-            _roles(p.get("roles", [])),
-            rtt,
-        )
-    console.print(table)
+    """This node, its peers and links, then jobs: the dashboard's tables, printed once."""
+    # Every column (node id, address, models too), folded to the terminal's width.
+    console.print(peers_table(snap, True))
+    console.print(links_table(snap, True))
     if snap.get("jobs"):
-        render_jobs(console, {"jobs": snap["jobs"]})
+        render_jobs(console, snap)
 
 
 def render_jobs(console: Console, meta: dict[str, Any]) -> None:
-    table = Table(title="jobs")
-    for col in ("job", "pillar", "state", "members", "metrics"):
-        table.add_column(col)
+    names: dict[str, str] = {}
+    if "node" in meta:
+        names[meta["node"]["node_id"]] = meta["node"]["name"]
+        names.update({p["node_id"]: p["name"] for p in meta.get("peers", [])})
+    table = Table(title="jobs", box=None, title_justify="left", title_style="bold", expand=True)
+    for col in ("job", "pillar", "coordinator", "state", "started", "members", "key metric"):
+        table.add_column(col, overflow="fold")
     for j in meta.get("jobs", []):
-        members = ", ".join(f"{m['role']}:{m['node_id'][:8]}" for m in j.get("members", []))
-        metrics = ", ".join(f"{k}={v}" for k, v in list(j.get("metrics", {}).items())[:4])
-        table.add_row(j["job"], j["pillar"], j["state"], members or "-", metrics or "-")
+        members = ", ".join(
+            f"{names.get(m['node_id'], m['node_id'][:8])}:{m['role']}" for m in j.get("members", [])
+        )
+        started = time.strftime("%H:%M:%S", time.localtime(j["started"])) if j.get("started") else "-"
+        coord = j.get("coordinator") or ""
+        table.add_row(
+            j["job"], j["pillar"], names.get(coord, coord[:8]), j["state"], started,
+            Text(members or "-"), Text(job_metrics_text(j)),
+        )
     console.print(table)
     if meta.get("roles"):
-        console.print("roles held here: " + _roles(meta["roles"]))
+        held = ", ".join(f"{r['role']}@{r['job']}" for r in meta["roles"])
+        console.print(Text(f"roles held here: {held}"))
