@@ -75,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="explicit layer ranges, e.g. 0-7,7-16 (default: planned by memory)")
     split.add_argument("--wire-dtype", choices=DTYPES, default=None,
                        help="dtype of hidden states between shards (default float32)")
+    split.add_argument("--batch-decode", action="store_const", const=True, default=None,
+                       help="batch decode steps of concurrent sessions on each shard (faster "
+                       "with many sessions; greedy ids equal in practice, not by construction)")
+    split.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+                       help="keep the shards loaded this long after the last request (default 30)")
     remote = p.add_argument_group("daemon (--mode spec|split)")
     remote.add_argument("--daemon", metavar="HOST:PORT", default=None,
                         help="daemon to ask (default 127.0.0.1:7411 or $P2PLLM_DAEMON)")

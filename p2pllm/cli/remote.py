@@ -21,7 +21,7 @@ from p2pllm.wire.messages import MsgType
 GENERATE_KEYS = (
     "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "max_tokens",
     "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
-    "shards", "layers", "wire_dtype",
+    "shards", "layers", "wire_dtype", "batch_decode", "keep_alive",
 )
 
 
