@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from p2pllm.config import DEFAULT_PORT, ConfigError, parse_hostport
 from p2pllm.net.auth import HandshakeError, client_handshake
-from p2pllm.wire.connection import Connection, Reply, Request, connect
+from p2pllm.wire.connection import (
+    Connection,
+    ConnectionClosed,
+    RemoteError,
+    Reply,
+    Request,
+    connect,
+)
 from p2pllm.wire.frame import Limits
 
 ENV_DAEMON = "P2PLLM_DAEMON"
 ENV_SECRET = "P2PLLM_SECRET_FILE"
+
+T = TypeVar("T")
 
 
 class DaemonUnavailable(Exception):
@@ -55,3 +68,22 @@ async def open_daemon(address: str | None, secret_file: str | None = None, timeo
         conn.close()
         raise DaemonUnavailable(f"the daemon at {host}:{port} refused us: {exc}") from exc
     return conn
+
+
+def run_daemon_call(coro: Coroutine[Any, Any, T], what: str) -> tuple[T | None, int]:
+    """Run a CLI's conversation with its daemon; failures become a message and an exit code.
+
+    Returns (result, 0), or (None, 2) when no daemon could be used, (None, 1) when the job
+    failed on the daemon's side or the daemon went away.
+    """
+    try:
+        return asyncio.run(coro), 0
+    except (DaemonUnavailable, ConfigError) as exc:
+        print(f"p2pllm: {exc}", file=sys.stderr)
+        return None, 2
+    except RemoteError as exc:
+        print(f"\np2pllm: {what} failed: {exc.message}", file=sys.stderr)
+        return None, 1
+    except (ConnectionClosed, TimeoutError) as exc:
+        print(f"\np2pllm: lost the daemon: {exc}", file=sys.stderr)
+        return None, 1

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
 import time
 from typing import Any
 
@@ -13,10 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from p2pllm.cli.client import DaemonUnavailable, open_daemon
+from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.cli.dashboard import job_metrics_text, links_table, peers_table
-from p2pllm.config import ConfigError
-from p2pllm.wire.connection import ConnectionClosed, RemoteError
 from p2pllm.wire.messages import MsgType
 
 
@@ -47,17 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_run(args))
-    except (DaemonUnavailable, ConfigError) as exc:
-        print(f"p2pllm: {exc}", file=sys.stderr)
-        return 2
-    except RemoteError as exc:
-        print(f"p2pllm: the daemon answered: {exc}", file=sys.stderr)
-        return 1
-    except (ConnectionClosed, TimeoutError) as exc:
-        print(f"p2pllm: lost the daemon: {exc}", file=sys.stderr)
-        return 1
+    result, rc = run_daemon_call(_run(args), f"ctl {args.ctl_command}")
+    return rc if result is None else result
 
 
 async def _run(args: argparse.Namespace) -> int:

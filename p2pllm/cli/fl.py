@@ -9,15 +9,12 @@ saved in the run's checkpoint.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from p2pllm.cli.client import DaemonUnavailable, open_daemon
-from p2pllm.config import ConfigError
-from p2pllm.wire.connection import ConnectionClosed, RemoteError
+from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.wire.messages import MsgType
 
 # (flag, key in FL_RUN, type, help)
@@ -124,17 +121,9 @@ async def stream_run(args: argparse.Namespace, meta: dict[str, Any], echo: bool)
 
 def run(args: argparse.Namespace) -> int:
     meta = run_meta(args)
-    try:
-        result = asyncio.run(stream_run(args, meta, echo=not args.json))
-    except (DaemonUnavailable, ConfigError) as exc:
-        print(f"p2pllm: {exc}", file=sys.stderr)
-        return 2
-    except RemoteError as exc:
-        print(f"p2pllm: fl run failed: {exc.message}", file=sys.stderr)
-        return 1
-    except (ConnectionClosed, TimeoutError) as exc:
-        print(f"p2pllm: lost the daemon: {exc}", file=sys.stderr)
-        return 1
+    result, rc = run_daemon_call(stream_run(args, meta, echo=not args.json), "fl run")
+    if result is None:
+        return rc
     if args.json:
         print(json.dumps(result))
         return 0

@@ -8,14 +8,11 @@ result fields (see protocol.md section 12).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
 
-from p2pllm.cli.client import DaemonUnavailable, open_daemon
-from p2pllm.config import ConfigError
-from p2pllm.wire.connection import ConnectionClosed, RemoteError
+from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.wire.messages import MsgType
 
 GENERATE_KEYS = (
@@ -58,19 +55,12 @@ async def stream_generate(
 def run_generate(args: argparse.Namespace) -> int:
     meta = generate_meta(args)
     as_json = bool(getattr(args, "json", False))
-    try:
-        result = asyncio.run(
-            stream_generate(getattr(args, "daemon", None), getattr(args, "secret_file", None), meta, not as_json)
-        )
-    except (DaemonUnavailable, ConfigError) as exc:
-        print(f"p2pllm: {exc}", file=sys.stderr)
-        return 2
-    except RemoteError as exc:
-        print(f"\np2pllm: generate failed: {exc.message}", file=sys.stderr)
-        return 1
-    except (ConnectionClosed, TimeoutError) as exc:
-        print(f"\np2pllm: lost the daemon: {exc}", file=sys.stderr)
-        return 1
+    result, rc = run_daemon_call(
+        stream_generate(getattr(args, "daemon", None), getattr(args, "secret_file", None), meta, not as_json),
+        "generate",
+    )
+    if result is None:
+        return rc
     if as_json:
         print(json.dumps(result))
     else:

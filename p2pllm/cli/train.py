@@ -10,15 +10,12 @@ section 11).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from p2pllm.cli.client import DaemonUnavailable, open_daemon
-from p2pllm.config import ConfigError
-from p2pllm.wire.connection import ConnectionClosed, RemoteError
+from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.wire.messages import MsgType
 
 
@@ -150,17 +147,11 @@ def _print_event(ev: dict[str, Any], steps: int) -> None:
 
 def run_split(args: argparse.Namespace) -> int:
     meta = train_meta(args)
-    try:
-        result = asyncio.run(stream_train(args.daemon, args.secret_file, meta, not args.json))
-    except (DaemonUnavailable, ConfigError) as exc:
-        print(f"p2pllm: {exc}", file=sys.stderr)
-        return 2
-    except RemoteError as exc:
-        print(f"p2pllm: split training failed: {exc.message}", file=sys.stderr)
-        return 1
-    except (ConnectionClosed, TimeoutError) as exc:
-        print(f"p2pllm: lost the daemon: {exc}", file=sys.stderr)
-        return 1
+    result, rc = run_daemon_call(
+        stream_train(args.daemon, args.secret_file, meta, not args.json), "split training"
+    )
+    if result is None:
+        return rc
     if args.json:
         print(json.dumps(result))
     else:
