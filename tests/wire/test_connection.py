@@ -260,39 +260,34 @@ async def test_frames_split_across_many_small_writes(pair) -> None:
     writer.close()
 
 
-async def test_handler_losing_another_peer_answers_peer_down() -> None:
-    async def handler(conn: Connection, req: Request) -> Reply:
-        raise ConnectionClosed("connection to shard-1 closed: peer closed the connection")
-
-    conns: list[Connection] = []
-    server = await serve("127.0.0.1", 0, handler, conns.append)
-    port = server.sockets[0].getsockname()[1]
+async def error_of_one_request(handler) -> RemoteError:
+    """Serve `handler`, send it one request, and return the ERROR it answers with."""
+    server = await serve("127.0.0.1", 0, handler, lambda c: None)
 
     async def no(conn, req):
         return None
 
-    client = await connect("127.0.0.1", port, no)
-    with pytest.raises(RemoteError) as ei:
-        await client.request(MsgType.STATUS, {}, timeout=5)
-    assert ei.value.code == ErrorCode.PEER_DOWN and "shard-1" in ei.value.message
-    client.close()
-    server.close()
+    client = await connect("127.0.0.1", server.sockets[0].getsockname()[1], no)
+    try:
+        with pytest.raises(RemoteError) as ei:
+            await client.request(MsgType.STATUS, {}, timeout=5)
+        return ei.value
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_handler_losing_another_peer_answers_peer_down() -> None:
+    async def handler(conn: Connection, req: Request) -> Reply:
+        raise ConnectionClosed("connection to shard-1 closed: peer closed the connection")
+
+    err = await error_of_one_request(handler)
+    assert err.code == ErrorCode.PEER_DOWN and "shard-1" in err.message
 
 
 async def test_stray_cancelled_error_in_a_handler_still_answers() -> None:
     async def handler(conn: Connection, req: Request) -> Reply:
         raise asyncio.CancelledError()  # nobody cancelled this task
 
-    conns: list[Connection] = []
-    server = await serve("127.0.0.1", 0, handler, conns.append)
-    port = server.sockets[0].getsockname()[1]
-
-    async def no(conn, req):
-        return None
-
-    client = await connect("127.0.0.1", port, no)
-    with pytest.raises(RemoteError) as ei:
-        await client.request(MsgType.STATUS, {}, timeout=5)
-    assert ei.value.code == ErrorCode.INTERNAL
-    client.close()
-    server.close()
+    err = await error_of_one_request(handler)
+    assert err.code == ErrorCode.INTERNAL
