@@ -425,6 +425,10 @@ class Daemon:
             self._add_target(peer.host, peer.port, "mdns", peer.node_id)
 
         def lost(node_id: str) -> None:
+            # Seen on mDNS but never connected: nothing else will remove it.
+            seen = self.state.peers.get(node_id)
+            if node_id not in self._peers and seen is not None and seen["state"] == "connecting":
+                self.emit(ev.PeerRemoved(node_id))
             for key, target in list(self._targets.items()):
                 if target.node_id == node_id and target.source == "mdns":
                     self._targets.pop(key, None)
@@ -463,9 +467,6 @@ class Daemon:
                     del self._peers[node_id]
                     self.emit(ev.PeerRemoved(node_id))
                     log.info("peer %s (%s) removed", link.name, node_id[:8])
-            for node_id in [n for n, p in self.state.peers.items() if p["state"] == "connecting"]:
-                if node_id not in self._peers and now - self.state.peers[node_id]["since"] > 3600:
-                    self.emit(ev.PeerRemoved(node_id))
 
     async def _link_probe_loop(self) -> None:
         """Measure throughput to each peer now and then: a small payload echoed back."""
