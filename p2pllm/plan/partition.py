@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from p2pllm.wire.messages import ErrorCode
+
 __all__ = [
     "LayerRange",
     "NodeBudget",
@@ -41,14 +43,18 @@ __all__ = [
 
 
 class PlanError(ValueError):
-    """A plan that cannot be made or ranges that are not valid.
+    """A plan that cannot be made or ranges that are not valid: the one planning error of
+    every planner (layer partitions, role placement, node lookups).
 
-    ``shortfalls`` maps node id → bytes it lacks, when the failure is a budget one.
+    ``shortfalls`` maps node id → bytes it lacks, when the failure is a budget one; ``code``
+    is the ErrorCode a coordinator answers with (None: the caller decides).
     """
 
-    def __init__(self, message: str, *, shortfalls: dict[str, int] | None = None) -> None:
+    def __init__(self, message: str, *, shortfalls: dict[str, int] | None = None,
+                 code: ErrorCode | None = None) -> None:
         super().__init__(message)
         self.shortfalls: dict[str, int] = dict(shortfalls or {})
+        self.code = code
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""Cluster queries: the one place planners and roles ask about nodes and models.
+
+- :func:`find_node`: a node by node id, address, exact name or unique node-id prefix;
+- :func:`has_model` / :func:`advertised_path`: whether (and under which path) a node's
+  capabilities list a model;
+- :func:`accepts_role`: whether a node takes a role (its ``--role`` settings, as advertised in
+  ``caps["accepts"]``, and room in its memory budget), with the reason when it does not;
+- :func:`resolve_model_ref`: the checkpoint directory a model reference names on this host.
+
+Node descriptions are the dicts ``Cluster.nodes()`` returns (``node_id``, ``name``,
+``address``, ``caps``, ``self``). Everything here is pure over them, except
+:func:`resolve_model_ref`, which looks at this host's files. No torch at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from p2pllm.plan.partition import PlanError
+from p2pllm.wire.messages import ErrorCode
+
+__all__ = [
+    "HAS",
+    "MAYBE",
+    "PlanError",
+    "accepts_role",
+    "advertised_path",
+    "find_node",
+    "free_bytes",
+    "has_model",
+    "label",
+    "looks_like_path",
+    "resolve_model_ref",
+    "takes_role",
+]
+
+log = logging.getLogger(__name__)
+
+HAS = 2  # the node lists the model in its capabilities
+MAYBE = 1  # a checkpoint path the node may be able to read (a shared filesystem)
+
+Node = Mapping[str, Any]
+
+
+def label(node: Node) -> str:
+    """How messages name a node: ``name(node-id prefix)``."""
+    return f"{node.get('name')}({str(node.get('node_id', ''))[:8]})"
+
+
+# -- nodes --------------------------------------------------------------------------------------
+
+
+def find_node(nodes: Sequence[Node], text: str) -> Node:
+    """A node by node id or address, then exact name, then unique node-id prefix.
+
+    Raises :class:`PlanError` (code BAD_REQUEST when ambiguous, NOT_FOUND when no node
+    matches) naming the known nodes.
+    """
+    preds: tuple[Callable[[Node], bool], ...] = (
+        lambda n: n["node_id"] == text or n.get("address") == text,
+        lambda n: n["name"] == text,
+        lambda n: str(n["node_id"]).startswith(text),
+    )
+    for pred in preds:
+        hits = [n for n in nodes if pred(n)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise PlanError(f"{text!r} names several nodes: " + ", ".join(map(label, hits)),
+                            code=ErrorCode.BAD_REQUEST)
+    known = ", ".join(map(label, nodes)) or "none"
+    raise PlanError(f"no node {text!r} is up; nodes: {known}", code=ErrorCode.NOT_FOUND)
+
+
+def free_bytes(caps: Mapping[str, Any]) -> int:
+    """Bytes left in a node's memory budget for new roles."""
+    return int(caps.get("mem_budget", 0) or 0) - int(caps.get("mem_used_by_roles", 0) or 0)
+
+
+def takes_role(caps: Mapping[str, Any], kind: str) -> bool:
+    """Whether a node's ``--role`` settings (``caps["accepts"]``) allow role ``kind``."""
+    accepts = caps.get("accepts") or ["auto"]
+    return not isinstance(accepts, list) or "auto" in accepts or kind in accepts
+
+
+def accepts_role(node: Node, kind: str, need_bytes: int | None = None) -> str | None:
+    """None when ``node`` may take role ``kind`` (needing ``need_bytes``), else the reason."""
+    caps = node.get("caps") or {}
+    if not takes_role(caps, kind):
+        accepts = caps.get("accepts") or []
+        return f"does not accept the {kind} role (--role {', '.join(map(str, accepts))})"
+    if need_bytes is not None and need_bytes > free_bytes(caps):
+        return (f"not enough memory for the {kind} role ({need_bytes / 1e6:.0f} MB needed, "
+                f"{max(free_bytes(caps), 0) / 1e6:.0f} MB free)")
+    return None
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def looks_like_path(model: str) -> bool:
+    return "/" in model or model.startswith((".", "~"))
+
+
+def _listed(caps: Mapping[str, Any], model: str,
+            local_path: str | Path | None) -> Mapping[str, Any] | None:
+    models = caps.get("models")
+    if not isinstance(models, list):
+        return None
+    local = str(local_path) if local_path is not None else None
+    for m in models:
+        if not isinstance(m, Mapping):
+            continue
+        if m.get("name") == model or m.get("path") == model or (
+                local is not None and m.get("path") == local):
+            return m
+    return None
+
+
+def has_model(caps: Mapping[str, Any], model: str,
+              local_path: str | Path | None = None) -> tuple[int, int | None]:
+    """(tier, param_bytes) of ``model`` on a node with ``caps``: HAS when it lists it (by
+    name, path, or the coordinator's resolved ``local_path``), MAYBE for a path it may read,
+    0 when it lacks it."""
+    m = _listed(caps, model, local_path)
+    if m is not None:
+        size = m.get("param_bytes")
+        return HAS, int(size) if isinstance(size, int) else None
+    if looks_like_path(model):
+        return MAYBE, None
+    return 0, None
+
+
+def advertised_path(caps: Mapping[str, Any], model: str,
+                    local_path: str | Path | None = None) -> str | None:
+    """The path under which a node's capabilities list ``model``, or None."""
+    m = _listed(caps, model, local_path)
+    path = m.get("path") if m is not None else None
+    return path if isinstance(path, str) else None
+
+
+def _bundled_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def resolve_model_ref(ref: str, models_dir: str | Path | None, *, hub: bool = False) -> Path | None:
+    """The checkpoint directory ``ref`` names on this host, or None.
+
+    In order: a directory path, a folder under ``models_dir``, a bundled model, a model
+    listed under another name in ``models_dir``. Never the network unless ``hub``: then a
+    Hugging Face id is looked up in the local hub cache (downloaded unless offline), and a
+    reference found nowhere raises ``ModelNotFoundError`` saying where it looked.
+    """
+    if not ref:
+        return None
+    candidates = [Path(ref).expanduser()]
+    if models_dir and not looks_like_path(ref):
+        candidates.append(Path(models_dir).expanduser() / ref)
+    if not looks_like_path(ref):
+        candidates.append(_bundled_dir() / ref)
+    for c in candidates:
+        try:
+            if (c / "config.json").is_file():
+                return c.resolve()
+        except OSError:
+            continue
+    if not looks_like_path(ref):
+        try:
+            from p2pllm.engine.loader import list_models
+
+            for info in list_models(models_dir):
+                if info.name == ref:
+                    return info.path
+        except Exception as exc:  # a broken models dir is "not found", not a crash
+            log.debug("cannot list models in %s: %s", models_dir, exc)
+    if hub:  # raises ModelNotFoundError with the reason when it is not there either
+        from p2pllm.engine.loader import resolve_model
+
+        return resolve_model(ref, models_dir)
+    return None
