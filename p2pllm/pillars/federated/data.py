@@ -17,15 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# Shared with split training (pillars/training.py); re-exported here.
+from p2pllm.pillars.training import DataError as DataError
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl")
 BYTES_PER_TOKEN = 4.0  # a rough average for BPE tokenizers on English text, for estimates only
 DEFAULT_BLOCK_SIZE = 128
-
-
-class DataError(ValueError):
-    """The data dir holds nothing usable (the message says what was found)."""
 
 
 def data_files(data_dir: str | Path) -> list[Path]:

@@ -11,80 +11,19 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+# The spec is shared with split training (pillars/training.py); re-exported here.
+from p2pllm.pillars.training import DEFAULT_TARGETS as DEFAULT_TARGETS
+from p2pllm.pillars.training import LoraSpec as LoraSpec
+
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")
 QUANTIZE_CHOICES = ("4bit",)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """What every participant wraps the base model with; identical everywhere in a run."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 4096:
-            raise ValueError(f"lora rank must be an int in 1..4096, got {self.rank!r}")
-        if not isinstance(self.alpha, int | float) or not self.alpha > 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        if (
-            not isinstance(self.target_modules, tuple)
-            or not self.target_modules
-            or not all(isinstance(t, str) and t for t in self.target_modules)
-        ):
-            raise ValueError(
-                f"target modules must be a non-empty list of module names, got {self.target_modules!r}"
-            )
-
-    def to_meta(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> LoraSpec:
-        """From a msgpack map; ValueError (with the reason) for anything malformed."""
-        targets = meta.get("target_modules", list(DEFAULT_TARGETS))
-        if isinstance(targets, str):
-            targets = [targets]
-        if not isinstance(targets, list | tuple):
-            raise ValueError(f"target_modules must be a list of strings, got {targets!r}")
-        return cls(
-            rank=meta.get("rank", 8),
-            alpha=meta.get("alpha", 16.0),
-            dropout=meta.get("dropout", 0.05),
-            target_modules=tuple(targets),
-        )
-
-    def peft_config(self, base_model_path: str | None = None) -> Any:
-        from peft import LoraConfig
-
-        # "all-linear" is peft's own shorthand and must be passed as a string.
-        targets: str | list[str] = (
-            "all-linear" if self.target_modules == ("all-linear",) else list(self.target_modules)
-        )
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft takes floats too
-            lora_dropout=self.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=base_model_path,
-        )
 
 
 def quantize_refusal(quantize: str | None, device: str) -> str | None:

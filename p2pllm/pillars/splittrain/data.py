@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from p2pllm.pillars.training import DataError
+
 __all__ = [
     "DataError",
     "DatasetNotFound",
@@ -42,10 +44,6 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 CHUNK_CHARS = 1 << 20  # tokenize long documents in pieces of about this size
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used: unreadable, empty, too short for one batch."""
 
 
 class DatasetNotFound(DataError):
