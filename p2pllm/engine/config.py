@@ -127,8 +127,16 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
-        """Read ``config.json`` (and ``generation_config.json`` if present) from a directory."""
+        """Read ``config.json`` (and ``generation_config.json`` if present) from a directory,
+        or the metadata of a GGUF model (a ``.gguf`` file, or a folder holding one)."""
         path = Path(path)
+        if path.suffix.lower() == ".gguf" or not (path / "config.json").is_file():
+            from p2pllm.engine.gguf import find_gguf, hf_config
+
+            gguf_file = find_gguf(path)
+            if gguf_file is not None:
+                raw_cfg, stops = hf_config(gguf_file)
+                return cls.from_dict(raw_cfg, generation_eos_token_ids=stops)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ModelError(f"{path} has no config.json: not a Hugging Face checkpoint directory")

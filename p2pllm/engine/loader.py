@@ -1,4 +1,10 @@
-"""Find checkpoints, and load exactly the tensors a model slice needs from them."""
+"""Find checkpoints, and load exactly the tensors a model slice needs from them.
+
+A model is a Hugging Face checkpoint directory (config.json + safetensors) or a GGUF model (a
+``.gguf`` file, or a folder holding one; read by :mod:`p2pllm.engine.gguf`). Every function here
+takes either; a models dir holds one folder per model, named after it. Over ~400 lines because
+finding, listing, reading and writing checkpoints share the path rules and the reader.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +24,22 @@ from torch import nn
 from p2pllm.engine.adapter import LoraDelta, load_lora
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import CheckpointError, ModelError, ModelNotFoundError
-from p2pllm.engine.layout import can_pack, fuse_projections, pack_linears, preallocate_fused
+from p2pllm.engine.gguf import GGUFCheckpoint, find_gguf
+from p2pllm.engine.layout import (
+    can_pack,
+    fuse_projections,
+    pack_linears,
+    preallocate_fused,
+    quantize_linears,
+)
 from p2pllm.engine.model import ModelSlice
+from p2pllm.engine.quant import GGUF_QUANT_TYPES, check_quant
 
 __all__ = [
     "BUNDLED_MODELS_DIR",
     "ModelInfo",
     "list_models",
+    "load_config",
     "load_slice",
     "load_tokenizer",
     "resolve_model",
@@ -48,11 +63,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def resolve_model(name_or_path: str | Path, models_dir: str | Path | None = None) -> Path:
-    """Directory of a checkpoint given a path, a name under ``models_dir``, a bundled model's
-    name, or a Hugging Face hub id (from the local hub cache, else downloaded)."""
+    """Directory of a checkpoint (or a GGUF file) given a path, a name under ``models_dir``, a
+    bundled model's name, or a Hugging Face hub id (from the local hub cache, else
+    downloaded)."""
     raw = str(name_or_path)
     p = Path(raw).expanduser()
-    if p.is_dir():
+    if p.is_dir() or p.suffix.lower() == ".gguf":
         return _checked_dir(p)
     if models_dir is not None and raw and (Path(models_dir).expanduser() / raw).is_dir():
         return _checked_dir(Path(models_dir).expanduser() / raw)
@@ -66,9 +82,11 @@ def resolve_model(name_or_path: str | Path, models_dir: str | Path | None = None
 
 
 def _checked_dir(p: Path) -> Path:
-    if not (p / "config.json").is_file():
+    if p.suffix.lower() == ".gguf" and not p.is_file():
+        raise ModelNotFoundError(f"{p}: no such GGUF file")
+    if not (p / "config.json").is_file() and find_gguf(p) is None:
         raise ModelNotFoundError(f"{p} is not a Hugging Face checkpoint directory "
-                                 f"(no config.json)")
+                                 f"(no config.json) nor a GGUF model (no .gguf file)")
     return p.resolve()
 
 
@@ -117,6 +135,7 @@ class ModelInfo:
     model_type: str
     num_layers: int
     param_bytes: int  # bytes of all stored tensors, in the checkpoint's dtype
+    format: str = "hf"  # "hf" (config.json + safetensors) or "gguf"
 
 
 def list_models(models_dir: str | Path | None, include_bundled: bool = True) -> list[ModelInfo]:
@@ -130,20 +149,34 @@ def list_models(models_dir: str | Path | None, include_bundled: bool = True) -> 
         if not root.is_dir():
             continue
         for d in sorted(root.iterdir()):
-            if d.name in found or not (d / "config.json").is_file():
+            if d.name in found or not d.is_dir():
                 continue
             try:
+                gguf = None if (d / "config.json").is_file() else find_gguf(d)
+                if gguf is None and not (d / "config.json").is_file():
+                    continue
                 cfg = ModelConfig.from_dir(d)
-                nbytes = sum(_Checkpoint(d).nbytes.values())
+                nbytes = sum(_reader(d).nbytes.values())
             except ModelError as e:
                 log.warning("skipping %s: %s", d, e)
                 continue
-            found[d.name] = ModelInfo(d.name, d.resolve(), cfg.model_type, cfg.num_layers, nbytes)
+            found[d.name] = ModelInfo(d.name, d.resolve(), cfg.model_type, cfg.num_layers, nbytes,
+                                      "hf" if gguf is None else "gguf")
     return [found[k] for k in sorted(found)]
 
 
+def load_config(path: str | Path) -> ModelConfig:
+    """The config of a checkpoint directory or GGUF model."""
+    return ModelConfig.from_dir(path)
+
+
 def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's tokenizer (transformers AutoTokenizer, local files only)."""
+    """The checkpoint's tokenizer (transformers AutoTokenizer, local files only; a GGUF
+    model's from its metadata)."""
+    if find_gguf(path) is not None:
+        from p2pllm.engine import gguf
+
+        return gguf.load_tokenizer(path)
     try:
         from transformers import AutoTokenizer
 
@@ -153,6 +186,12 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 # -- reading checkpoints ----------------------------------------------------------------------
+
+
+def _reader(path: Path) -> _Checkpoint | GGUFCheckpoint:
+    """The tensor reader for a checkpoint directory or a GGUF model."""
+    gguf = find_gguf(path)
+    return _Checkpoint(path) if gguf is None else GGUFCheckpoint(gguf)
 
 
 class _Checkpoint:
@@ -294,14 +333,18 @@ def _meta_slice(config: ModelConfig, start: int, end: int, embed: bool,
 def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
                embed: bool | None = None, head: bool | None = None,
                dtype: torch.dtype = torch.float32, adapter: str | Path | None = None,
-               device: torch.device | str = "cpu", pack: bool | None = None) -> ModelSlice:
+               device: torch.device | str = "cpu", pack: bool | None = None,
+               quant: str | None = None) -> ModelSlice:
     """Load layers ``[a, b)`` of a checkpoint (all when ``layers`` is None), reading only
     their tensors; ``embed``/``head`` default to whether the range starts at 0 / ends at the
     last layer. ``adapter``: a peft LoRA directory merged into the weights as they load.
     ``pack``: prepack linear weights for oneDNN (default: when it speeds up ``dtype`` here;
-    see :mod:`p2pllm.engine.layout`)."""
+    see :mod:`p2pllm.engine.layout`). ``quant``: "int8" or "int4" weight-only quantized
+    linears (:mod:`p2pllm.engine.quant`; GGUF Q8_0/Q4_x blocks kept as stored), for
+    inference only; None or "none": float weights of ``dtype``."""
+    quant = check_quant(quant)
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and path.suffix.lower() != ".gguf":
         path = resolve_model(str(path))
     config = ModelConfig.from_dir(path)
     start, end = layers if layers is not None else (0, config.num_layers)
@@ -325,11 +368,30 @@ def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
     model.eval()
     # 4. inference layouts: fused projections, and oneDNN packing for bfloat16
     fuse_projections(model)
+    if quant != "none":
+        _quantize(model, path, quant, adapter is None)
     if pack is None:
         pack = can_pack(dtype, device)
     if pack:
         pack_linears(model)
     return model
+
+
+def _quantize(model: ModelSlice, path: Path, quant: str, from_blocks: bool) -> None:
+    """Quantize the slice's linears, from a GGUF file's own blocks where it stores them in
+    a quantized type (and no adapter was merged into the float values)."""
+    gguf_file = find_gguf(path) if from_blocks else None
+    if gguf_file is None:
+        quantize_linears(model, quant)
+        return
+    from p2pllm.engine.gguf import GGUFFile
+
+    with GGUFFile(gguf_file) as f:
+        def raw(name: str) -> object | None:
+            r = f.raw(name)
+            return r if int(r.ggml_type) in GGUF_QUANT_TYPES else None
+
+        quantize_linears(model, quant, raw)
 
 
 def _fill(model: ModelSlice, path: Path, dtype: torch.dtype, device: torch.device | str,
@@ -347,7 +409,7 @@ def _fill(model: ModelSlice, path: Path, dtype: torch.dtype, device: torch.devic
            or (k == "model.embed_tokens.weight" and "lm_head" in deltas)}  # merged in float32
     into = {k: p for k, names in by_key.items()
             if not (p := model.get_parameter(names[0])).is_meta}  # preallocated fused views
-    for key, t in _Checkpoint(path).tensors(sorted(by_key), tied, dtype, raw, into):
+    for key, t in _reader(path).tensors(sorted(by_key), tied, dtype, raw, into):
         names = by_key[key]
         want = tuple(model.get_parameter(names[0]).shape)  # meta or preallocated
         if tuple(t.shape) != want:
