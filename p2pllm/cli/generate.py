@@ -10,9 +10,11 @@ import argparse
 import json
 import sys
 
+from p2pllm.wire.tensors import COMPUTE_DTYPES
+
 DEFAULT_MODEL = "shakespeare"
 DEFAULT_DRAFT_MODEL = "shakespeare-draft"
-DTYPES = ("float32", "bfloat16", "float16")
+QUANTS = ("none", "int8", "int4")  # p2pllm.engine.quant.QUANT_MODES (no torch import here)
 
 
 def _draft_tokens(value: str) -> int | str:
@@ -47,8 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"Hugging Face hub id (default {DEFAULT_MODEL})")
     p.add_argument("--models-dir", default=None, help="directory of named checkpoints")
     p.add_argument("--adapter", default=None, help="peft LoRA adapter directory, merged at load")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
                    help="weight dtype (default float32 on CPU)")
+    p.add_argument("--quant", choices=QUANTS, default=None,
+                   help="weight-only quantized linears for inference: int8 (per channel) or "
+                        "int4 (groups of 32; GGUF Q4_0/Q4_1/Q8_0 blocks kept as stored) "
+                        "(default none)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads for local mode (default: torch's choice)")
     p.add_argument("--max-tokens", type=_positive_int, default=128,
@@ -73,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     split.add_argument("--shards", type=_positive_int, default=None, help="number of shards")
     split.add_argument("--layers", default=None,
                        help="explicit layer ranges, e.g. 0-7,7-16 (default: planned by memory)")
-    split.add_argument("--wire-dtype", choices=DTYPES, default=None,
+    split.add_argument("--wire-dtype", choices=COMPUTE_DTYPES, default=None,
                        help="dtype of hidden states between shards (default float32)")
     split.add_argument("--batch-decode", action="store_const", const=True, default=None,
                        help="batch decode steps of concurrent sessions on each shard (faster "
@@ -117,7 +123,7 @@ def run_local(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or "float32")
     try:
         path = resolve_model(args.model, args.models_dir)
-        model = load_slice(path, dtype=dtype, adapter=args.adapter)
+        model = load_slice(path, dtype=dtype, adapter=args.adapter, quant=args.quant)
         tokenizer = load_tokenizer(path)
         on_text = None
         if not args.json:

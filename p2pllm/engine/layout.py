@@ -11,17 +11,24 @@
   unpacks. A packed slice is for inference: packed weights take no gradient (input
   gradients still flow, so adapters can train on top), and it cannot change dtype; call
   :func:`unpack_linears` first.
+* **Weight-only quantization** (:func:`quantize_linears`, ``--quant int8|int4``): every
+  engine Linear becomes a :class:`~p2pllm.engine.quant.QuantLinear` (fused groups share one
+  quantized weight, each module keeping its ``rows``); inference only, like packing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from p2pllm.engine.model import MLP, Attention, Fused, Linear, shadow_attributes
+from p2pllm.engine.quant import QuantFused, QuantLinear, QuantWeight, check_quant, repack_gguf
 
 __all__ = ["can_pack", "fuse_projections", "pack_linears", "preallocate_fused",
-           "unpack_linears"]
+           "quantize_linears", "unpack_linears"]
 
 
 def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
@@ -48,7 +55,10 @@ def fuse_projections(model: nn.Module) -> int:
     n = 0
     for owner, attr, mods in _groups(model):
         current = getattr(owner, attr)
-        if current is not None and not current.weight.is_mkldnn and current.usable(mods):
+        if isinstance(current, QuantFused) and current.usable(mods):
+            n += 1  # quantized: nothing to fuse
+            continue
+        if isinstance(current, Fused) and not current.weight.is_mkldnn and current.usable(mods):
             n += 1  # already fused (e.g. preallocated by the loader)
             continue
         fused = _fuse_dense(mods)
@@ -116,7 +126,7 @@ def pack_linears(model: nn.Module) -> int:
     n = 0
     for owner, attr, mods in _groups(model):
         fused = getattr(owner, attr)
-        if fused is None or fused.weight.is_mkldnn or not fused.usable(mods):
+        if not isinstance(fused, Fused) or fused.weight.is_mkldnn or not fused.usable(mods):
             continue
         packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(fused.weight, None),
                               requires_grad=False)
@@ -160,3 +170,94 @@ def unpack_linears(model: nn.Module) -> int:
         tie()
     fuse_projections(model)
     return n
+
+
+_GROUP_NAMES = {Attention: ("q_proj", "k_proj", "v_proj"), MLP: ("gate_proj", "up_proj")}
+
+
+def quantize_linears(model: nn.Module, mode: str,
+                     raw: Callable[[str], Any | None] | None = None) -> int:
+    """Replace every engine Linear of ``model`` (a ModelSlice) by a quantized one (``mode``
+    int8 or int4; "none" does nothing); q/k/v and gate/up share one fused quantized weight.
+    The head is int8 in both modes. ``raw(hf_name)``: the tensor as a GGUF file stores it
+    (a :class:`~p2pllm.engine.gguf.RawTensor`) or None, so Q8_0/Q4_x blocks are repacked
+    instead of re-quantizing their float values. Returns how many weights were quantized."""
+    mode = check_quant(mode)
+    if mode == "none":
+        return 0
+    names = {id(m): name for name, m in model.named_modules()}
+    hf_name = getattr(model, "hf_name", lambda n: "model." + n)
+    n = 0
+
+    def quantized(mods: list[Linear], kind: str) -> QuantWeight:
+        stored = [raw(hf_name(names[id(m)] + ".weight")) for m in mods] if raw else []
+        joined = _cat_raw(stored) if stored and all(r is not None for r in stored) else None
+        if joined is not None:
+            return repack_gguf(joined, kind)
+        w = torch.cat([_dense_rows(m) for m in mods])
+        return QuantWeight.from_float(w, kind)
+
+    with torch.no_grad():
+        for owner in list(model.modules()):
+            attrs = _GROUP_NAMES.get(type(owner))
+            if attrs is None:
+                continue
+            mods = [getattr(owner, a) for a in attrs]
+            if not all(type(m) is Linear for m in mods):
+                continue  # wrapped (e.g. peft): leave the group alone
+            has_bias = [m.bias is not None for m in mods]
+            if any(has_bias) and not all(has_bias):
+                continue
+            qw = quantized(mods, mode)
+            bias = torch.cat([_dense_bias(m) for m in mods]) if all(has_bias) else None
+            splits, lo = tuple(m.out_features for m in mods), 0
+            for a, size in zip(attrs, splits, strict=True):
+                b = None if bias is None else bias[lo:lo + size]
+                setattr(owner, a, QuantLinear(qw, b, (lo, lo + size)))
+                lo += size
+            setattr(owner, "fused_qkv" if isinstance(owner, Attention) else "fused_gate_up",
+                    QuantFused(qw, bias, splits))
+            n += 1
+        for name, m in list(model.named_modules()):
+            if type(m) is not Linear:
+                continue
+            kind = "int8" if name == "lm_head" else mode
+            qm = QuantLinear(quantized([m], kind), None if m.bias is None else _dense_bias(m))
+            owner_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner_name) if owner_name else model, attr, qm)
+            n += 1
+    shadow_attributes(model)
+    return n
+
+
+def _dense_rows(m: Linear) -> torch.Tensor:
+    w = m.weight.detach()
+    if w.is_mkldnn:
+        w = w.to_dense()
+        if m.rows is not None:
+            w = w[m.rows[0]:m.rows[1]]
+    return w.float()
+
+
+def _dense_bias(m: Linear) -> torch.Tensor:
+    assert m.bias is not None
+    b = m.bias.detach()
+    if m.weight.is_mkldnn and m.rows is not None and b.shape[0] != m.out_features:
+        b = b[m.rows[0]:m.rows[1]]
+    return b.clone()
+
+
+def _cat_raw(parts: list[Any]) -> Any | None:
+    """GGUF RawTensors of one type stacked along their rows (a fused group's weight); None
+    when they differ in type (then the group is quantized from its float values)."""
+    if len(parts) == 1:
+        return parts[0]
+    import numpy as np
+
+    types = {int(p.ggml_type) for p in parts}
+    first = parts[0]
+    if len(types) != 1:
+        return None
+    rows = sum(int(p.shape[0]) for p in parts)
+    blocks = np.concatenate([p.blocks for p in parts])
+    return type(first)(first.ggml_type, (rows, int(first.shape[1])), blocks)

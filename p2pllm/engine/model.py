@@ -17,6 +17,7 @@ from torch import nn
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError, SequenceTooLongError
 from p2pllm.engine.kv_cache import KVCache
+from p2pllm.engine.quant import QuantFused, QuantLinear
 from p2pllm.engine.rope import RotaryTable
 
 __all__ = ["Linear", "ModelSlice", "RMSNorm"]
@@ -94,6 +95,8 @@ def _lin(m: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
             rows = m.rows
             return y if rows is None else y[..., rows[0]:rows[1]]
         return F.linear(x, w, m.bias)
+    if fast and type(m) is QuantLinear:
+        return m.forward(x)
     return m(x)
 
 
@@ -186,7 +189,7 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
-        self.fused_qkv: Fused | None = None  # set by layout.fuse_projections
+        self.fused_qkv: Fused | QuantFused | None = None  # set by layout.fuse_projections
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         b, t, _ = x.shape
@@ -287,7 +290,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
-        self.fused_gate_up: Fused | None = None  # set by layout.fuse_projections
+        self.fused_gate_up: Fused | QuantFused | None = None  # set by layout.fuse_projections
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
         fused = self.fused_gate_up
@@ -395,7 +398,21 @@ class ModelSlice(nn.Module):
     def num_parameters(self) -> int:
         """Parameters of this slice, each Hugging Face tensor once (a tied embedding/head
         counts once, fused or packed projections count as their parts)."""
-        return sum(_numel(p, rows) for _, p, rows in self._hf_params())
+        return (sum(_numel(p, rows) for _, p, rows in self._hf_params())
+                + sum(m.in_features * m.out_features for _, m in self.quant_linears()))
+
+    def quant_linears(self) -> list[tuple[str, QuantLinear]]:
+        """(HF weight name, module) of the quantized linears (see :mod:`.quant`) whose weight
+        no parameter holds (a quantized tied head is the embedding's copy: left out)."""
+        have = {key for key, _, _ in self._hf_params()}
+        out: list[tuple[str, QuantLinear]] = []
+        for mod_name, mod in self.named_modules():
+            if type(mod) is QuantLinear:
+                key = self.hf_name(f"{mod_name}.weight")
+                if key not in have:
+                    have.add(key)
+                    out.append((key, mod))
+        return out
 
     def hf_name(self, name: str) -> str:
         """Hugging Face checkpoint name of one of this module's parameter names."""
@@ -418,6 +435,8 @@ class ModelSlice(nn.Module):
             if t.is_mkldnn:
                 t = dense.setdefault(id(p), t.to_dense())
             out[key] = t if rows is None else t[rows[0]:rows[1]]
+        for key, m in self.quant_linears():  # dequantized, in the slice's dtype
+            out[key] = m.dequantized().to(self.dtype)
         return out
 
     def _hf_params(self) -> list[tuple[str, torch.Tensor, tuple[int, int] | None]]:

@@ -1,0 +1,265 @@
+"""Weight-only quantized linear layers: int8 (per output channel) and int4 (groups of 32).
+
+Kernels, chosen by measurement on this repo's CPU (bench/engine.py has the end-to-end rows):
+batch-1 linears with the shapes of SmolLM2's 30 layers, one thread, best of 7 on a shared
+machine: ``F.linear`` float32 ~60 ms, oneDNN bfloat16 ~14 ms, ``torch._weight_int8pack_mm``
+~8-14 ms, ``aten._weight_int4pack_mm_for_cpu`` (group 32) ~4.5 ms. Both quantized kernels
+are fast only with bfloat16 activations (float32 input takes a scalar path: 200-560 ms), so a
+:class:`QuantLinear` runs its kernel in bfloat16 and casts back to the input's dtype.
+torchao (pip-installable) was not taken: on CPU its int4/int8 weight-only layouts call these
+same two aten kernels, so it would add a dependency and no speed. fbgemm's dynamic int8
+linear (activations quantized per tensor) is deprecated and coarser.
+
+* **int8**: symmetric per-output-channel, ``w ~ q * scale[n]`` (``_weight_int8pack_mm`` takes
+  no groups). GGUF Q8_0 blocks (one scale per 32) are dequantized and re-quantized per
+  channel: :func:`repack_gguf` equals ``quantize_int8(dequantize(raw))`` by construction.
+* **int4**: asymmetric, groups of 32 along the input, ``w ~ (q - 8) * scale + zero`` with
+  q in 0..15 (the kernel's convention). GGUF Q4_0 (``d * (q - 8)``) and Q4_1
+  (``d * q + m``, so zero = m + 8d) map onto it exactly, nibbles and all: no re-rounding.
+  A layer whose input width is not a multiple of 32 falls back to int8; a head stays int8
+  (as llama.cpp's Q4 files keep the token embedding in Q8_0).
+
+Pure weight code: no model structure here; :mod:`.layout` swaps these into a built slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GGUF_QUANT_TYPES", "GROUP", "QUANT_MODES", "QuantFused", "QuantLinear", "QuantWeight",
+           "check_quant", "dequantize_int4", "dequantize_int8", "quantize_int4",
+           "quantize_int8", "repack_gguf"]
+
+QUANT_MODES = ("none", "int8", "int4")
+GROUP = 32
+_KERNEL_DTYPE = torch.bfloat16
+# GGML type ids (ggml.h): stable across versions, so no import of the gguf package here
+_Q4_0, _Q4_1, _Q8_0 = 2, 3, 8
+GGUF_QUANT_TYPES = (_Q4_0, _Q4_1, _Q8_0)  # what repack_gguf takes
+
+
+def check_quant(quant: str | None) -> str:
+    """The quant mode, validated (None means "none")."""
+    q = "none" if quant is None else quant
+    if q not in QUANT_MODES:
+        raise ValueError(f"quant {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    return q
+
+
+# -- the math (pure functions) ----------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (N, K), scale float32 (N,)): symmetric per row, ``w ~ q * scale[:, None]``."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group: int = GROUP
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 (N, K) in 0..15, scale (N, K/group), zero (N, K/group)), float32:
+    ``w ~ (q - 8) * scale + zero`` per group of ``group`` inputs (min/max asymmetric)."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"input width {k} is not a multiple of the group size {group}")
+    g = w.detach().float().reshape(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = (hi - lo) / 15.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)
+    zero = lo + 8.0 * scale
+    return q.to(torch.uint8).reshape(n, k), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    groups = scale.shape[1]
+    g = q.float().reshape(n, groups, k // groups)
+    return ((g - 8.0) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
+
+
+def _gguf_blocks(raw: Any) -> tuple[int, tuple[int, int], torch.Tensor]:
+    """(ggml type id, (N, K), blocks as a uint8 torch tensor (N, bytes per row))."""
+    ggml_type = int(raw.ggml_type)
+    n, k = (int(s) for s in raw.shape)
+    blocks = torch.from_numpy(raw.blocks).reshape(n, -1)
+    return ggml_type, (n, k), blocks
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian f16 from (..., 2) uint8 bytes, as float32."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _q4_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(N, blocks, 16) bytes -> (N, blocks, 32) values 0..15 (low nibbles first)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def repack_gguf(raw: Any, mode: str) -> QuantWeight:
+    """A GGUF tensor (a :class:`p2pllm.engine.gguf.RawTensor`: ``ggml_type``, ``shape``
+    (out, in), ``blocks`` uint8 (rows, bytes per row)) as this module's quantized weight.
+
+    int4 from Q4_0/Q4_1 is exact (the same nibbles and scales); int8 from Q8_0 (or from a
+    Q4 file, or int4 from Q8_0) goes through its float values."""
+    ggml_type, (n, k), blocks = _gguf_blocks(raw)
+    if mode == "int4" and ggml_type in (_Q4_0, _Q4_1) and n % 16 == 0:
+        b = blocks.reshape(n, k // 32, -1)
+        d = _f16(b[..., 0:2])
+        if ggml_type == _Q4_0:
+            q, zero = _q4_nibbles(b[..., 2:18]), torch.zeros_like(d)
+        else:
+            q, zero = _q4_nibbles(b[..., 4:20]), _f16(b[..., 2:4]) + 8.0 * d
+        return QuantWeight.int4(q.reshape(n, k), d, zero, 32)
+    return QuantWeight.from_float(gguf_dequantize(ggml_type, (n, k), blocks), mode)
+
+
+def gguf_dequantize(ggml_type: int, shape: tuple[int, int], blocks: torch.Tensor) -> torch.Tensor:
+    """Float32 values of Q8_0/Q4_0/Q4_1 blocks (N, bytes per row) (the same math as
+    :func:`p2pllm.engine.gguf.dequantize`, kept here so the repacking needs no reader)."""
+    n, k = shape
+    b = blocks.reshape(n, k // 32, -1)
+    d = _f16(b[..., 0:2])[..., None]
+    if ggml_type == _Q8_0:
+        return (b[..., 2:34].contiguous().view(torch.int8).float() * d).reshape(n, k)
+    if ggml_type == _Q4_0:
+        return ((_q4_nibbles(b[..., 2:18]).float() - 8.0) * d).reshape(n, k)
+    if ggml_type == _Q4_1:
+        m = _f16(b[..., 2:4])[..., None]
+        return (_q4_nibbles(b[..., 4:20]).float() * d + m).reshape(n, k)
+    raise ValueError(f"GGML type {ggml_type} has no quantized repacking (Q8_0, Q4_0, Q4_1)")
+
+
+# -- the kernels' layouts ---------------------------------------------------------------------
+
+
+class QuantWeight:
+    """A quantized (N, K) weight in a kernel's layout; not a module and not a buffer, so
+    ``module.to(dtype)`` leaves its integer codes and bfloat16 scales alone."""
+
+    def __init__(self, kind: str, shape: tuple[int, int], packed: torch.Tensor,
+                 scales: torch.Tensor, group: int = 0) -> None:
+        self.kind, self.shape, self.packed, self.scales, self.group = (
+            kind, shape, packed, scales, group)
+
+    @classmethod
+    def int8(cls, q: torch.Tensor, scale: torch.Tensor) -> QuantWeight:
+        n, k = q.shape
+        return cls("int8", (n, k), q.contiguous(), scale.to(_KERNEL_DTYPE).contiguous())
+
+    @classmethod
+    def int4(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             group: int) -> QuantWeight:
+        n, k = q.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        sz = torch.stack([scale.float().t(), zero.float().t()], dim=-1)  # (K/g, N, 2)
+        return cls("int4", (n, k), packed, sz.to(_KERNEL_DTYPE).contiguous(), group)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, mode: str, group: int = GROUP) -> QuantWeight:
+        """Quantize a float weight; int4 falls back to int8 when the kernel cannot take the
+        shape (input width not a multiple of ``group``, outputs not a multiple of 16)."""
+        n, k = w.shape
+        if mode == "int4" and k % group == 0 and n % 16 == 0:
+            return cls.int4(*quantize_int4(w, group), group)
+        if mode not in ("int4", "int8"):
+            raise ValueError(f"quant mode {mode!r} is not int8 or int4")
+        return cls.int8(*quantize_int8(w))
+
+    def nbytes(self) -> int:
+        return (self.packed.numel() * self.packed.element_size()
+                + self.scales.numel() * self.scales.element_size())
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) weight these codes stand for (through the kernel itself, so it
+        is exactly what ``matmul`` multiplies by, up to bfloat16 output rounding)."""
+        n, k = self.shape
+        if self.kind == "int8":
+            return dequantize_int8(self.packed, self.scales)
+        eye = torch.eye(k, dtype=_KERNEL_DTYPE)
+        out = torch.empty(n, k)
+        for i in range(0, k, 256):  # identity rows in chunks: exact bf16 products of codes
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(eye[i:i + 256], self.packed,
+                                                              self.group, self.scales)
+            out[:, i:i + 256] = part.float().t()
+        return out
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T`` for x (..., K), in the kernel's dtype (bfloat16)."""
+        k = self.shape[1]
+        x2 = x.reshape(-1, k)
+        if x2.dtype != _KERNEL_DTYPE:
+            x2 = x2.to(_KERNEL_DTYPE)
+        if self.kind == "int8":
+            y = torch._weight_int8pack_mm(x2, self.packed, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group,
+                                                           self.scales)
+        return y.view(*x.shape[:-1], self.shape[0])
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a quantized weight (inference only: no weight gradient; the input
+    gradient does not flow either, so train on a float base).
+
+    ``rows``: this module's output rows of a weight shared with sibling projections (q/k/v,
+    gate/up), as the engine's packed :class:`~p2pllm.engine.model.Linear` does."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None,
+                 rows: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.rows = rows
+        n, k = weight.shape
+        self.in_features = k
+        self.out_features = n if rows is None else rows[1] - rows[0]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qweight.matmul(x)
+        rows = self.rows
+        if rows is not None:
+            y = y[..., rows[0]:rows[1]]
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        bias = self.bias
+        return y if bias is None else y.add_(bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """This module's float32 (out, in) weight."""
+        w = self.qweight.dequantize()
+        rows = self.rows
+        return w if rows is None else w[rows[0]:rows[1]]
+
+    def extra_repr(self) -> str:
+        q = self.qweight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kind={q.kind}, group={q.group}, rows={self.rows}")
+
+
+class QuantFused:
+    """One quantized weight computing sibling projections (q/k/v or gate/up) in one matmul;
+    the same interface as :class:`p2pllm.engine.model.Fused` (``splits``, ``usable``, call)."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None,
+                 splits: tuple[int, ...]) -> None:
+        self.qweight, self.bias, self.splits = weight, bias, splits
+
+    def usable(self, mods: tuple[nn.Module, ...]) -> bool:
+        return all(type(m) is QuantLinear and m.qweight is self.qweight for m in mods)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qweight.matmul(x)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if self.bias is None else y.add_(self.bias)
