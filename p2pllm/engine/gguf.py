@@ -1,4 +1,6 @@
 """GGUF model files (llama.cpp's format): config, tokenizer and tensors for the engine.
+(Over ~400 lines: one file format, its header parser, dequantizers and mappings belong
+together, and the quantization code reads this one file for the raw-block contract.)
 
 A GGUF model is either a ``.gguf`` file or a folder holding exactly one ``.gguf`` file (and no
 config.json); :func:`find_gguf` says which file a path stands for. The header is parsed here
@@ -257,7 +259,7 @@ class GGUFFile:
         n_tensors = r.scalar("Q", 8, "the tensor count")
         n_kv = r.scalar("Q", 8, "the metadata count")
         if n_tensors > r.size // 24 or n_kv > r.size // 12:
-            raise CheckpointError(f"{self.path} is corrupt: it claims {n_tensors} tensors and "
+            raise CheckpointError(f"{self.path} is truncated or corrupt: it claims {n_tensors} tensors and "
                                   f"{n_kv} metadata entries in {r.size} bytes")
         self.metadata: dict[str, Any] = {}
         for i in range(n_kv):
