@@ -233,7 +233,7 @@ def test_not_a_gguf_file(tmp_path: Path, good: Path) -> None:
         load_slice(bad)
     empty = tmp_path / "bad" / "empty.gguf"
     empty.write_bytes(b"")
-    with pytest.raises(ModelError, match="empty.gguf"):
+    with pytest.raises(ModelError, match=r"empty\.gguf"):
         load_slice(empty)
 
 
@@ -270,7 +270,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 
 def test_a_folder_with_two_gguf_files_is_ambiguous(tmp_path: Path, good: Path) -> None:
     (good.parent / "other.gguf").write_bytes(good.read_bytes())
-    with pytest.raises(ModelError, match="holds 2 .gguf files"):
+    with pytest.raises(ModelError, match=r"holds 2 \.gguf files"):
         load_slice(good.parent)
 
 
