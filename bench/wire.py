@@ -6,7 +6,11 @@ measures, side by side in one run:
 - round-trip time of a small request (16-byte body),
 - throughput of a 4 MiB tensor frame echoed back (so bytes cross loopback both ways).
 
-    python bench/wire.py [--iters 2000] [--mib 4] [--reps 30] [--loop uvloop|asyncio]
+    python bench/wire.py [--iters 2000] [--mib 4] [--reps 30] [--loop uvloop|asyncio] [--pin]
+
+--pin puts the server process on the last usable core and the client on the first (taskset
+style, os.sched_setaffinity), so neither side migrates between cores mid-measurement; both
+contenders share the same two processes, so pinning treats them alike.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import statistics
 import struct
 import sys
@@ -56,7 +61,17 @@ async def plain_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         writer.close()
 
 
-def server_main(loop_kind: str, ports: mp.Queue) -> None:  # type: ignore[type-arg]
+def pin(which: str) -> list[int] | None:
+    """Pin this process to one core: the first usable for the client, the last for the server."""
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[0] if which == "client" else cores[-1]
+    os.sched_setaffinity(0, {core})
+    return [core]
+
+
+def server_main(loop_kind: str, ports: mp.Queue, pinned: bool) -> None:  # type: ignore[type-arg]
+    if pinned:
+        pin("server")
     use_loop(loop_kind)
 
     async def run() -> None:
@@ -157,19 +172,25 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=4)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument("--pin", action="store_true", help="server on the last core, client on the first")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     ports: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    server = ctx.Process(target=server_main, args=(args.loop, ports), daemon=True)
+    server = ctx.Process(target=server_main, args=(args.loop, ports, args.pin), daemon=True)
     server.start()
     try:
         port_ours, port_plain = ports.get(timeout=60)
+        if args.pin:
+            pin("client")
         use_loop(args.loop)
         result = asyncio.run(bench(port_ours, port_plain, args.iters, args.mib, args.reps))
     finally:
         server.terminate()
-    print(json.dumps({"bench": "wire", "loop": args.loop, "iters": args.iters, **result}, indent=2))
+    cores = sorted(os.sched_getaffinity(0))
+    print(json.dumps({"bench": "wire", "loop": args.loop, "iters": args.iters, "pinned": args.pin,
+                      "usable_cores": len(cores), "loadavg": [round(x, 2) for x in os.getloadavg()],
+                      **result}, indent=2))
 
 
 if __name__ == "__main__":

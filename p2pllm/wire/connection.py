@@ -3,49 +3,63 @@
 - Many requests in flight at once, matched to responses by request id, in any order.
 - Streams: a handler may send partial responses (Flags.STREAM) before its final one.
 - A late response to a cancelled or timed-out request is dropped (logged at debug).
-- Receiving is done with a BufferedProtocol: small frames are parsed out of one reusable
-  buffer; a large payload is received straight into its own aligned buffer (one kernel copy,
-  no re-assembly), and tensors are built on it.
+- Each incoming request runs in a task of its own while it is handled (CANCEL cancels it; it
+  may take long); a finished request task parks to take a later request (a few per
+  connection), so a request usually costs a wake-up rather than a new task. One-way
+  frames get no task each: they are handled in arrival order by one per-connection task
+  that parks when idle (a one-way handler that awaits holds the later one-way frames of its
+  connection; one that must wait long starts its own task).
+- Receiving (:mod:`p2pllm.wire.receive`) parses small frames out of one reusable buffer and
+  receives a large payload straight into its own aligned buffer; tensors are built on it.
 - Sending hands the header+metadata and each payload buffer to the transport in one
   writelines() call (frames never interleave), then waits only when the transport has asked
   us to pause (backpressure), not on every write.
-- A header is validated against the limits before anything is allocated for its body.
+- Byte counts come from here: `bytes_in`/`bytes_out` per connection, and on every Frame
+  `wire_bytes` (and `sent_bytes` on a response), so nobody re-encodes a frame to count it.
+- :class:`~p2pllm.wire.local.LocalConnection` is the same machinery without a socket, for
+  a node talking to itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
-import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import torch
+from typing import Any
 
 from p2pllm.wire.frame import (
+    _MSG_TYPES,
     HEADER_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
     Buffer,
     Frame,
     Header,
     Limits,
     ProtocolError,
+    _unpackb,
     body_to_frame,
-    encode_frame,
+    meta_packer,
     payload_nbytes,
-    unpack_header,
 )
+from p2pllm.wire.frame import HEADER as _HEADER
 from p2pllm.wire.messages import ErrorCode, Flags, MsgType
+from p2pllm.wire.receive import FrameProtocol, FrameSink
 
 log = logging.getLogger(__name__)
 
-RECV_BUFFER = 256 * 1024  # reusable receive buffer for small frames
-SMALL_BODY = 64 * 1024  # bodies below this are copied into a plain bytearray
-MAX_INFLIGHT_HANDLERS = 512  # pause reading above this many running handlers
+MAX_INFLIGHT_HANDLERS = 512  # pause reading above this many running handlers / queued frames
+MAX_IDLE_WORKERS = 8  # request tasks kept parked per connection for the next requests
+
+_RESPONSE = int(Flags.RESPONSE)
+_STREAM = int(Flags.STREAM)
+_ONEWAY = int(Flags.ONEWAY)
+_pack_head = _HEADER.pack
 
 
 class ConnectionClosed(ConnectionError):
@@ -89,33 +103,36 @@ class Request:
 
     @property
     def wants_reply(self) -> bool:
-        return self.frame.request_id != 0 and not self.frame.flags & Flags.ONEWAY
+        return self.frame.request_id != 0 and not self.frame.flags & _ONEWAY
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes this request took on the wire (0 when it was handed over in-process)."""
+        return self.frame.wire_bytes
 
     async def partial(
         self, msg_type: MsgType, meta: dict[str, Any], payload: Sequence[Buffer] = ()
-    ) -> None:
-        """Send one partial (streamed) response; the handler's return value ends the stream."""
+    ) -> int:
+        """Send one partial (streamed) response; the handler's return value ends the stream.
+        Returns the bytes it took on the wire."""
         if not self.wants_reply:
-            return
-        await self.conn.send_frame(
-            msg_type,
-            meta,
-            payload,
-            flags=Flags.RESPONSE | Flags.STREAM,
-            request_id=self.frame.request_id,
+            return 0
+        return await self.conn.send_frame(
+            msg_type, meta, payload, flags=_RESPONSE | _STREAM, request_id=self.frame.request_id
         )
 
 
 Handler = Callable[["Connection", Request], Awaitable[Reply | None]]
+_Waiter = asyncio.Future[Frame] | asyncio.Queue[Frame | BaseException]
 
 
-class Connection:
+class Connection(FrameSink):
     """One peer connection. Create with `connect()` or through `serve()`."""
 
     def __init__(
         self,
-        transport: asyncio.Transport,
-        protocol: FrameProtocol,
+        transport: asyncio.Transport | None,
+        protocol: FrameProtocol | None,
         handler: Handler,
         limits: Limits,
         name: str = "",
@@ -125,16 +142,23 @@ class Connection:
         self._handler = handler
         self.limits = limits
         self.name = name
+        self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Frame] | asyncio.Queue[Frame | BaseException]] = {}
-        self._handlers: dict[int, asyncio.Task[None]] = {}
-        self._oneway_tasks: set[asyncio.Task[None]] = set()
+        self._pack = meta_packer()
+        self._pending: dict[int, _Waiter] = {}
+        self._handlers: dict[int, asyncio.Task[None]] = {}  # request id -> the task handling it
+        self._idle: list[tuple[asyncio.Task[None], asyncio.Future[Frame]]] = []  # parked _serve tasks
+        self._oneway: deque[Frame] = deque()
+        self._pump: asyncio.Task[None] | None = None
+        self._pump_wake: asyncio.Future[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self._is_closed = False
         self._closed = asyncio.Event()
         self._close_reason = ""
         self._close_callbacks: list[Callable[[Connection], None]] = []
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._paused_writing = False  # mirrors `not _can_write.is_set()`, cheap to test
         self.created = time.monotonic()
         self.last_recv = self.created
         self.bytes_in = 0
@@ -144,14 +168,14 @@ class Connection:
         self.rtt: float | None = None  # seconds, from the last keepalive PING
         # Free-form attributes the daemon attaches after the handshake (peer id, auth state).
         self.info: dict[str, Any] = {}
-        peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername") if transport is not None else None
         self.peername: tuple[str, int] | None = tuple(peer[:2]) if peer else None  # type: ignore[assignment]
 
     # -- state --------------------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._is_closed
 
     @property
     def close_reason(self) -> str:
@@ -161,15 +185,36 @@ class Connection:
         await self._closed.wait()
 
     def on_close(self, callback: Callable[[Connection], None]) -> None:
-        if self.closed:
+        if self._is_closed:
             callback(self)
         else:
             self._close_callbacks.append(callback)
 
     def __repr__(self) -> str:
-        return f"<Connection {self.name or self.peername}{' closed' if self.closed else ''}>"
+        return f"<Connection {self.name or self.peername}{' closed' if self._is_closed else ''}>"
+
+    def _closed_error(self) -> ConnectionClosed:
+        return ConnectionClosed(f"connection {self.name or self.peername} is closed: {self._close_reason}")
 
     # -- sending ------------------------------------------------------------------------------
+
+    def _write(
+        self, msg_type: int, meta: dict[str, Any] | None, payload: Sequence[Buffer], flags: int, rid: int
+    ) -> int:
+        """Put one frame on the transport; returns its size in bytes."""
+        meta_bytes = self._pack(meta) if meta else b""
+        plen = payload_nbytes(payload) if payload else 0
+        head = _pack_head(MAGIC, PROTOCOL_VERSION, msg_type, flags, 0, rid, len(meta_bytes), plen)
+        transport = self._transport
+        assert transport is not None
+        if plen:
+            transport.writelines([head + meta_bytes, *payload])
+        else:
+            transport.write(head + meta_bytes)
+        n = HEADER_SIZE + len(meta_bytes) + plen
+        self.frames_out += 1
+        self.bytes_out += n
+        return n
 
     async def send_frame(
         self,
@@ -179,26 +224,22 @@ class Connection:
         *,
         flags: int = 0,
         request_id: int = 0,
-    ) -> None:
-        if self.closed:
-            raise ConnectionClosed(f"connection {self.name} is closed: {self._close_reason}")
-        bufs = encode_frame(msg_type, meta, payload, flags=flags, request_id=request_id)
-        if len(bufs) == 1:
-            self._transport.write(bufs[0])
-        else:
-            self._transport.writelines(bufs)
-        self.frames_out += 1
-        self.bytes_out += sum(memoryview(b).nbytes for b in bufs)
-        if not self._can_write.is_set():
+    ) -> int:
+        """Send one frame; returns the bytes it took on the wire."""
+        if self._is_closed:
+            raise self._closed_error()
+        n = self._write(msg_type, meta, payload, flags, request_id)
+        if self._paused_writing:
             await self._can_write.wait()
-            if self.closed:
-                raise ConnectionClosed(f"connection {self.name} closed: {self._close_reason}")
+            if self._is_closed:
+                raise self._closed_error()
+        return n
 
     async def notify(
         self, msg_type: MsgType, meta: dict[str, Any] | None = None, payload: Sequence[Buffer] = ()
-    ) -> None:
-        """A one-way message: no response is expected or sent."""
-        await self.send_frame(msg_type, meta, payload, flags=Flags.ONEWAY)
+    ) -> int:
+        """A one-way message: no response is expected or sent. Returns its bytes on the wire."""
+        return await self.send_frame(msg_type, meta, payload, flags=_ONEWAY)
 
     async def request(
         self,
@@ -208,23 +249,29 @@ class Connection:
         *,
         timeout: float | None = None,
     ) -> Frame:
-        """Send a request and wait for its (final) response. ERROR raises RemoteError."""
-        if self.closed:
-            raise ConnectionClosed(f"connection {self.name} is closed: {self._close_reason}")
+        """Send a request and wait for its (final) response. ERROR raises RemoteError.
+
+        The response's `wire_bytes` is what it took on the wire, its `sent_bytes` what the
+        request took."""
+        if self._is_closed:
+            raise self._closed_error()
         rid = next(self._ids)
-        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[rid] = fut
         try:
-            await self.send_frame(msg_type, meta, payload, request_id=rid)
+            sent = self._write(msg_type, meta, payload, 0, rid)
+            if self._paused_writing:
+                await self._can_write.wait()
             if timeout is None:
                 frame = await fut
             else:
                 async with asyncio.timeout(timeout):
                     frame = await fut
         except BaseException:
-            if self._pending.pop(rid, None) is not None and not self.closed:
+            if self._pending.pop(rid, None) is not None and not self._is_closed:
                 self._send_cancel(rid)
             raise
+        frame.sent_bytes = sent
         return frame
 
     async def stream(
@@ -235,14 +282,15 @@ class Connection:
         *,
         idle_timeout: float | None = None,
     ) -> AsyncIterator[Frame]:
-        """Send a request; yield its partial responses, then its final one."""
-        if self.closed:
-            raise ConnectionClosed(f"connection {self.name} is closed: {self._close_reason}")
+        """Send a request; yield its partial responses, then its final one (each frame's
+        `sent_bytes` is the request's size on the wire)."""
+        if self._is_closed:
+            raise self._closed_error()
         rid = next(self._ids)
         queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
         self._pending[rid] = queue
         try:
-            await self.send_frame(msg_type, meta, payload, request_id=rid)
+            sent = await self.send_frame(msg_type, meta, payload, request_id=rid)
             while True:
                 if idle_timeout is None:
                     item = await queue.get()
@@ -251,36 +299,68 @@ class Connection:
                         item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                item.sent_bytes = sent
                 yield item
-                if not item.is_partial:
+                if not item.flags & _STREAM:
                     return
         finally:
-            if self._pending.pop(rid, None) is not None and not self.closed:
+            if self._pending.pop(rid, None) is not None and not self._is_closed:
                 self._send_cancel(rid)
 
     def _send_cancel(self, rid: int) -> None:
         with contextlib.suppress(Exception):
-            bufs = encode_frame(MsgType.CANCEL, {"request_id": rid}, flags=Flags.ONEWAY)
-            self._transport.write(bufs[0])
+            self._write(MsgType.CANCEL, {"request_id": rid}, (), _ONEWAY, 0)
+
+    def _write_raw(self, msg_type: MsgType, meta: dict[str, Any], rid: int) -> None:
+        """An immediate response (PONG, ERROR) written from a callback, no waiting."""
+        if self._is_closed:
+            return
+        self._write(msg_type, meta, (), _RESPONSE, rid)
+
+    def _write_error(self, rid: int, code: ErrorCode, message: str) -> None:
+        self._write_raw(MsgType.ERROR, {"code": int(code), "message": message}, rid)
+
+    def _fatal(self, exc: ProtocolError, rid: int) -> None:
+        log.info("%s: closing after protocol error: %s", self, exc)
+        self._write_error(rid, exc.code, exc.message)
+        self.close(exc.message)
 
     # -- receiving ----------------------------------------------------------------------------
 
     def _on_frame(self, header: Header, body: memoryview) -> None:
+        """A complete frame from the socket (called by the receive protocol)."""
         self.last_recv = time.monotonic()
         self.frames_in += 1
-        self.bytes_in += HEADER_SIZE + header.body_len
-        is_request = not header.flags & Flags.RESPONSE
+        meta_len = header.meta_len
+        n = HEADER_SIZE + meta_len + header.payload_len
+        self.bytes_in += n
         try:
-            frame = body_to_frame(header, body)
+            msg_type = _MSG_TYPES.get(header.msg_type)
+            if msg_type is None or not meta_len:
+                frame = body_to_frame(header, body)
+            else:
+                try:
+                    meta = _unpackb(body[:meta_len], raw=False, strict_map_key=True, use_list=True)
+                except Exception:
+                    meta = None
+                if type(meta) is not dict:
+                    frame = body_to_frame(header, body)  # raises the typed error
+                else:
+                    frame = Frame(msg_type, header.flags, header.request_id, meta, body[meta_len:], n)
         except ProtocolError as exc:
             log.debug("%s: bad frame: %s", self, exc)
-            if is_request and header.request_id and not header.flags & Flags.ONEWAY:
-                self._write_error(header.request_id, exc.code, exc.message)
-            elif not is_request:
+            if not header.flags & _RESPONSE:
+                if header.request_id and not header.flags & _ONEWAY:
+                    self._write_error(header.request_id, exc.code, exc.message)
+            else:
                 self._resolve(header.request_id, exc)
             return
-        if not is_request:
-            if frame.msg_type == MsgType.ERROR:
+        self._on_decoded(frame)
+
+    def _on_decoded(self, frame: Frame) -> None:
+        flags = frame.flags
+        if flags & _RESPONSE:
+            if frame.msg_type is MsgType.ERROR:
                 meta = frame.meta
                 self._resolve(
                     frame.request_id,
@@ -289,35 +369,85 @@ class Connection:
             else:
                 self._resolve(frame.request_id, frame)
             return
-        if frame.msg_type == MsgType.PING:
-            if frame.request_id:
-                self._write_raw(MsgType.PONG, {"t": frame.meta.get("t")}, frame.request_id)
+        t = frame.msg_type
+        rid = frame.request_id
+        if t is MsgType.PING:
+            if rid:
+                self._write_raw(MsgType.PONG, {"t": frame.meta.get("t")}, rid)
             return
-        if frame.msg_type == MsgType.CANCEL:
+        if t is MsgType.CANCEL:
             task = self._handlers.get(frame.meta.get("request_id", -1))
             if task is not None:
                 task.cancel()
             return
-        if frame.msg_type == MsgType.PONG or frame.msg_type == MsgType.ERROR:
+        if t is MsgType.PONG or t is MsgType.ERROR:
             return  # responses without the flag: ignore
-        task = asyncio.get_running_loop().create_task(self._handle(frame))
-        if frame.request_id and not frame.flags & Flags.ONEWAY:
-            old = self._handlers.get(frame.request_id)
+        if rid and not flags & _ONEWAY:
+            old = self._handlers.get(rid)
             if old is not None:  # a peer reusing an id in flight: the new one answers
                 old.cancel()
-            self._handlers[frame.request_id] = task
-            task.add_done_callback(functools.partial(self._handler_done, frame.request_id))
+            if self._idle:
+                task, wake = self._idle.pop()
+                self._handlers[rid] = task
+                wake.set_result(frame)
+            else:
+                self._handlers[rid] = self._loop.create_task(self._serve(frame))
         else:
-            self._oneway_tasks.add(task)
-            task.add_done_callback(self._oneway_tasks.discard)
-        if len(self._handlers) + len(self._oneway_tasks) > MAX_INFLIGHT_HANDLERS:
+            self._oneway.append(frame)
+            if self._pump is None:
+                self._pump = self._loop.create_task(self._pump_oneway())
+            else:
+                pump_wake = self._pump_wake
+                if pump_wake is not None:
+                    self._pump_wake = None
+                    pump_wake.set_result(None)
+        if len(self._handlers) + len(self._oneway) > MAX_INFLIGHT_HANDLERS and self._protocol:
             self._protocol.pause()
 
-    def _handler_done(self, rid: int, task: asyncio.Task[None]) -> None:
-        if self._handlers.get(rid) is task:
-            del self._handlers[rid]
-        if len(self._handlers) + len(self._oneway_tasks) < MAX_INFLIGHT_HANDLERS // 2:
+    async def _serve(self, frame: Frame) -> None:
+        """A request task: handles `frame`, then parks to take the next request (up to
+        MAX_IDLE_WORKERS parked per connection), so a request usually costs a wake-up, not a
+        new task. CANCEL cancels the task while it handles that request only."""
+        task = asyncio.current_task()
+        assert task is not None
+        idle = self._idle
+        while True:
+            rid = frame.request_id
+            try:
+                await self._handle(frame)
+            except asyncio.CancelledError:
+                if self._is_closed:
+                    raise
+                # Cancelled by CANCEL (or a coordinator stopping its job): that request is over.
+            finally:
+                if self._handlers.get(rid) is task:
+                    del self._handlers[rid]
+            while task.uncancel() > 0:  # the next request starts with no cancellation pending
+                pass
+            if self._protocol is not None and self._protocol.paused:
+                self._maybe_resume()
+            if self._is_closed or len(idle) >= MAX_IDLE_WORKERS:
+                return
+            wake: asyncio.Future[Frame] = self._loop.create_future()
+            idle.append((task, wake))
+            frame = await wake
+
+    def _maybe_resume(self) -> None:
+        if self._protocol is not None and (
+            len(self._handlers) + len(self._oneway) < MAX_INFLIGHT_HANDLERS // 2
+        ):
             self._protocol.resume()
+
+    async def _pump_oneway(self) -> None:
+        """Handle one-way frames in arrival order; park on a future when there are none."""
+        queue = self._oneway
+        while not self._is_closed:
+            while queue:
+                await self._handle(queue.popleft())
+                if self._protocol is not None and self._protocol.paused:
+                    self._maybe_resume()
+            wake = self._pump_wake = self._loop.create_future()
+            await wake
 
     def _resolve(self, rid: int, item: Frame | BaseException) -> None:
         waiter = self._pending.get(rid)
@@ -326,10 +456,10 @@ class Connection:
             return
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait(item)
-            if isinstance(item, BaseException) or not item.is_partial:
+            if isinstance(item, BaseException) or not item.flags & _STREAM:
                 del self._pending[rid]
             return
-        if isinstance(item, Frame) and item.is_partial:
+        if isinstance(item, Frame) and item.flags & _STREAM:
             log.debug("%s: partial response to a plain request %d dropped", self, rid)
             return
         del self._pending[rid]
@@ -344,15 +474,12 @@ class Connection:
         req = Request(self, frame)
         try:
             reply = await self._handler(self, req)
-            if req.wants_reply and not self.closed:
-                reply = reply or Reply()
-                await self.send_frame(
-                    reply.msg_type,
-                    reply.meta,
-                    reply.payload,
-                    flags=Flags.RESPONSE,
-                    request_id=frame.request_id,
-                )
+            if frame.request_id and not frame.flags & _ONEWAY and not self._is_closed:
+                if reply is None:
+                    reply = Reply()
+                self._write(reply.msg_type, reply.meta, reply.payload, _RESPONSE, frame.request_id)
+                if self._paused_writing:
+                    await self._can_write.wait()
         except ProtocolError as exc:
             if req.wants_reply:
                 self._write_error(frame.request_id, exc.code, exc.message)
@@ -364,34 +491,18 @@ class Connection:
                 raise  # really cancelled: by CANCEL, a closing connection or shutdown
             # A CancelledError that escaped a handler without anyone cancelling it.
             log.warning("%s: handler for %s raised a stray CancelledError", self, frame.msg_type.name)
-            if req.wants_reply and not self.closed:
+            if req.wants_reply and not self._is_closed:
                 self._write_error(frame.request_id, ErrorCode.INTERNAL, "handler was cancelled")
         except ConnectionClosed as exc:
             # Either this connection closed (nothing can be sent) or one the handler used
             # to reach another peer did: tell our caller which peer went away.
             log.debug("%s: connection closed while handling %s: %s", self, frame.msg_type.name, exc)
-            if req.wants_reply and not self.closed:
+            if req.wants_reply and not self._is_closed:
                 self._write_error(frame.request_id, ErrorCode.PEER_DOWN, str(exc))
         except Exception as exc:
             log.warning("%s: handler for %s failed", self, frame.msg_type.name, exc_info=True)
             if req.wants_reply:
                 self._write_error(frame.request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-
-    def _write_raw(self, msg_type: MsgType, meta: dict[str, Any], rid: int) -> None:
-        if self.closed:
-            return
-        buf = encode_frame(msg_type, meta, flags=Flags.RESPONSE, request_id=rid)[0]
-        self._transport.write(buf)
-        self.frames_out += 1
-        self.bytes_out += len(buf)
-
-    def _write_error(self, rid: int, code: ErrorCode, message: str) -> None:
-        self._write_raw(MsgType.ERROR, {"code": int(code), "message": message}, rid)
-
-    def _fatal(self, exc: ProtocolError, rid: int) -> None:
-        log.info("%s: closing after protocol error: %s", self, exc)
-        self._write_error(rid, exc.code, exc.message)
-        self.close(exc.message)
 
     # -- keepalive ----------------------------------------------------------------------------
 
@@ -400,14 +511,12 @@ class Connection:
     ) -> None:
         """PING every `interval`; close if nothing was received for `timeout` seconds."""
         if self._keepalive is None:
-            self._keepalive = asyncio.get_running_loop().create_task(
-                self._keepalive_loop(interval, timeout, on_rtt)
-            )
+            self._keepalive = self._loop.create_task(self._keepalive_loop(interval, timeout, on_rtt))
 
     async def _keepalive_loop(
         self, interval: float, timeout: float, on_rtt: Callable[[float], None] | None
     ) -> None:
-        while not self.closed:
+        while not self._is_closed:
             silent = time.monotonic() - self.last_recv
             if silent > timeout:
                 self.close(f"no traffic for {silent:.1f}s (keepalive timeout {timeout}s)")
@@ -427,23 +536,27 @@ class Connection:
     # -- closing ------------------------------------------------------------------------------
 
     def close(self, reason: str = "closed") -> None:
-        if self.closed:
+        if self._is_closed:
             return
         self._close_reason = self._close_reason or reason
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()
         self._finish(reason)
 
     def abort(self, reason: str = "aborted") -> None:
         """Close without flushing (tests use it to emulate a dead peer)."""
         self._close_reason = self._close_reason or reason
-        self._transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
         self._finish(reason)
 
     def _finish(self, reason: str) -> None:
-        if self.closed:
+        if self._is_closed:
             return
+        self._is_closed = True
         self._close_reason = self._close_reason or reason
         self._closed.set()
+        self._paused_writing = False
         self._can_write.set()
         err = ConnectionClosed(f"connection {self.name or self.peername} closed: {self._close_reason}")
         for rid, waiter in list(self._pending.items()):
@@ -452,9 +565,16 @@ class Connection:
             elif not waiter.done():
                 waiter.set_exception(err)
             del self._pending[rid]
-        for task in list(self._handlers.values()) + list(self._oneway_tasks):
+        for task in list(self._handlers.values()):
             task.cancel()
-        if self._keepalive is not None and self._keepalive is not asyncio.current_task():
+        for task, _ in self._idle:
+            task.cancel()
+        self._idle.clear()
+        self._oneway.clear()
+        current = asyncio.current_task()
+        if self._pump is not None and self._pump is not current:
+            self._pump.cancel()
+        if self._keepalive is not None and self._keepalive is not current:
             self._keepalive.cancel()
         for cb in self._close_callbacks:
             try:
@@ -463,145 +583,18 @@ class Connection:
                 log.warning("%s: close callback failed", self, exc_info=True)
         self._close_callbacks.clear()
 
+    # -- receive-protocol callbacks (FrameSink) -----------------------------------------------
 
-class FrameProtocol(asyncio.BufferedProtocol):
-    """Parses frames out of the byte stream; see the module docstring."""
+    def _lost(self, reason: str) -> None:
+        self._finish(reason)
 
-    def __init__(self, make_connection: Callable[[asyncio.Transport, FrameProtocol], Connection]):
-        self._make_connection = make_connection
-        self.conn: Connection | None = None
-        self._transport: asyncio.Transport | None = None
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._header: Header | None = None
-        self._payload: memoryview | None = None  # direct-receive target
-        self._body: memoryview | None = None
-        self._meta_len = 0
-        self._pos = 0
-        self._paused = False
-        self._dead = False
-        self.made: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
+    def _pause_writing(self) -> None:
+        self._paused_writing = True
+        self._can_write.clear()
 
-    # asyncio callbacks --------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = self._make_connection(transport, self)
-        if not self.made.done():
-            self.made.set_result(self.conn)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._dead = True
-        if self.conn is not None:
-            self.conn._finish(f"connection lost: {exc}" if exc else "peer closed the connection")
-
-    def pause_writing(self) -> None:
-        if self.conn is not None:
-            self.conn._can_write.clear()
-
-    def resume_writing(self) -> None:
-        if self.conn is not None:
-            self.conn._can_write.set()
-
-    def eof_received(self) -> bool | None:
-        return False  # close the transport
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._body is not None:
-            return self._body[self._pos :]
-        if len(self._buf) - self._end < 4096:
-            self._compact()
-        return self._view[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._dead:
-            return
-        if self._body is not None:
-            self._pos += nbytes
-            if self._pos == len(self._body):
-                header, body = self._header, self._body
-                self._header = None
-                self._body = None
-                assert header is not None and self.conn is not None
-                self.conn._on_frame(header, body)
-            return
-        self._end += nbytes
-        self._parse()
-
-    # parsing ------------------------------------------------------------------------------
-
-    def _compact(self) -> None:
-        n = self._end - self._start
-        if self._start:
-            self._buf[:n] = self._buf[self._start : self._end]
-            self._start, self._end = 0, n
-
-    def _parse(self) -> None:
-        conn = self.conn
-        assert conn is not None
-        while not self._dead and not conn.closed:
-            avail = self._end - self._start
-            if self._header is None:
-                if avail < HEADER_SIZE:
-                    break
-                raw = self._view[self._start : self._start + HEADER_SIZE]
-                try:
-                    self._header = unpack_header(raw, conn.limits)
-                except ProtocolError as exc:
-                    rid = int.from_bytes(raw[12:20], "big") if exc.code != ErrorCode.BAD_MAGIC else 0
-                    conn._fatal(exc, rid)
-                    self._dead = True
-                    return
-                self._start += HEADER_SIZE
-                avail -= HEADER_SIZE
-            header = self._header
-            body_len = header.body_len
-            if avail >= body_len:
-                # Whole body is here: copy it out of the shared buffer (small frames).
-                chunk = self._view[self._start : self._start + body_len]
-                body = memoryview(bytearray(chunk)) if body_len < SMALL_BODY else _alloc_body(header)
-                if body_len >= SMALL_BODY:
-                    body[:] = chunk
-                self._start += body_len
-                self._header = None
-                conn._on_frame(header, body)
-                continue
-            # Partial body: receive the rest directly into its own buffer.
-            body = _alloc_body(header)
-            body[:avail] = self._view[self._start : self._end]
-            self._start = self._end = 0
-            self._body = body
-            self._pos = avail
-            break
-        if self._start == self._end:
-            self._start = self._end = 0
-
-    def pause(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-
-    def resume(self) -> None:
-        if self._paused and self._transport is not None and not self._dead:
-            self._paused = False
-            self._transport.resume_reading()
-
-
-def _alloc_body(header: Header) -> memoryview:
-    """An uninitialised buffer for a frame body whose payload starts 64-byte aligned.
-
-    torch's allocator aligns to 64 bytes; the metadata is placed just before the next
-    64-byte boundary so the payload (and the tensors built on it) is aligned.
-    """
-    pad = -header.meta_len % 64
-    raw = torch.empty(pad + header.body_len, dtype=torch.uint8).numpy()
-    return memoryview(raw).cast("B")[pad:]  # type: ignore[arg-type]
+    def _resume_writing(self) -> None:
+        self._paused_writing = False
+        self._can_write.set()
 
 
 # -- opening connections ---------------------------------------------------------------------
@@ -631,7 +624,9 @@ async def connect(
             lambda: FrameProtocol(_factory(handler, limits or Limits(), name)), host, port
         )
         # uvloop may call connection_made after create_connection returns.
-        return await proto.made
+        conn = await proto.made
+        assert isinstance(conn, Connection)
+        return conn
 
 
 async def serve(

@@ -18,9 +18,9 @@ Network byte order (big-endian) throughout: struct format "!4sHHHHQIQ".
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -30,6 +30,9 @@ MAGIC = b"P2PL"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!4sHHHHQIQ")
 HEADER_SIZE = HEADER.size  # 32
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
+_unpackb = msgpack.unpackb
 MAX_REQUEST_ID = 2**64 - 1
 
 DEFAULT_MAX_META = 1 << 20  # 1 MiB of metadata
@@ -66,8 +69,9 @@ class Limits:
             raise ValueError(f"max_payload must be in [0, 2**64), got {self.max_payload}")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """A parsed header (a tuple: built once per received frame, on the hot path)."""
+
     msg_type: int
     flags: int
     request_id: int
@@ -80,15 +84,23 @@ class Header:
         return self.meta_len + self.payload_len
 
 
-@dataclass
+@dataclass(slots=True)
 class Frame:
-    """A decoded frame. `payload` is a view of the received buffer (no copy)."""
+    """A decoded frame. `payload` is a view of the received buffer (no copy).
+
+    Byte counts come from the connection that carried the frame, so nobody re-encodes a
+    frame to count it: `wire_bytes` is what this frame took on the wire (header, metadata,
+    payload), and on a response `sent_bytes` is what the request it answers took; both are 0
+    for a frame handed over in-process (a role calling a role on its own daemon).
+    """
 
     msg_type: MsgType
     flags: int  # a Flags bit set, kept as a plain int (cheap on the hot path)
     request_id: int
     meta: dict[str, Any] = field(default_factory=dict)
     payload: memoryview = field(default_factory=lambda: memoryview(b""))
+    wire_bytes: int = 0
+    sent_bytes: int = 0
 
     @property
     def is_response(self) -> bool:
@@ -102,9 +114,7 @@ class Frame:
 def pack_header(
     msg_type: int, flags: int, request_id: int, meta_len: int, payload_len: int
 ) -> bytes:
-    return HEADER.pack(
-        MAGIC, PROTOCOL_VERSION, msg_type, flags, 0, request_id, meta_len, payload_len
-    )
+    return _pack(MAGIC, PROTOCOL_VERSION, msg_type, flags, 0, request_id, meta_len, payload_len)
 
 
 def unpack_header(data: Buffer, limits: Limits) -> Header:
@@ -112,8 +122,12 @@ def unpack_header(data: Buffer, limits: Limits) -> Header:
     if len(data) < HEADER_SIZE:
         raise ProtocolError(ErrorCode.BAD_META, "truncated header", fatal=True)
     magic, version, msg_type, flags, _reserved, request_id, meta_len, payload_len = (
-        HEADER.unpack_from(data)
+        _unpack_from(data)
     )
+    if magic == MAGIC and version == PROTOCOL_VERSION and meta_len <= limits.max_meta and (
+        payload_len <= limits.max_payload
+    ):
+        return Header(msg_type, flags, request_id, meta_len, payload_len, version)
     if magic != MAGIC:
         raise ProtocolError(
             ErrorCode.BAD_MAGIC, f"bad magic {bytes(magic)!r}, expected {MAGIC!r}", fatal=True
@@ -143,13 +157,17 @@ def encode_meta(meta: Mapping[str, Any]) -> bytes:
     return msgpack.packb(meta, use_bin_type=True)
 
 
+def meta_packer() -> Callable[[Mapping[str, Any]], bytes]:
+    """A reusable metadata encoder (same bytes as :func:`encode_meta`, without building a
+    Packer per call). Not thread-safe: one per connection, used on its event loop."""
+    return msgpack.Packer(use_bin_type=True).pack  # type: ignore[no-any-return]
+
+
 def decode_meta(data: Buffer) -> dict[str, Any]:
     if len(data) == 0:
         return {}
     try:
-        meta = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True
-        )
+        meta = _unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(ErrorCode.BAD_META, f"invalid msgpack metadata: {exc}") from exc
     if not isinstance(meta, dict):
@@ -195,11 +213,7 @@ def body_to_frame(header: Header, body: memoryview) -> Frame:
     msg_type = _MSG_TYPES.get(header.msg_type)
     if msg_type is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type 0x{header.msg_type:04x}")
-    meta = decode_meta(body[: header.meta_len])
-    return Frame(
-        msg_type=msg_type,
-        flags=header.flags,
-        request_id=header.request_id,
-        meta=meta,
-        payload=body[header.meta_len :],
-    )
+    meta_len = header.meta_len
+    meta = decode_meta(body[:meta_len]) if meta_len else {}
+    return Frame(msg_type, header.flags, header.request_id, meta, body[meta_len:],
+                 HEADER_SIZE + len(body))

@@ -1,0 +1,217 @@
+"""Receiving frames from a TCP stream: an asyncio BufferedProtocol feeding a FrameSink.
+
+- Small frames are parsed out of one reusable buffer (each body copied out, it is small).
+- A large body is received straight into its own buffer (one kernel copy, no re-assembly),
+  laid out so that the payload starts 64-byte aligned, and tensors are built on it.
+- A header is validated against the limits before anything is allocated for its body.
+
+No torch here: large bodies live in anonymous memory maps (page-aligned, not zero-filled
+twice), so the wire layer and the CLI load without torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import mmap
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from p2pllm.wire.frame import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    Header,
+    Limits,
+    ProtocolError,
+    unpack_header,
+)
+from p2pllm.wire.messages import ErrorCode
+
+RECV_BUFFER = 256 * 1024  # reusable receive buffer for small frames
+SMALL_BODY = 64 * 1024  # bodies below this are copied into a plain bytearray
+
+_unpack_from = HEADER.unpack_from
+_make_header = functools.partial(tuple.__new__, Header)  # Header._make without its checks
+
+
+class FrameSink:
+    """What the protocol delivers to (the Connection): frames, fatal errors, flow control."""
+
+    limits: Limits
+    _is_closed: bool = False
+
+    def _on_frame(self, header: Header, body: memoryview) -> None:
+        raise NotImplementedError
+
+    def _fatal(self, exc: ProtocolError, rid: int) -> None:
+        raise NotImplementedError
+
+    def _lost(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _pause_writing(self) -> None:
+        raise NotImplementedError
+
+    def _resume_writing(self) -> None:
+        raise NotImplementedError
+
+
+def alloc_aligned(nbytes: int, offset: int = 0) -> memoryview:
+    """A writable buffer of `nbytes`; from SMALL_BODY bytes up, its byte `offset` sits on a
+    64-byte boundary.
+
+    Large buffers are anonymous memory maps (page-aligned; the kernel hands out zero pages
+    on first touch, so nothing is written twice); small ones are plain bytearrays, as small
+    bodies copied out of the receive buffer are.
+    """
+    if nbytes < SMALL_BODY:
+        return memoryview(bytearray(nbytes))
+    pad = -offset % 64
+    return memoryview(mmap.mmap(-1, pad + nbytes))[pad:]
+
+
+def alloc_body(header: Header) -> memoryview:
+    """An uninitialised buffer for a frame body whose payload starts 64-byte aligned."""
+    return alloc_aligned(header.meta_len + header.payload_len, header.meta_len)
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """Parses frames out of the byte stream; see the module docstring."""
+
+    def __init__(self, make_connection: Callable[[asyncio.Transport, FrameProtocol], FrameSink]):
+        self._make_connection = make_connection
+        self.conn: FrameSink | None = None
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._header: Header | None = None
+        self._body: memoryview | None = None
+        self._pos = 0
+        self.paused = False
+        self._dead = False
+        self.made: asyncio.Future[FrameSink] = asyncio.get_running_loop().create_future()
+
+    # asyncio callbacks --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = self._make_connection(transport, self)
+        if not self.made.done():
+            self.made.set_result(self.conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._dead = True
+        if self.conn is not None:
+            self.conn._lost(f"connection lost: {exc}" if exc else "peer closed the connection")
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._resume_writing()
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return self._body[self._pos :]
+        if len(self._buf) - self._end < 4096:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._dead:
+            return
+        if self._body is not None:
+            self._pos += nbytes
+            if self._pos == len(self._body):
+                header, body = self._header, self._body
+                self._header = None
+                self._body = None
+                assert header is not None and self.conn is not None
+                self.conn._on_frame(header, body)
+            return
+        self._end += nbytes
+        self._parse()
+
+    # parsing ------------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if self._start:
+            self._buf[:n] = self._buf[self._start : self._end]
+            self._start, self._end = 0, n
+
+    def _parse(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        view = self._view
+        limits = conn.limits
+        while not self._dead and not conn._is_closed:
+            avail = self._end - self._start
+            header = self._header
+            if header is None:
+                if avail < HEADER_SIZE:
+                    break
+                start = self._start
+                magic, version, msg_type, flags, _, rid, meta_len, payload_len = _unpack_from(view, start)
+                if magic == MAGIC and version == PROTOCOL_VERSION and meta_len <= limits.max_meta and (
+                    payload_len <= limits.max_payload
+                ):
+                    header = _make_header((msg_type, flags, rid, meta_len, payload_len, version))
+                else:
+                    raw = view[start : start + HEADER_SIZE]
+                    try:
+                        header = unpack_header(raw, limits)  # raises the typed error
+                    except ProtocolError as exc:
+                        rid = int.from_bytes(raw[12:20], "big") if exc.code != ErrorCode.BAD_MAGIC else 0
+                        conn._fatal(exc, rid)
+                        self._dead = True
+                        return
+                self._header = header
+                self._start = start + HEADER_SIZE
+                avail -= HEADER_SIZE
+            body_len = header.meta_len + header.payload_len
+            if avail >= body_len:
+                # Whole body is here: copy it out of the shared buffer (small frames).
+                start = self._start
+                if body_len < SMALL_BODY:
+                    body = memoryview(self._buf[start : start + body_len])
+                else:
+                    body = alloc_body(header)
+                    body[:] = view[start : start + body_len]
+                self._start = start + body_len
+                self._header = None
+                conn._on_frame(header, body)
+                continue
+            # Partial body: receive the rest directly into its own buffer.
+            body = alloc_body(header)
+            body[:avail] = view[self._start : self._end]
+            self._start = self._end = 0
+            self._body = body
+            self._pos = avail
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def pause(self) -> None:
+        if not self.paused and self._transport is not None:
+            self.paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self._transport is not None and not self._dead:
+            self.paused = False
+            self._transport.resume_reading()
