@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 
+from p2pllm.wire.tensors import COMPUTE_DTYPES
+
 DEFAULT_MODEL = "shakespeare"
 DEFAULT_DRAFT_MODEL = "shakespeare-draft"
-DTYPES = ("float32", "bfloat16", "float16")
 QUANTS = ("none", "int8", "int4")  # p2pllm.engine.quant.QUANT_MODES (no torch import here)
 
 
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"Hugging Face hub id (default {DEFAULT_MODEL})")
     p.add_argument("--models-dir", default=None, help="directory of named checkpoints")
     p.add_argument("--adapter", default=None, help="peft LoRA adapter directory, merged at load")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
                    help="weight dtype (default float32 on CPU)")
     p.add_argument("--quant", choices=QUANTS, default=None,
                    help="weight-only quantized linears for inference: int8 (per channel) or "
@@ -78,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     split.add_argument("--shards", type=_positive_int, default=None, help="number of shards")
     split.add_argument("--layers", default=None,
                        help="explicit layer ranges, e.g. 0-7,7-16 (default: planned by memory)")
-    split.add_argument("--wire-dtype", choices=DTYPES, default=None,
+    split.add_argument("--wire-dtype", choices=COMPUTE_DTYPES, default=None,
                        help="dtype of hidden states between shards (default float32)")
     split.add_argument("--batch-decode", action="store_const", const=True, default=None,
                        help="batch decode steps of concurrent sessions on each shard (faster "

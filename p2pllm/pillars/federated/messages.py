@@ -11,32 +11,110 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from p2pllm.pillars.federated.lora import DEFAULT_TARGETS, QUANTIZE_CHOICES, LoraSpec
-from p2pllm.wire.frame import ProtocolError
-from p2pllm.wire.messages import ErrorCode
+from p2pllm.pillars.messages import JOB, RID
+from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, OneOf, Str, Tensor
 
 AGGREGATIONS = ("fedavg", "fedavgm")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+_RUN_NAME = re.compile(RUN_NAME)
+SEED = 2**63 - 1
 
 
-def _int(name: str, v: Any, lo: int, hi: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
+def _targets(name: str, default: Any) -> OneOf:
+    return OneOf(name, (List("", Str("", 1, 256), max_len=256), Str("", 1, 256)), default=default,
+                 doc="module names (one string: a single name, e.g. \"all-linear\")")
 
 
-def _float(name: str, v: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if ok:
-        ok = (v > lo if open_lo else v >= lo) and v <= hi
-    if not ok:
-        raise ValueError(f"{name} must be a number in {'(' if open_lo else '['}{lo}, {hi}], got {v!r}")
+# ---------------------------------------------------------------------------------------------
+# Bodies (protocol.md section 10). The LoRA numbers' bounds are LoraSpec's (lora.py).
+# ---------------------------------------------------------------------------------------------
+
+FL_LORA = Body("fl lora", [
+    Int("rank", default=8, doc="1..4096"),
+    Float("alpha", default=16.0, doc="> 0"),
+    Float("dropout", default=0.05, doc="in [0, 1)"),
+    _targets("target_modules", list(DEFAULT_TARGETS)),
+], doc="LoRA of a federated run (LoraSpec)")
+
+FL_RUN = Body("FL_RUN", [
+    Str("model", 1, doc="name or path"),
+    Int("rounds", 1, 100_000, default=3),
+    Int("clients", 1, 10_000, default=None, doc="nil: every eligible node"),
+    Int("min_clients", 1, 10_000, default=1),
+    Int("local_steps", 1, 10_000_000, default=20),
+    Float("local_epochs", 0.0, 10_000.0, lo_open=True, default=None,
+          doc="set: overrides local_steps"),
+    Float("lr", 0.0, 10.0, lo_open=True, default=1e-3),
+    Int("batch_size", 1, 65_536, default=8),
+    Int("block_size", 2, 1 << 20, default=128),
+    Float("eval_fraction", 0.0, 0.9, lo_open=True, default=0.1),
+    Int("lora_rank", default=8, doc="1..4096"),
+    Float("lora_alpha", default=16.0, doc="> 0"),
+    Float("lora_dropout", default=0.05, doc="in [0, 1)"),
+    _targets("target_modules", list(DEFAULT_TARGETS)),
+    Float("round_timeout", 0.0, 7 * 86400.0, lo_open=True, default=300.0, doc="seconds"),
+    Enum("aggregation", AGGREGATIONS, default="fedavg"),
+    Float("server_lr", 0.0, 100.0, lo_open=True, default=1.0),
+    Float("server_momentum", 0.0, 0.999, default=0.9),
+    Int("seed", 0, SEED, default=0),
+    Enum("quantize", QUANTIZE_CHOICES, default=None, doc="QLoRA"),
+    Int("max_retries", 0, 1000, default=3, doc="of a round"),
+    Float("wait_clients", 0.0, 3600.0, default=10.0, doc="seconds to wait for enough clients"),
+    Bool("resume", default=False, doc="continue from the checkpoint"),
+    Str("out", 1, default=None, doc="the adapter's directory"),
+    Str("run_name", pattern=RUN_NAME, default=None, doc="the checkpoint's name"),
+], extra="reject", doc="an FL run, as `p2pllm fl run` asks for it")
+
+ASSIGN_FL_CLIENT = Body("ASSIGN fl-client", [
+    Str("model", 1, doc="the name (looked up in the client's --models-dir first)"),
+    Str("model_path", 1, default=None, doc="the coordinator's path to it (default: model)"),
+    Map("lora", FL_LORA),
+    Int("block_size", 2, 1 << 20, default=128),
+    Float("eval_fraction", 0.0, 0.9, lo_open=True, default=0.1),
+    Int("seed", 0, SEED, default=0),
+    Enum("quantize", QUANTIZE_CHOICES, default=None),
+], doc="ASSIGN params of an fl-client role")
+
+_ADAPTER = Tensor("*", ("float32",), min_rank=1, max_rank=2, doc="adapter tensors, peft's names")
+
+FL_TRAIN = Body("FL_TRAIN", [
+    JOB(),
+    RID(),
+    Int("round", 1, 1 << 31),
+    Int("local_steps", 1, 10_000_000),
+    Float("lr", 0.0, 10.0, lo_open=True),
+    Int("batch_size", 1, 65_536),
+    Int("seed", 0, SEED, default=0),
+    Float("local_epochs", 0.0, 10_000.0, lo_open=True, default=None,
+          doc="set: epochs over the training blocks instead of local_steps"),
+], tensors=[_ADAPTER])
+
+FL_TRAIN_REPLY = Body("FL_TRAIN reply", [
+    Int("round", 1, 1 << 31),
+    Int("num_examples", 1, doc="training blocks of the client"),
+    Float("train_loss", default=None, doc="mean over the steps"),
+    Float("eval_loss", default=None, doc="of the client's adapter on its eval blocks"),
+    Int("steps", 0, default=0),
+    Float("seconds", 0.0, default=0.0),
+], tensors=[_ADAPTER])
+
+FL_EVAL = Body("FL_EVAL", [JOB(), RID(), Int("round", 0, 1 << 31)], tensors=[_ADAPTER])
+
+FL_EVAL_REPLY = Body("FL_EVAL reply", [
+    Int("round", 0, 1 << 31),
+    Float("eval_loss", default=None),
+    Int("num_eval_examples", 0),
+])
 
 
-def _bad_request(what: str, exc: Exception) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_REQUEST, f"{what}: {exc}")
+def _lora(values: Mapping[str, Any]) -> LoraSpec:
+    t = values["target_modules"]
+    return LoraSpec(rank=values["rank"], alpha=values["alpha"], dropout=values["dropout"],
+                    target_modules=(t,) if isinstance(t, str) else tuple(t))
 
 
 @dataclass(frozen=True)
@@ -77,39 +155,11 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a non-empty string (a name or a path)")
-        _int("rounds", self.rounds, 1, 100_000)
-        if self.clients is not None:
-            _int("clients", self.clients, 1, 10_000)
-        _int("min_clients", self.min_clients, 1, 10_000)
+        """Checks across fields (each field's own bounds are FL_RUN's)."""
         if self.clients is not None and self.min_clients > self.clients:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds clients ({self.clients})")
-        _int("local_steps", self.local_steps, 1, 10_000_000)
-        if self.local_epochs is not None:
-            _float("local_epochs", self.local_epochs, 0.0, 10_000.0, open_lo=True)
-        _float("lr", self.lr, 0.0, 10.0, open_lo=True)
-        _int("batch_size", self.batch_size, 1, 65_536)
-        _int("block_size", self.block_size, 2, 1 << 20)
-        _float("eval_fraction", self.eval_fraction, 0.0, 0.9, open_lo=True)
         _ = self.lora  # validates the LoRA fields
-        _float("round_timeout", self.round_timeout, 0.0, 7 * 86400.0, open_lo=True)
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
-        _float("server_lr", self.server_lr, 0.0, 100.0, open_lo=True)
-        _float("server_momentum", self.server_momentum, 0.0, 0.999)
-        _int("seed", self.seed, 0, 2**63 - 1)
-        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
-            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
-        _int("max_retries", self.max_retries, 0, 1000)
-        _float("wait_clients", self.wait_clients, 0.0, 3600.0)
-        if not isinstance(self.resume, bool):
-            raise ValueError("resume must be a bool")
-        if self.out is not None and (not isinstance(self.out, str) or not self.out):
-            raise ValueError("out must be a directory path")
-        if self.run_name is not None and (
-            not isinstance(self.run_name, str) or not _RUN_NAME.match(self.run_name)
-        ):
+        if self.run_name is not None and not _RUN_NAME.fullmatch(self.run_name):
             raise ValueError(
                 f"run_name must be 1-100 characters of letters, digits, '.', '_', '-', got {self.run_name!r}"
             )
@@ -135,29 +185,21 @@ class RunConfig:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> RunConfig:
         """Defaults < ``base`` (a checkpoint's config) < ``meta``; BAD_REQUEST when invalid."""
-        known = {f.name for f in fields(cls)}
-        given = {k: v for k, v in meta.items() if k not in ("job", "rid") and v is not None}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"FL_RUN: unknown keys {unknown}; known: {sorted(known)}"
-            )
-        values = {k: v for k, v in (base or {}).items() if k in known}
-        values.update(given)
-        if isinstance(values.get("target_modules"), str):
-            values["target_modules"] = [values["target_modules"]]
-        if isinstance(values.get("target_modules"), list):
-            values["target_modules"] = tuple(values["target_modules"])
-        for key in ("lora_alpha", "lora_dropout", "lr", "round_timeout", "server_lr",
-                    "server_momentum", "eval_fraction", "wait_clients", "local_epochs"):
-            if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
-                values[key] = float(values[key])
+        values = FL_RUN.parse({}, partial=True)
+        if base:
+            values.update(FL_RUN.parse({k: v for k, v in base.items() if k in FL_RUN.by_name},
+                                       partial=True))
+        values.update(FL_RUN.parse(meta, partial=True))
         if "model" not in values:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "FL_RUN: model is required")
+            raise FL_RUN.error("model", "is required")
+        defaults = {f.key: f.default for f in FL_RUN.fields if not f.required}
+        values = {**defaults, **values}
+        t = values["target_modules"]
+        values["target_modules"] = (t,) if isinstance(t, str) else tuple(t)
         try:
             return cls(**values)
         except (TypeError, ValueError) as exc:
-            raise _bad_request("FL_RUN", exc) from exc
+            raise FL_RUN.error("", str(exc)) from exc
 
     def conflicts(self, saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
         """Structural keys the user gave explicitly that differ from the checkpoint's."""
@@ -184,43 +226,19 @@ class ClientParams:
     seed: int
     quantize: str | None = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not isinstance(self.model_path, str):
-            raise ValueError("model and model_path must be strings")
-        _int("block_size", self.block_size, 2, 1 << 20)
-        _float("eval_fraction", self.eval_fraction, 0.0, 0.9, open_lo=True)
-        _int("seed", self.seed, 0, 2**63 - 1)
-        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
-            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
-
     def to_meta(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "model_path": self.model_path,
-            "lora": self.lora.to_meta(),
-            "block_size": self.block_size,
-            "eval_fraction": self.eval_fraction,
-            "seed": self.seed,
-            "quantize": self.quantize,
-        }
+        return ASSIGN_FL_CLIENT.to_meta({**asdict(self), "lora": self.lora.to_meta()})
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> ClientParams:
+        v = ASSIGN_FL_CLIENT.parse(meta)
         try:
-            lora = meta.get("lora")
-            if not isinstance(lora, Mapping):
-                raise ValueError("lora must be a map")
-            return cls(
-                model=meta.get("model"),  # type: ignore[arg-type]
-                model_path=meta.get("model_path", meta.get("model")),  # type: ignore[arg-type]
-                lora=LoraSpec.from_meta(lora),
-                block_size=meta.get("block_size", 128),  # type: ignore[arg-type]
-                eval_fraction=meta.get("eval_fraction", 0.1),  # type: ignore[arg-type]
-                seed=meta.get("seed", 0),  # type: ignore[arg-type]
-                quantize=meta.get("quantize"),
-            )
-        except (TypeError, ValueError) as exc:
-            raise _bad_request("fl-client params", exc) from exc
+            lora = _lora(v["lora"])
+        except ValueError as exc:
+            raise ASSIGN_FL_CLIENT.error("lora", str(exc)) from exc
+        return cls(model=v["model"], model_path=v["model_path"] or v["model"], lora=lora,
+                   block_size=v["block_size"], eval_fraction=v["eval_fraction"], seed=v["seed"],
+                   quantize=v["quantize"])
 
 
 @dataclass(frozen=True)
@@ -234,15 +252,6 @@ class RoundConfig:
     seed: int
     local_epochs: float | None = None
 
-    def __post_init__(self) -> None:
-        _int("round", self.round, 1, 1 << 31)
-        _int("local_steps", self.local_steps, 1, 10_000_000)
-        _float("lr", self.lr, 0.0, 10.0, open_lo=True)
-        _int("batch_size", self.batch_size, 1, 65_536)
-        _int("seed", self.seed, 0, 2**63 - 1)
-        if self.local_epochs is not None:
-            _float("local_epochs", self.local_epochs, 0.0, 10_000.0, open_lo=True)
-
     def steps_for(self, num_examples: int) -> int:
         """Optimizer steps this round: local_steps, or local_epochs over the train blocks."""
         if self.local_epochs is None:
@@ -251,21 +260,10 @@ class RoundConfig:
         return max(1, round(self.local_epochs * per_epoch))
 
     def to_meta(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["local_epochs"] is None:
-            del d["local_epochs"]
-        return d
+        return FL_TRAIN.to_meta(self)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> RoundConfig:
-        try:
-            return cls(
-                round=meta.get("round"),  # type: ignore[arg-type]
-                local_steps=meta.get("local_steps"),  # type: ignore[arg-type]
-                lr=meta.get("lr"),  # type: ignore[arg-type]
-                batch_size=meta.get("batch_size"),  # type: ignore[arg-type]
-                seed=meta.get("seed", 0),  # type: ignore[arg-type]
-                local_epochs=meta.get("local_epochs"),
-            )
-        except (TypeError, ValueError) as exc:
-            raise _bad_request("FL_TRAIN", exc) from exc
+        v = FL_TRAIN.parse(meta)
+        del v["job"], v["rid"]
+        return cls(**v)

@@ -35,11 +35,12 @@ from p2pllm.pillars.speculative.messages import (
     error_code,
     params_from_meta,
 )
-from p2pllm.pillars.speculative.models import DTYPES, find_local_model, model_bytes
+from p2pllm.pillars.speculative.models import find_local_model, model_bytes
 from p2pllm.pillars.speculative.placement import Candidate, PlanError, rank_drafters, rank_verifiers
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
+from p2pllm.wire.tensors import COMPUTE_DTYPES
 
 __all__ = ["GenerateSpec", "coordinate"]
 
@@ -108,8 +109,8 @@ class GenerateSpec:
         dtype = meta.get("dtype") or "float32"
         draft_dtype = meta.get("draft_dtype") or dtype
         for d in (dtype, draft_dtype):
-            if d not in DTYPES:
-                raise _bad(f"dtype {d!r} is not supported; choose one of {sorted(DTYPES)}")
+            if d not in COMPUTE_DTYPES:
+                raise _bad(f"dtype {d!r} is not supported; choose one of {sorted(COMPUTE_DTYPES)}")
         pins = {k: meta.get(k) for k in ("verifier", "drafter")}
         for k, v in pins.items():
             if v is not None and (not isinstance(v, str) or not v):

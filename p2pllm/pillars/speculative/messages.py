@@ -12,7 +12,6 @@ float16, CSR style.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +19,27 @@ from typing import Any
 import torch
 
 from p2pllm.engine.sampling import SamplingParams
+from p2pllm.pillars.messages import (
+    JOB,
+    RID,
+    SAMPLING,
+    SEED,
+    TOKEN,
+    error_code,
+    sampling_from_values,
+    sampling_to_meta,
+)
 from p2pllm.pillars.speculative.acceptance import SparseDist
-from p2pllm.wire.frame import Buffer, ProtocolError
+from p2pllm.wire.frame import Buffer
 from p2pllm.wire.messages import ErrorCode
-from p2pllm.wire.tensors import tensor_meta, unpack_tensors
+from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, OneOf, Str, Tensor
+from p2pllm.wire.tensors import COMPUTE_DTYPES, tensor_meta, unpack_tensors
 
 __all__ = [
+    "ASSIGN_SPEC",
     "MAX_PROMPT",
     "MAX_WINDOW",
+    "SPEC_CLOSE",
     "DraftRun",
     "OpenReply",
     "OpenRequest",
@@ -42,48 +54,86 @@ MAX_WINDOW = 64  # drafted tokens per round, at most
 MAX_PROMPT = 1 << 17  # prompt tokens, at most
 MAX_TOKENS = 1 << 20  # tokens to generate, at most
 MAX_Q_ENTRIES = 1 << 16  # entries of one position's sparse q, at most
-Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SESSION = 2**63 - 1
+Q_DTYPES = ("float16", "bfloat16", "float32")
+
+AUTO = Enum("", ("auto",))
 
 
-def error_code(code: int) -> ErrorCode:
-    """The ErrorCode of a peer's ERROR (INTERNAL for a number this version does not know)."""
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.INTERNAL
+def _seed() -> Int:
+    return Int("seed", 0, SEED, doc="the session's random generator")
 
 
-def _bad(message: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_REQUEST, message)
+def _session() -> Int:
+    return Int("session", 0, MAX_SESSION, doc="the verifier's session id")
 
 
-def _int(meta: Mapping[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
-    value = meta.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _bad(f"{key!r} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
+# ---------------------------------------------------------------------------------------------
+# Bodies (protocol.md section 8)
+# ---------------------------------------------------------------------------------------------
 
+ASSIGN_SPEC = Body("ASSIGN drafter/verifier", [
+    Str("model", 1, doc="a model name, a bundled model's name or a checkpoint directory"),
+    Enum("dtype", COMPUTE_DTYPES, default="float32", doc="weights"),
+    Float("session_timeout", 0.0, lo_open=True, default=120.0,
+          doc="verifier: seconds a session may stay idle"),
+], doc="ASSIGN params of the drafter and verifier roles")
 
-def _ids(meta: Mapping[str, Any], key: str, max_len: int, min_len: int = 0) -> tuple[int, ...]:
-    value = meta.get(key)
-    if not isinstance(value, list) or not min_len <= len(value) <= max_len:
-        raise _bad(f"{key!r} must be a list of {min_len}..{max_len} token ids")
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in value):
-        raise _bad(f"{key!r} must hold token ids (integers in [0, 2^31))")
-    return tuple(value)
+SPEC_OPEN = Body("SPEC_OPEN", [
+    JOB(),
+    List("prompt", TOKEN, 1, MAX_PROMPT, doc="the prompt's token ids"),
+    Int("max_tokens", 1, MAX_TOKENS, doc="tokens to generate, at most"),
+    Map("params", SAMPLING, default={}, doc="sampling; its seed is ignored"),
+    _seed(),
+])
 
+SPEC_OPEN_REPLY = Body("SPEC_OPEN reply", [
+    _session(),
+    Int("vocab_size", 1, 2**31 - 1, doc="the target's"),
+    List("eos", TOKEN, max_len=64, doc="the target config's end ids"),
+    Int("limit", 1, 2**31 - 1, doc="positions the sequence may reach"),
+    Float("prefill_s", 0.0, default=0.0, attr="prefill_s", doc="seconds of prefill"),
+])
 
-def _mass(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
-        raise _bad(f"'q_mass' must be a number in (0, 1], got {value!r}")
-    return float(value)
+SPEC_VERIFY = Body("SPEC_VERIFY", [
+    JOB(),
+    _session(),
+    Int("start", 1, 2**31 - 1, doc="L, the committed length"),
+    List("tokens", TOKEN, max_len=MAX_WINDOW, doc="the drafted window, γ ids"),
+    Bool("q", default=False, doc="sampling: the payload carries the draft distributions"),
+], tensors=[
+    Tensor("q_len", ("int32",), ("γ",), doc="with q and γ > 0: entries of each position"),
+    Tensor("q_ids", ("int32",), ("K",), doc="with q and γ > 0: token ids, K = Σ q_len"),
+    Tensor("q_probs", Q_DTYPES, ("K",), doc="with q and γ > 0: their probabilities"),
+])
 
+SPEC_VERIFY_REPLY = Body("SPEC_VERIFY reply", [
+    Int("n", 0, MAX_WINDOW, attr="accepted", doc="draft tokens accepted"),
+    Int("next", 0, 2**31 - 1, doc="the token after them"),
+    Float("t", 0.0, default=0.0, attr="seconds", doc="seconds on this request"),
+    Float("tf", 0.0, default=0.0, attr="forward_s", doc="seconds of the forward pass"),
+    Int("b", 1, 2**31 - 1, default=1, attr="batch", doc="windows in that forward"),
+])
 
-def _str(meta: Mapping[str, Any], key: str) -> str:
-    value = meta.get(key)
-    if not isinstance(value, str) or not value:
-        raise _bad(f"{key!r} must be a non-empty string")
-    return value
+SPEC_CLOSE = Body("SPEC_CLOSE", [JOB(), _session()])
+
+SPEC_DRAFT_RUN = Body("SPEC_DRAFT_RUN", [
+    JOB(),
+    RID(),
+    List("prompt", TOKEN, 1, MAX_PROMPT, doc="the prompt's token ids"),
+    Int("max_tokens", 1, MAX_TOKENS, doc="tokens to generate, at most"),
+    Map("params", SAMPLING, default={}, doc="as in SPEC_OPEN"),
+    _seed(),
+    OneOf("window", (Int("", 0, MAX_WINDOW), AUTO), default="auto",
+          doc="a fixed draft window, or adaptive"),
+    Str("verifier", 1, 256, doc="the verifier's node id"),
+    List("stop", TOKEN, max_len=64, default=(), doc="extra stop ids"),
+    Int("q_top_k", 0, MAX_Q_ENTRIES, default=256, doc="most entries of q per position, 0 = no cap"),
+    Float("q_mass", 0.0, 1.0, lo_open=True, default=0.999, doc="... and no more than this mass"),
+    OneOf("overlap", (Bool(""), AUTO), default="auto", doc="the look-ahead (8.2)"),
+    Int("min_window", 1, MAX_WINDOW, default=1, doc="adaptive window bounds"),
+    Int("max_window", 1, MAX_WINDOW, default=16, doc="at least min_window (default max(16, min_window))"),
+])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,34 +142,12 @@ def _str(meta: Mapping[str, Any], key: str) -> str:
 
 
 def params_to_meta(params: SamplingParams) -> dict[str, Any]:
-    return {
-        "temperature": float(params.temperature),
-        "top_k": int(params.top_k),
-        "top_p": float(params.top_p),
-        "repetition_penalty": float(params.repetition_penalty),
-    }
+    return sampling_to_meta(params, seed=False)
 
 
 def params_from_meta(raw: Any, seed: int | None = None) -> SamplingParams:
-    """SamplingParams from a peer's map; ValueError from the dataclass becomes BAD_REQUEST."""
-    if not isinstance(raw, dict):
-        raise _bad("'params' must be a map")
-    unknown = set(raw) - {"temperature", "top_k", "top_p", "repetition_penalty"}
-    if unknown:
-        raise _bad(f"unknown sampling parameters {sorted(unknown)}")
-    try:
-        temperature = float(raw.get("temperature", 0.0))
-        top_p = float(raw.get("top_p", 1.0))
-        penalty = float(raw.get("repetition_penalty", 1.0))
-        top_k = raw.get("top_k", 0)
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=penalty, seed=seed)
-    except (TypeError, ValueError) as exc:
-        raise _bad(f"bad sampling parameters: {exc}") from exc
-
-
-def _seed(meta: Mapping[str, Any]) -> int:
-    return _int(meta, "seed", 0, 2**63 - 1)
+    """SamplingParams from a peer's map (the ``sampling`` body); BAD_REQUEST when malformed."""
+    return sampling_from_values(SAMPLING.parse(raw), seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,23 +165,14 @@ class OpenRequest:
     seed: int
 
     def to_meta(self, job: str) -> tuple[dict[str, Any], Sequence[Buffer]]:
-        return {
-            "job": job,
-            "prompt": list(self.prompt),
-            "max_tokens": self.max_tokens,
-            "params": params_to_meta(self.params),
-            "seed": self.seed,
-        }, ()
+        return SPEC_OPEN.to_meta({"job": job, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                                  "params": params_to_meta(self.params), "seed": self.seed}), ()
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> OpenRequest:
-        seed = _seed(meta)
-        return cls(
-            prompt=_ids(meta, "prompt", MAX_PROMPT, 1),
-            max_tokens=_int(meta, "max_tokens", 1, MAX_TOKENS),
-            params=params_from_meta(meta.get("params", {}), seed),
-            seed=seed,
-        )
+        v = SPEC_OPEN.parse(meta)
+        return cls(prompt=v["prompt"], max_tokens=v["max_tokens"],
+                   params=sampling_from_values(v["params"], v["seed"], SPEC_OPEN), seed=v["seed"])
 
 
 @dataclass(frozen=True)
@@ -167,24 +186,11 @@ class OpenReply:
     prefill_s: float
 
     def to_meta(self) -> dict[str, Any]:
-        return {
-            "session": self.session,
-            "vocab_size": self.vocab_size,
-            "eos": list(self.eos),
-            "limit": self.limit,
-            "prefill_s": self.prefill_s,
-        }
+        return SPEC_OPEN_REPLY.to_meta(self)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> OpenReply:
-        prefill = meta.get("prefill_s", 0.0)
-        return cls(
-            session=_int(meta, "session", 0, 2**63 - 1),
-            vocab_size=_int(meta, "vocab_size", 1, 2**31 - 1),
-            eos=_ids(meta, "eos", 64),
-            limit=_int(meta, "limit", 1, 2**31 - 1),
-            prefill_s=float(prefill) if isinstance(prefill, int | float) else 0.0,
-        )
+        return cls(**SPEC_OPEN_REPLY.parse(meta))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,52 +213,34 @@ class VerifyWindow:
             raise ValueError(f"{len(self.tokens)} tokens but {len(self.q)} draft distributions")
 
     def to_meta(self, job: str) -> tuple[dict[str, Any], Sequence[Buffer]]:
-        meta: dict[str, Any] = {
-            "job": job,
-            "session": self.session,
-            "start": self.start,
-            "tokens": list(self.tokens),
-        }
-        if self.q is None:
-            return meta, ()
+        meta = SPEC_VERIFY.to_meta({"job": job, "session": self.session, "start": self.start,
+                                    "tokens": self.tokens, "q": None if self.q is None else True})
         if not self.q:
-            return {**meta, "q": True}, ()
+            return meta, ()
         q_len = torch.tensor([d.k for d in self.q], dtype=torch.int32)
         q_ids = torch.cat([d.ids for d in self.q]).to(torch.int32)
         q_probs = torch.cat([d.probs for d in self.q])
-        meta["q"] = True
         return tensor_meta({"q_len": q_len, "q_ids": q_ids, "q_probs": q_probs}, meta)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], payload: memoryview) -> VerifyWindow:
-        session = _int(meta, "session", 0, 2**63 - 1)
-        start = _int(meta, "start", 1, 2**31 - 1)
-        tokens = _ids(meta, "tokens", MAX_WINDOW)
-        if not meta.get("q"):
+        v = SPEC_VERIFY.parse(meta)
+        session, start, tokens = v["session"], v["start"], v["tokens"]
+        if not v["q"]:
             if payload.nbytes:
-                raise _bad("a greedy window carries no payload")
+                raise SPEC_VERIFY.error("", "a greedy window carries no payload")
             return cls(session, start, tokens)
         if not tokens:
             if payload.nbytes:
-                raise _bad("an empty window carries no payload")
+                raise SPEC_VERIFY.error("", "an empty window carries no payload")
             return cls(session, start, tokens, ())
+        SPEC_VERIFY.check_tensors(meta, payload.nbytes, {"γ": len(tokens)})
         tensors = unpack_tensors(meta.get("tensors"), payload)
-        if set(tensors) != {"q_len", "q_ids", "q_probs"}:
-            raise ProtocolError(ErrorCode.BAD_TENSOR,
-                                f"a sampling window carries q_len, q_ids, q_probs; got {sorted(tensors)}")
         q_len, q_ids, q_probs = tensors["q_len"], tensors["q_ids"], tensors["q_probs"]
-        gamma = len(tokens)
-        if q_len.dtype != torch.int32 or tuple(q_len.shape) != (gamma,):
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"q_len must be int32 ({gamma},)")
-        if q_ids.dtype != torch.int32 or q_ids.dim() != 1:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, "q_ids must be int32 (Σk,)")
-        if q_probs.dtype not in Q_DTYPES or tuple(q_probs.shape) != tuple(q_ids.shape):
-            raise ProtocolError(ErrorCode.BAD_TENSOR,
-                                "q_probs must be float16, bfloat16 or float32, shaped like q_ids")
         lens = [int(k) for k in q_len.tolist()]
         if any(not 1 <= k <= MAX_Q_ENTRIES for k in lens) or sum(lens) != q_ids.numel():
-            raise ProtocolError(ErrorCode.BAD_TENSOR,
-                                f"q_len must be in [1, {MAX_Q_ENTRIES}] and sum to len(q_ids)")
+            raise SPEC_VERIFY.error("tensor 'q_len'", f"must be in [1, {MAX_Q_ENTRIES}] and sum "
+                                    f"to len(q_ids)", ErrorCode.BAD_TENSOR)
         # Own copies: the payload buffer is only valid while the handler runs.
         ids = q_ids.to(torch.int64)
         probs = q_probs.clone()
@@ -262,7 +250,7 @@ class VerifyWindow:
             try:
                 dists.append(SparseDist(ids=ids[offset:offset + k], probs=probs[offset:offset + k]))
             except ValueError as exc:
-                raise _bad(f"draft distribution {i}: {exc}") from exc
+                raise SPEC_VERIFY.error(f"draft distribution {i}:", str(exc)) from exc
             offset += k
         return cls(session, start, tokens, tuple(dists))
 
@@ -278,19 +266,11 @@ class VerifyReply:
     batch: int  # sessions verified in that forward
 
     def to_meta(self) -> dict[str, Any]:
-        return {"n": self.accepted, "next": self.next, "t": self.seconds, "tf": self.forward_s,
-                "b": self.batch}
+        return SPEC_VERIFY_REPLY.to_meta(self)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> VerifyReply:
-        t, tf = meta.get("t", 0.0), meta.get("tf", 0.0)
-        return cls(
-            accepted=_int(meta, "n", 0, MAX_WINDOW),
-            next=_int(meta, "next", 0, 2**31 - 1),
-            seconds=float(t) if isinstance(t, int | float) and math.isfinite(t) else 0.0,
-            forward_s=float(tf) if isinstance(tf, int | float) and math.isfinite(tf) else 0.0,
-            batch=_int(meta, "b", 1, 2**31 - 1, 1),
-        )
+        return cls(**SPEC_VERIFY_REPLY.parse(meta))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,46 +297,33 @@ class DraftRun:
     max_window: int = 16
 
     def to_meta(self, job: str) -> dict[str, Any]:
-        return {
-            "job": job,
-            "rid": "drafter",
-            "prompt": list(self.prompt),
-            "max_tokens": self.max_tokens,
-            "params": params_to_meta(self.params),
-            "seed": self.seed,
-            "window": "auto" if self.window is None else self.window,
-            "verifier": self.verifier,
-            "stop": list(self.stop),
-            "q_top_k": self.q_top_k,
-            "q_mass": self.q_mass,
+        return SPEC_DRAFT_RUN.to_meta({
+            "job": job, "rid": "drafter", "prompt": self.prompt, "max_tokens": self.max_tokens,
+            "params": params_to_meta(self.params), "seed": self.seed,
+            "window": "auto" if self.window is None else self.window, "verifier": self.verifier,
+            "stop": self.stop, "q_top_k": self.q_top_k, "q_mass": self.q_mass,
             "overlap": "auto" if self.overlap is None else self.overlap,
-            "min_window": self.min_window,
-            "max_window": self.max_window,
-        }
+            "min_window": self.min_window, "max_window": self.max_window,
+        })
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> DraftRun:
-        seed = _seed(meta)
-        raw_window = meta.get("window", "auto")
-        window = None if raw_window == "auto" else _int(meta, "window", 0, MAX_WINDOW)
-        overlap = meta.get("overlap", "auto")
-        if overlap == "auto":
-            overlap = None
-        elif not isinstance(overlap, bool):
-            raise _bad("'overlap' must be a boolean or \"auto\"")
-        lo = _int(meta, "min_window", 1, MAX_WINDOW, 1)
-        hi = _int(meta, "max_window", lo, MAX_WINDOW, max(lo, 16))
+        v = SPEC_DRAFT_RUN.parse(meta)
+        lo = v["min_window"]
+        hi = v["max_window"] if meta.get("max_window") is not None else max(lo, 16)
+        if hi < lo:
+            raise SPEC_DRAFT_RUN.error("max_window", f"must be at least min_window ({lo}), got {hi}")
         return cls(
-            prompt=_ids(meta, "prompt", MAX_PROMPT, 1),
-            max_tokens=_int(meta, "max_tokens", 1, MAX_TOKENS),
-            params=params_from_meta(meta.get("params", {}), seed),
-            seed=seed,
-            window=window,
-            verifier=_str(meta, "verifier"),
-            stop=_ids(meta, "stop", 64) if "stop" in meta else (),
-            q_top_k=_int(meta, "q_top_k", 0, MAX_Q_ENTRIES, 256),
-            q_mass=_mass(meta.get("q_mass", 0.999)),
-            overlap=overlap,
+            prompt=v["prompt"],
+            max_tokens=v["max_tokens"],
+            params=sampling_from_values(v["params"], v["seed"], SPEC_DRAFT_RUN),
+            seed=v["seed"],
+            window=None if v["window"] == "auto" else v["window"],
+            verifier=v["verifier"],
+            stop=v["stop"],
+            q_top_k=v["q_top_k"],
+            q_mass=v["q_mass"],
+            overlap=None if v["overlap"] == "auto" else v["overlap"],
             min_window=lo,
             max_window=hi,
         )

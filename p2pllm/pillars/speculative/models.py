@@ -22,17 +22,11 @@ from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.loader import list_models, load_slice
 from p2pllm.engine.model import ModelSlice
+from p2pllm.wire.tensors import COMPUTE_DTYPES, torch_dtype
 
-__all__ = ["DTYPES", "LoadedModel", "ModelCache", "find_local_model", "model_bytes"]
+__all__ = ["LoadedModel", "ModelCache", "find_local_model", "model_bytes"]
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 def find_local_model(name: str, models_dir: str | None) -> Path | None:
     """The checkpoint directory ``name`` stands for on this host, or None.
@@ -89,8 +83,9 @@ class ModelCache:
 
         ``path``: a resolved checkpoint directory (as :func:`find_local_model` returns).
         """
-        if dtype not in DTYPES:
-            raise ModelError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+        if dtype not in COMPUTE_DTYPES:
+            raise ModelError(f"dtype {dtype!r} is not supported; choose one of "
+                             f"{sorted(COMPUTE_DTYPES)}")
         key = (str(path), dtype, device)
         while True:
             loaded = self._models.get(key)
@@ -104,7 +99,7 @@ class ModelCache:
         fut: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
-            model = await asyncio.to_thread(load_slice, path, dtype=DTYPES[dtype], device=device)
+            model = await asyncio.to_thread(load_slice, path, dtype=torch_dtype(dtype), device=device)
             loaded = LoadedModel(key, model, model.config, _param_bytes(model), refs=1)
             self._models[key] = loaded
             fut.set_result(loaded)

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler
 from p2pllm.engine.errors import ModelError
 from p2pllm.pillars.speculative.drafter import SessionMetrics, SpecSession
-from p2pllm.pillars.speculative.messages import DraftRun, OpenRequest, VerifyWindow
+from p2pllm.pillars.speculative.messages import SPEC_CLOSE, DraftRun, OpenRequest, VerifyWindow
 from p2pllm.pillars.speculative.models import (
-    DTYPES,
     MODELS,
     LoadedModel,
     default_device,
@@ -30,6 +29,7 @@ from p2pllm.pillars.speculative.verifier import VerifierEngine, acquire_engine, 
 from p2pllm.wire.connection import Reply, Request
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
+from p2pllm.wire.tensors import COMPUTE_DTYPES
 
 if TYPE_CHECKING:
     from p2pllm.config import DaemonConfig
@@ -45,8 +45,8 @@ def _model_param(params: Mapping[str, Any]) -> tuple[str, str]:
     model, dtype = params.get("model"), params.get("dtype", "float32")
     if not isinstance(model, str) or not model:
         raise Refused("params need 'model' (a model name or a checkpoint path)")
-    if dtype not in DTYPES:
-        raise Refused(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise Refused(f"dtype {dtype!r} is not supported; choose one of {sorted(COMPUTE_DTYPES)}")
     return model, str(dtype)
 
 
@@ -161,9 +161,7 @@ class VerifierRole(_ModelRole):
         return Reply(MsgType.SPEC_VERIFY, reply.to_meta())
 
     async def on_close(self, req: Request) -> Reply:
-        session = req.meta.get("session")
-        if isinstance(session, bool) or not isinstance(session, int):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "SPEC_CLOSE needs 'session' (an integer)")
+        session = SPEC_CLOSE.parse(req.meta)["session"]
         self._retire(self._engine().close(self.ctx.job, session))
         self._report(force=True)
         return Reply(MsgType.ACK, {"closed": session})

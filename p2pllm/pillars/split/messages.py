@@ -7,78 +7,98 @@ Each is a small frozen dataclass built by ``from_meta`` (which raises
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.wire.frame import ProtocolError
-from p2pllm.wire.messages import ErrorCode
+from p2pllm.pillars.messages import JOB, RID, SAMPLING, TOKEN, sampling_from_values
+from p2pllm.pillars.messages import sampling_to_meta as _sampling_to_meta
+from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, Str, Tensor
+from p2pllm.wire.tensors import COMPUTE_DTYPES
 
 __all__ = [
-    "DTYPES",
     "MAX_SESSION_ID",
+    "SHARD_CLOSE",
+    "SHARD_FORWARD",
     "Hop",
     "OpenSession",
     "ShardParams",
     "forward_meta",
+    "parse_close",
     "parse_forward",
     "sampling_from_meta",
     "sampling_to_meta",
 ]
 
-# Compute and wire dtypes a shard accepts, by their wire names.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 MAX_SESSION_ID = 64
 MAX_SESSIONS = 256
+MAX_LEN = 1 << 20
 
 
-def _bad(message: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_REQUEST, message)
+def _session() -> Str:
+    return Str("session", 1, MAX_SESSION_ID, doc="the coordinator's session id")
 
 
-def _int(m: Mapping[str, Any], key: str, lo: int, hi: int | None = None,
-         default: int | None = None) -> int:
-    v = m.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise _bad(f"{key} must be an integer {rng}, got {v!r}")
-    return v
+# ---------------------------------------------------------------------------------------------
+# Bodies (protocol.md section 9)
+# ---------------------------------------------------------------------------------------------
+
+HOP = Body("hop", [
+    Str("node", 1, 256, doc="node id"),
+    Str("rid", 1, 256, doc="the shard role's id there"),
+], doc="where a shard sends its output")
+
+ASSIGN_SHARD = Body("ASSIGN shard", [
+    Str("model", 1, doc="a name under that node's --models-dir, or a path it can read"),
+    Int("start", 0, doc="first layer"),
+    Int("end", 1, doc="end of the layers (exclusive)"),
+    Int("num_layers", 1, doc="of the whole model"),
+    Int("index", 0, default=0, doc="k"),
+    Int("count", 1, 4096, default=1, doc="K"),
+    Enum("dtype", COMPUTE_DTYPES, default="float32", doc="weights and KV cache"),
+    Enum("wire_dtype", COMPUTE_DTYPES, default="float32", doc="hidden states between shards"),
+    Map("next", HOP, default=None, doc="the next shard (nil only on the last)"),
+    Map("first", HOP, default=None, doc="the last shard only: where sampled tokens go"),
+    Int("max_sessions", 1, MAX_SESSIONS, default=8, doc="KV rows"),
+    Int("max_len", 1, MAX_LEN, default=2048, doc="positions a session may use"),
+    Float("session_idle_s", 0.1, default=120.0, doc="a session silent this long is freed"),
+    Bool("batch_decode", default=False, doc="decode several sessions in one forward"),
+    Int("stage_bytes", 0, default=0, doc="what the planner charged this stage"),
+    Int("hidden_size", 0, default=0, doc="the plan's model (0 = unchecked)"),
+    Int("vocab_size", 0, default=0, doc="the plan's model (0 = unchecked)"),
+], doc="ASSIGN params of a shard role")
+
+SHARD_OPEN = Body("SHARD_OPEN", [
+    JOB(),
+    RID(),
+    _session(),
+    Int("max_len", 1, MAX_LEN, doc="positions the session may fill"),
+    Int("prompt_len", 1, MAX_LEN, default=None, doc="last shard: required"),
+    Int("max_new", 1, MAX_LEN, default=None, doc="last shard: required; tokens to generate"),
+    List("stop_ids", TOKEN, max_len=4096, default=(), doc="last shard"),
+    Map("sampling", SAMPLING, default={}, doc="last shard"),
+    List("prompt_ids", TOKEN, max_len=MAX_LEN, default=None,
+         doc="last shard, only with a repetition penalty"),
+])
+
+SHARD_FORWARD = Body("SHARD_FORWARD", [
+    JOB(),
+    RID(),
+    _session(),
+    Int("pos", 0, doc="position of the first of the T tokens"),
+    Bool("sample", default=False, doc="the last shard samples after this step"),
+], tensors=[
+    Tensor("ids", ("int64", "int32"), ("T",), required=False, doc="to shard 0"),
+    Tensor("hidden", COMPUTE_DTYPES, ("T", "H"), required=False, doc="to shard k > 0"),
+])
+
+SHARD_CLOSE = Body("SHARD_CLOSE", [JOB(), RID(), _session()])
 
 
-def _num(m: Mapping[str, Any], key: str, lo: float, default: float) -> float:
-    v = m.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < lo:
-        raise _bad(f"{key} must be a number >= {lo}, got {v!r}")
-    return float(v)
-
-
-def _str(m: Mapping[str, Any], key: str, max_len: int = 4096) -> str:
-    v = m.get(key)
-    if not isinstance(v, str) or not 0 < len(v) <= max_len:
-        raise _bad(f"{key} must be a non-empty string of at most {max_len} characters")
-    return v
-
-
-def _dtype(m: Mapping[str, Any], key: str) -> str:
-    v = m.get(key, "float32")
-    if v not in DTYPES:
-        raise _bad(f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
-    return str(v)
-
-
-def _ids(v: Any, key: str) -> tuple[int, ...]:
-    if not isinstance(v, list | tuple) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
-        raise _bad(f"{key} must be a list of non-negative integers")
-    return tuple(v)
+def parse_close(m: Mapping[str, Any]) -> str:
+    """The session id of a SHARD_CLOSE."""
+    return str(SHARD_CLOSE.parse(m)["session"])
 
 
 @dataclass(frozen=True)
@@ -92,12 +112,14 @@ class Hop:
     def from_meta(cls, v: Any, key: str) -> Hop | None:
         if v is None:
             return None
-        if not isinstance(v, Mapping):
-            raise _bad(f"{key} must be a map {{node, rid}} or nil")
-        return cls(_str(v, "node", 256), _str(v, "rid", 256))
+        return cls.from_values(Body("hop " + key, HOP.fields, register=False).parse(v))
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any] | None) -> Hop | None:
+        return None if v is None else cls(v["node"], v["rid"])
 
     def to_meta(self) -> dict[str, str]:
-        return {"node": self.node, "rid": self.rid}
+        return HOP.to_meta(self)
 
 
 @dataclass(frozen=True)
@@ -136,68 +158,38 @@ class ShardParams:
 
     @classmethod
     def from_meta(cls, m: Mapping[str, Any]) -> ShardParams:
-        num_layers = _int(m, "num_layers", 1)
-        start = _int(m, "start", 0, num_layers - 1)
-        end = _int(m, "end", start + 1, num_layers)
-        count = _int(m, "count", 1, 4096, 1)
-        p = cls(
-            model=_str(m, "model"),
-            start=start,
-            end=end,
-            num_layers=num_layers,
-            index=_int(m, "index", 0, count - 1, 0),
-            count=count,
-            dtype=_dtype(m, "dtype"),
-            wire_dtype=_dtype(m, "wire_dtype"),
-            next=Hop.from_meta(m.get("next"), "next"),
-            first=Hop.from_meta(m.get("first"), "first"),
-            max_sessions=_int(m, "max_sessions", 1, MAX_SESSIONS, 8),
-            max_len=_int(m, "max_len", 1, 1 << 20, 2048),
-            session_idle_s=_num(m, "session_idle_s", 0.1, 120.0),
-            batch_decode=bool(m.get("batch_decode", False)),
-            stage_bytes=_int(m, "stage_bytes", 0, None, 0),
-            hidden_size=_int(m, "hidden_size", 0, None, 0),
-            vocab_size=_int(m, "vocab_size", 0, None, 0),
-        )
+        v = ASSIGN_SHARD.parse(m)
+        n = v["num_layers"]
+        if v["start"] > n - 1:
+            raise ASSIGN_SHARD.error("start", f"must be an integer in [0, {n - 1}], got {v['start']}")
+        if not v["start"] < v["end"] <= n:
+            raise ASSIGN_SHARD.error("end", f"must be an integer in [{v['start'] + 1}, {n}], "
+                                     f"got {v['end']}")
+        if v["index"] > v["count"] - 1:
+            raise ASSIGN_SHARD.error("index", f"must be an integer in [0, {v['count'] - 1}], "
+                                     f"got {v['index']}")
+        v["next"], v["first"] = Hop.from_values(v["next"]), Hop.from_values(v["first"])
+        p = cls(**v)
         if p.is_last and p.first is None:
-            raise _bad("the last shard needs 'first': where sampled tokens go")
+            raise ASSIGN_SHARD.error("", "the last shard needs 'first': where sampled tokens go")
         if not p.is_last and p.next is None:
-            raise _bad(f"shard {p.layers} of {num_layers} layers needs 'next': where hidden "
-                       f"states go")
+            raise ASSIGN_SHARD.error("", f"shard {p.layers} of {n} layers needs 'next': where "
+                                     f"hidden states go")
         return p
 
     def to_meta(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            k: getattr(self, k) for k in (
-                "model", "start", "end", "num_layers", "index", "count", "dtype", "wire_dtype",
-                "max_sessions", "max_len", "session_idle_s", "batch_decode", "stage_bytes",
-                "hidden_size", "vocab_size")
-        }
-        out["next"] = self.next.to_meta() if self.next else None
-        out["first"] = self.first.to_meta() if self.first else None
-        return out
+        return ASSIGN_SHARD.to_meta({**{k: getattr(self, k) for k in ASSIGN_SHARD.by_name},
+                                     "next": self.next.to_meta() if self.next else None,
+                                     "first": self.first.to_meta() if self.first else None})
 
 
 def sampling_to_meta(p: SamplingParams) -> dict[str, Any]:
-    return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-            "repetition_penalty": p.repetition_penalty, "seed": p.seed}
+    return _sampling_to_meta(p)
 
 
 def sampling_from_meta(v: Any) -> SamplingParams:
-    if v is None:
-        return SamplingParams()
-    if not isinstance(v, Mapping):
-        raise _bad("sampling must be a map")
-    try:
-        return SamplingParams(
-            temperature=float(v.get("temperature", 0.0) or 0.0),
-            top_k=v.get("top_k", 0) or 0,
-            top_p=float(v.get("top_p", 1.0) if v.get("top_p") is not None else 1.0),
-            repetition_penalty=float(v.get("repetition_penalty", 1.0) or 1.0),
-            seed=v.get("seed"),
-        )
-    except (TypeError, ValueError) as exc:
-        raise _bad(f"bad sampling parameters: {exc}") from None
+    """SamplingParams from a ``sampling`` map (nil: the defaults)."""
+    return sampling_from_values(SAMPLING.parse({} if v is None else v))
 
 
 @dataclass(frozen=True)
@@ -214,40 +206,45 @@ class OpenSession:
 
     @classmethod
     def from_meta(cls, m: Mapping[str, Any], *, last: bool) -> OpenSession:
-        max_len = _int(m, "max_len", 1, 1 << 20)
-        out = cls(session=_str(m, "session", MAX_SESSION_ID), max_len=max_len)
+        v = SHARD_OPEN.parse(m)
+        max_len = v["max_len"]
         if not last:
-            return out
-        prompt_len = _int(m, "prompt_len", 1, max_len)
-        prompt_ids = m.get("prompt_ids")
-        ids = _ids(prompt_ids, "prompt_ids") if prompt_ids is not None else None
+            return cls(session=v["session"], max_len=max_len)
+        prompt_len, max_new, ids = v["prompt_len"], v["max_new"], v["prompt_ids"]
+        for key in ("prompt_len", "max_new"):
+            if v[key] is None:
+                raise SHARD_OPEN.error(key, "is required on the last shard")
+        if prompt_len > max_len:
+            raise SHARD_OPEN.error("prompt_len", f"must be an integer in [1, {max_len}], "
+                                   f"got {prompt_len}")
         if ids is not None and len(ids) != prompt_len:
-            raise _bad(f"prompt_ids has {len(ids)} ids but prompt_len is {prompt_len}")
-        sampling = sampling_from_meta(m.get("sampling"))
+            raise SHARD_OPEN.error("prompt_ids", f"has {len(ids)} ids but prompt_len is "
+                                   f"{prompt_len}")
+        sampling = sampling_from_values(v["sampling"], body=SHARD_OPEN)
         if sampling.repetition_penalty != 1.0 and ids is None:
-            raise _bad("a repetition penalty needs prompt_ids")
-        max_new = _int(m, "max_new", 1)
+            raise SHARD_OPEN.error("prompt_ids", "is required with a repetition penalty")
         if prompt_len + max_new - 1 > max_len:
-            raise _bad(f"prompt_len {prompt_len} + max_new {max_new} - 1 exceeds max_len {max_len}")
-        return cls(session=out.session, max_len=max_len, prompt_len=prompt_len, max_new=max_new,
-                   stop_ids=_ids(m.get("stop_ids", []), "stop_ids"), sampling=sampling,
-                   prompt_ids=ids)
+            raise SHARD_OPEN.error("max_new", f"{max_new}: prompt_len {prompt_len} + max_new - 1 "
+                                   f"exceeds max_len {max_len}")
+        return cls(session=v["session"], max_len=max_len, prompt_len=prompt_len,
+                   max_new=max_new, stop_ids=v["stop_ids"], sampling=sampling, prompt_ids=ids)
 
     def to_meta(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"session": self.session, "max_len": self.max_len}
-        if self.max_new:
-            out.update(prompt_len=self.prompt_len, max_new=self.max_new,
-                       stop_ids=list(self.stop_ids), sampling=sampling_to_meta(self.sampling))
-            if self.prompt_ids is not None:
-                out["prompt_ids"] = list(self.prompt_ids)
-        return out
+        if not self.max_new:
+            return SHARD_OPEN.to_meta({"session": self.session, "max_len": self.max_len})
+        return SHARD_OPEN.to_meta({
+            "session": self.session, "max_len": self.max_len, "prompt_len": self.prompt_len,
+            "max_new": self.max_new, "stop_ids": self.stop_ids,
+            "sampling": sampling_to_meta(self.sampling), "prompt_ids": self.prompt_ids})
 
 
 def forward_meta(job: str, hop: Hop, session: str, pos: int, sample: bool) -> dict[str, Any]:
     """SHARD_FORWARD metadata (the "tensors" entry is added by the sender)."""
-    return {"job": job, "rid": hop.rid, "session": session, "pos": pos, "sample": sample}
+    return SHARD_FORWARD.to_meta({"job": job, "rid": hop.rid, "session": session, "pos": pos,
+                                  "sample": sample})
 
 
 def parse_forward(m: Mapping[str, Any]) -> tuple[str, int, bool]:
     """(session, pos, sample) of a SHARD_FORWARD."""
-    return _str(m, "session", MAX_SESSION_ID), _int(m, "pos", 0), bool(m.get("sample", False))
+    v = SHARD_FORWARD.parse(m)
+    return v["session"], v["pos"], v["sample"]

@@ -39,14 +39,14 @@ from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.pillars.split.messages import DTYPES, Hop, OpenSession, ShardParams
+from p2pllm.pillars.split.messages import Hop, OpenSession, ShardParams
 from p2pllm.pillars.split.models import advertised_path, find_model
 from p2pllm.plan.layers import free_bytes, kv_bytes_per_token_layer, model_stage_cost, plan_stages
 from p2pllm.plan.partition import NodeBudget, PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import Frame, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
-from p2pllm.wire.tensors import tensor_meta
+from p2pllm.wire.tensors import COMPUTE_DTYPES, tensor_meta
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ class SplitRequest:
             v = m.get(key) or "float32"
             if v == "auto":
                 v = "float32"
-            if v not in DTYPES:
-                raise _bad(f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
+            if v not in COMPUTE_DTYPES:
+                raise _bad(f"{key} must be one of {', '.join(COMPUTE_DTYPES)}, got {v!r}")
             dtypes[key] = v
         layers = m.get("layers")
         if layers is not None and (not isinstance(layers, str) or not layers.strip()):

@@ -38,12 +38,11 @@ from p2pllm.engine.errors import ModelError
 from p2pllm.engine.loader import load_slice
 from p2pllm.pillars.split.compute import Sampler, ShardEngine, Step
 from p2pllm.pillars.split.messages import (
-    DTYPES,
-    MAX_SESSION_ID,
     Hop,
     OpenSession,
     ShardParams,
     forward_meta,
+    parse_close,
     parse_forward,
 )
 from p2pllm.pillars.split.models import find_model
@@ -51,7 +50,7 @@ from p2pllm.plan.layers import free_bytes
 from p2pllm.wire.connection import ConnectionClosed, Reply, Request
 from p2pllm.wire.frame import HEADER_SIZE, ProtocolError, encode_meta
 from p2pllm.wire.messages import ErrorCode, MsgType
-from p2pllm.wire.tensors import tensor_meta, unpack_tensors
+from p2pllm.wire.tensors import tensor_meta, torch_dtype, unpack_tensors
 
 if TYPE_CHECKING:
     from p2pllm.config import DaemonConfig
@@ -149,14 +148,14 @@ class ShardRole(Role):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"shard{p.index}")
         loop = asyncio.get_running_loop()
         load = functools.partial(load_slice, path, layers=(p.start, p.end), embed=p.is_first,
-                                 head=p.is_last, dtype=DTYPES[p.dtype], device=_device())
+                                 head=p.is_last, dtype=torch_dtype(p.dtype), device=_device())
         try:
             model = await loop.run_in_executor(self._executor, load)
         except ModelError as exc:
             self._executor.shutdown(wait=False)
             raise Refused(f"cannot load layers {p.layers} of {path}: {exc}") from exc
         self.engine = ShardEngine(model, rows=p.max_sessions, max_len=p.max_len,
-                                  wire_dtype=DTYPES[p.wire_dtype])
+                                  wire_dtype=torch_dtype(p.wire_dtype))
         self.params_loaded = model.num_parameters()
         self.weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
         self._sessions: dict[str, _Session] = {}
@@ -296,9 +295,7 @@ class ShardRole(Role):
         return Reply(MsgType.ACK, {"session": sid, "queued": int(x.shape[0])})
 
     async def on_close(self, req: Request) -> Reply:
-        sid = req.meta.get("session")
-        if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "SHARD_CLOSE needs a session id")
+        sid = parse_close(req.meta)
         s = self._sessions.get(sid)
         if s is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION,

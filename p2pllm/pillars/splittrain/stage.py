@@ -33,8 +33,6 @@ from p2pllm.daemon.roles import Role, RoleHandler
 from p2pllm.engine.errors import ModelError, ModelNotFoundError
 from p2pllm.pillars.splittrain.compute import (
     IGNORE_INDEX,
-    LoraSpec,
-    OptimConfig,
     StageModel,
     build_slice,
 )
@@ -46,10 +44,20 @@ from p2pllm.pillars.splittrain.data import (
     micro_rows,
     split_batch,
 )
-from p2pllm.pillars.splittrain.schedule import SCHEDULES, Op, Phase, stage_schedule
+from p2pllm.pillars.splittrain.messages import (
+    TRAIN_BACKWARD,
+    TRAIN_BATCH,
+    TRAIN_FORWARD,
+    TRAIN_STEP,
+    TRAIN_TIED,
+    Neighbour,
+    StageParams,
+)
+from p2pllm.pillars.splittrain.schedule import Op, Phase, stage_schedule
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
+from p2pllm.wire.schema import Body
 from p2pllm.wire.tensors import tensor_meta, unpack_tensors
 
 if TYPE_CHECKING:
@@ -68,124 +76,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json", "added_tokens.json", "chat_template.jinja")
 MAX_FILE = 64 << 20
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    node_id: str
-    rid: str
-    name: str = ""
-
-    def describe(self, index: int) -> str:
-        return f"stage {index} on {self.name or self.node_id[:8]} ({self.node_id[:8]})"
-
-    @classmethod
-    def from_meta(cls, d: Any, what: str) -> Neighbour | None:
-        if d is None:
-            return None
-        if not isinstance(d, dict) or not isinstance(d.get("node"), str) \
-                or not isinstance(d.get("rid"), str):
-            raise ValueError(f"{what} must be {{node: str, rid: str, name?: str}} or nil")
-        return cls(d["node"], d["rid"], str(d.get("name", "")))
-
-    def to_meta(self) -> dict[str, str]:
-        return {"node": self.node_id, "rid": self.rid, "name": self.name}
-
-
-@dataclass(frozen=True)
-class StageParams:
-    """The ASSIGN params of a train-stage role (protocol.md section 11)."""
-
-    model: str
-    start: int
-    end: int
-    index: int
-    num_stages: int
-    steps: int
-    seq_len: int
-    batch_size: int
-    micro_batches: int
-    schedule: str
-    optim: OptimConfig
-    prev: Neighbour | None = None
-    next: Neighbour | None = None
-    tied_peer: Neighbour | None = None
-    data: str | None = None
-    lora: LoraSpec | None = None
-    seed: int = 0
-    shuffle: bool = True
-    init: str = "checkpoint"
-
-    def __post_init__(self) -> None:
-        ints = ("start", "end", "index", "num_stages", "steps", "seq_len", "batch_size",
-                "micro_batches", "seed")
-        for name in ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an int, got {v!r}")
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a non-empty string")
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"bad layer range [{self.start}, {self.end})")
-        if not 0 <= self.index < self.num_stages:
-            raise ValueError(f"index {self.index} not in [0, {self.num_stages})")
-        if self.steps < 0 or self.seq_len < 1 or self.batch_size < 1 or self.micro_batches < 1:
-            raise ValueError("steps >= 0, seq_len, batch_size and micro_batches >= 1")
-        if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
-                             f"micro_batches {self.micro_batches}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
-        if self.init not in ("checkpoint", "random"):
-            raise ValueError("init must be 'checkpoint' or 'random'")
-        if (self.prev is None) != (self.index == 0):
-            raise ValueError("exactly the first stage has no previous stage")
-        if (self.next is None) != (self.index == self.num_stages - 1):
-            raise ValueError("exactly the last stage has no next stage")
-        if self.index == 0 and not isinstance(self.data, str):
-            raise ValueError("the first stage needs the dataset path (data)")
-
-    @property
-    def first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def last(self) -> bool:
-        return self.index == self.num_stages - 1
-
-    @property
-    def mb_size(self) -> int:
-        return self.batch_size // self.micro_batches
-
-    @classmethod
-    def from_meta(cls, p: Mapping[str, Any]) -> StageParams:
-        try:
-            layers = p.get("layers")
-            if not (isinstance(layers, list) and len(layers) == 2):
-                raise ValueError("layers must be [start, end]")
-            lora = p.get("lora")
-            return cls(
-                model=p.get("model"),  # type: ignore[arg-type]
-                start=layers[0], end=layers[1],
-                index=p.get("index"),  # type: ignore[arg-type]
-                num_stages=p.get("num_stages"),  # type: ignore[arg-type]
-                steps=p.get("steps", 0),
-                seq_len=p.get("seq_len"),  # type: ignore[arg-type]
-                batch_size=p.get("batch_size"),  # type: ignore[arg-type]
-                micro_batches=p.get("micro_batches", 1),
-                schedule=p.get("schedule", "1f1b"),
-                optim=OptimConfig.from_meta(p.get("optim") or {}),
-                prev=Neighbour.from_meta(p.get("prev"), "prev"),
-                next=Neighbour.from_meta(p.get("next"), "next"),
-                tied_peer=Neighbour.from_meta(p.get("tied_peer"), "tied_peer"),
-                data=p.get("data"),
-                lora=LoraSpec.from_meta(lora) if lora is not None else None,
-                seed=p.get("seed", 0),
-                shuffle=bool(p.get("shuffle", True)),
-                init=p.get("init", "checkpoint"),
-            )
-        except (ValueError, TypeError) as e:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"bad train-stage params: {e}") from e
 
 
 @dataclass
@@ -360,10 +250,8 @@ class TrainStageRole(Role):
 
     # -- a step's micro-batches --------------------------------------------------------------
 
-    def _check_step(self, req: Request) -> int:
-        step = req.meta.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "step must be an int")
+    def _check_step(self, req: Request, body: Body = TRAIN_BATCH) -> int:
+        step: int = body.parse(req.meta)["step"]  # the whole body: BAD_REQUEST naming a field
         if step != self.step:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"{self.where} is at step {self.step}, got step {step}")
@@ -533,7 +421,7 @@ class TrainStageRole(Role):
 
     async def on_tied(self, req: Request) -> Reply:
         """First stage: the last stage's head gradient in, this stage's embedding gradient out."""
-        step = self._check_step(req)
+        step = self._check_step(req, TRAIN_TIED)
         if self.compute.tied is None or not self.p.first:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where} holds no tied embedding")
         other = self._tied_tensor(req.meta, req.frame.payload)
@@ -557,12 +445,12 @@ class TrainStageRole(Role):
     # -- messages from neighbours ------------------------------------------------------------
 
     def _check_mb(self, req: Request, phase: Phase) -> tuple[int, int]:
-        step = self._check_step(req)
+        step = self._check_step(req, TRAIN_FORWARD if phase is Phase.FORWARD else TRAIN_BACKWARD)
         if self.accumulated:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"{self.where}: step {step}'s micro-batches are done")
-        mb = req.meta.get("mb")
-        if isinstance(mb, bool) or not isinstance(mb, int) or not 0 <= mb < self.p.micro_batches:
+        mb = req.meta["mb"]
+        if not 0 <= mb < self.p.micro_batches:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"mb must be an int in [0, {self.p.micro_batches}), got {mb!r}")
         return step, mb
@@ -581,9 +469,7 @@ class TrainStageRole(Role):
         if self.p.first:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where} takes no activations")
         step, mb = self._check_mb(req, Phase.FORWARD)
-        denom = req.meta.get("denom")
-        if isinstance(denom, bool) or not isinstance(denom, int) or denom < 1:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"denom must be an int >= 1, got {denom!r}")
+        denom = req.meta["denom"]  # checked by TRAIN_FORWARD
         tensors = unpack_tensors(req.meta.get("tensors"), req.frame.payload)
         b, t = self.p.mb_size, self.p.seq_len
         self._expect(tensors, {"hidden": (torch.float32, (b, t, self.hidden)),
@@ -618,15 +504,12 @@ class TrainStageRole(Role):
     # -- optimizer step, checkpoint ----------------------------------------------------------
 
     async def on_step(self, req: Request) -> Reply:
-        step = self._check_step(req)
+        step = self._check_step(req, TRAIN_STEP)
         if not self.accumulated:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"{self.where}: step {step}'s micro-batches have not run")
-        lr, scale = req.meta.get("lr"), req.meta.get("scale", 1.0)
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
-                   for v in (lr, scale)):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "lr and scale must be numbers >= 0")
-        await self._run(self.compute.step, float(lr), float(scale))  # type: ignore[arg-type]
+        v = TRAIN_STEP.parse(req.meta)
+        await self._run(self.compute.step, v["lr"], v["scale"])
         self.step += 1
         self.accumulated = False
         return Reply(MsgType.ACK, {"step": self.step})

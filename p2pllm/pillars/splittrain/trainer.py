@@ -47,7 +47,8 @@ from p2pllm.pillars.splittrain.compute import (
     save_adapter,
 )
 from p2pllm.pillars.splittrain.data import batch_rows, split_batch
-from p2pllm.pillars.splittrain.schedule import SCHEDULES, bubble_fraction
+from p2pllm.pillars.splittrain.messages import RunSpec
+from p2pllm.pillars.splittrain.schedule import bubble_fraction
 from p2pllm.plan.layers import StageCost, free_bytes, model_stage_cost, plan_stages
 from p2pllm.plan.partition import NodeBudget, PlanError, parse_layer_ranges
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
@@ -190,99 +191,6 @@ def save_trained(model: ModelSlice, out_dir: str | Path, *, lora: LoraSpec | Non
 BYTES_PER_PARAM_FULL = 16  # float32 weight, gradient, two AdamW moments
 BYTES_PER_PARAM_LORA = 4  # frozen float32 weights (adapters are small)
 STEP_TIMEOUT = 3600.0
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """A TRAIN_RUN request, validated (protocol.md section 11)."""
-
-    model: str
-    data: str
-    steps: int = 10
-    batch_size: int = 8
-    micro_batches: int = 2
-    seq_len: int = 128
-    schedule: str = "1f1b"
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoraSpec | None = None
-    stages: int | None = None
-    layers: str | None = None
-    nodes: tuple[str, ...] = ()
-    seed: int = 0
-    shuffle: bool = True
-    init: str = "checkpoint"
-    save: str | None = None
-    save_every: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a non-empty string")
-        if not isinstance(self.data, str) or not self.data:
-            raise ValueError("data must be a dataset path")
-        for name in ("steps", "batch_size", "micro_batches", "seq_len", "seed", "save_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an int, got {v!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.micro_batches < 1 or self.seq_len < 1:
-            raise ValueError("steps, batch_size, micro_batches and seq_len must be >= 1")
-        if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch size {self.batch_size} is not a multiple of "
-                             f"{self.micro_batches} micro-batches")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, "
-                             f"got {self.schedule!r}")
-        if self.init not in ("checkpoint", "random"):
-            raise ValueError("init must be 'checkpoint' or 'random'")
-        if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
-            raise ValueError(f"stages must be an int >= 1, got {self.stages!r}")
-        if self.save_every < 0:
-            raise ValueError("save_every must be >= 0")
-        if self.save_every and self.save is None:
-            raise ValueError("save_every needs a save directory")
-
-    @classmethod
-    def from_meta(cls, m: Mapping[str, Any]) -> RunSpec:
-        try:
-            optim = OptimConfig(
-                lr=float(m.get("lr", 1e-3)),
-                weight_decay=float(m.get("weight_decay", 0.0)),
-                warmup_steps=m.get("warmup_steps", 0),
-                decay=m.get("decay", "constant"),
-                min_lr=float(m.get("min_lr", 0.0)),
-                grad_clip=None if m.get("grad_clip") is None else float(m["grad_clip"]),
-            )
-            lora = None
-            if m.get("lora"):
-                lora = LoraSpec(r=m.get("lora_r", 8), alpha=m.get("lora_alpha", 16),
-                                targets=tuple(m.get("lora_targets") or ("q_proj", "v_proj")))
-            nodes = m.get("nodes") or ()
-            if not isinstance(nodes, list | tuple) or not all(isinstance(n, str) for n in nodes):
-                raise ValueError("nodes must be a list of node names or ids")
-            layers = m.get("layers")
-            if layers is not None and not isinstance(layers, str):
-                raise ValueError("layers must be a string like '0-1,1-2'")
-            save = m.get("save")
-            if save is not None and not isinstance(save, str):
-                raise ValueError("save must be a directory path")
-            return cls(
-                model=m.get("model"),  # type: ignore[arg-type]
-                data=m.get("data"),  # type: ignore[arg-type]
-                steps=m.get("steps", 10), batch_size=m.get("batch_size", 8),
-                micro_batches=m.get("micro_batches", 2), seq_len=m.get("seq_len", 128),
-                schedule=m.get("schedule", "1f1b"), optim=optim, lora=lora,
-                stages=m.get("stages"), layers=layers, nodes=tuple(nodes),
-                seed=m.get("seed", 0), shuffle=bool(m.get("shuffle", True)),
-                init=m.get("init", "checkpoint"), save=save, save_every=m.get("save_every", 0),
-            )
-        except (TypeError, ValueError) as e:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"train split: {e}") from e
-
-    def job_params(self) -> dict[str, Any]:
-        """What `ctl jobs` shows of the job."""
-        return {"model": self.model, "data": self.data, "steps": self.steps,
-                "batch_size": self.batch_size, "micro_batches": self.micro_batches,
-                "seq_len": self.seq_len, "schedule": self.schedule, "lora": self.lora is not None,
-                "lr": self.optim.lr, "save": self.save}
 
 
 @dataclass(frozen=True)
