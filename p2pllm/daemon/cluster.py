@@ -5,7 +5,8 @@
   capabilities list a model;
 - :func:`accepts_role`: whether a node takes a role (its ``--role`` settings, as advertised in
   ``caps["accepts"]``, and room in its memory budget), with the reason when it does not;
-- :func:`resolve_model_ref`: the checkpoint directory a model reference names on this host.
+- :func:`resolve_model_ref` / :func:`require_model`: the checkpoint directory a model
+  reference names on this host (the second also tries the Hugging Face hub).
 
 Node descriptions are the dicts ``Cluster.nodes()`` returns (``node_id``, ``name``,
 ``address``, ``caps``, ``self``). Everything here is pure over them, except
@@ -33,6 +34,7 @@ __all__ = [
     "has_model",
     "label",
     "looks_like_path",
+    "require_model",
     "resolve_model_ref",
     "takes_role",
 ]
@@ -146,13 +148,11 @@ def _bundled_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
-def resolve_model_ref(ref: str, models_dir: str | Path | None, *, hub: bool = False) -> Path | None:
-    """The checkpoint directory ``ref`` names on this host, or None.
+def resolve_model_ref(ref: str, models_dir: str | Path | None) -> Path | None:
+    """The checkpoint directory ``ref`` names on this host, or None. Never the network.
 
     In order: a directory path, a folder under ``models_dir``, a bundled model, a model
-    listed under another name in ``models_dir``. Never the network unless ``hub``: then a
-    Hugging Face id is looked up in the local hub cache (downloaded unless offline), and a
-    reference found nowhere raises ``ModelNotFoundError`` saying where it looked.
+    listed under another name in ``models_dir``.
     """
     if not ref:
         return None
@@ -176,8 +176,15 @@ def resolve_model_ref(ref: str, models_dir: str | Path | None, *, hub: bool = Fa
                     return info.path
         except Exception as exc:  # a broken models dir is "not found", not a crash
             log.debug("cannot list models in %s: %s", models_dir, exc)
-    if hub:  # raises ModelNotFoundError with the reason when it is not there either
-        from p2pllm.engine.loader import resolve_model
-
-        return resolve_model(ref, models_dir)
     return None
+
+
+def require_model(ref: str, models_dir: str | Path | None) -> Path:
+    """Like :func:`resolve_model_ref`, then a Hugging Face hub id (from the local hub cache,
+    downloaded unless offline); raises ``ModelNotFoundError`` saying where it looked."""
+    found = resolve_model_ref(ref, models_dir)
+    if found is not None:
+        return found
+    from p2pllm.engine.loader import resolve_model
+
+    return resolve_model(ref, models_dir)

@@ -190,5 +190,5 @@ async def coordinate_generate(host: JobHost, req: Request) -> Reply:
 _COORDINATORS: tuple[tuple[MsgType, str, str], ...] = (
     (MsgType.GENERATE, "p2pllm.daemon.jobs", "coordinate_generate"),
     (MsgType.FL_RUN, "p2pllm.pillars.federated.coordinator", "coordinate"),
-    (MsgType.TRAIN_RUN, "p2pllm.pillars.splittrain.trainer", "coordinate"),
+    (MsgType.TRAIN_RUN, "p2pllm.pillars.splittrain.coordinator", "coordinate"),
 )

@@ -262,9 +262,10 @@ class JobRunner:
             lost = "; ".join(self.excluded.lost.values())
             return ProtocolError(ErrorCode.PEER_DOWN, (
                 f"{self.what}: {lost}; the survivors cannot take over: {message}"))
+        unsaid = [r for r in self.excluded.refused.values() if r not in message]
         return ProtocolError(ErrorCode.REFUSED, (
             f"{self.what}: re-planned without the nodes that refused ({POLICY}), and "
-            f"{message}; refusals: " + "; ".join(self.excluded.refused.values())))
+            f"{message}" + (f"; refusals: {'; '.join(unsaid)}" if unsaid else "")))
 
     async def _release_unplaced(self, placement: Sequence[Slot]) -> None:
         want = {s.key: s for s in placement}

@@ -2,7 +2,10 @@
 
 1. Config (defaults < checkpoint when resuming < the request), the base model, the global
    adapter (the checkpoint's, or a fresh peft wrap of the base model from the run's seed).
-2. Clients: nodes that advertise FL data and accept the fl-client role get an ASSIGN.
+2. Clients: nodes that advertise FL data and accept the fl-client role, placed by the
+   :class:`~p2pllm.daemon.runner.JobRunner`: a node that refuses is excluded from the run and
+   the runner re-plans (its one policy); a client that loses its role is dropped and re-placed
+   (refilled) at the start of the next round, keeping the clients that still hold theirs.
 3. Each round: FL_TRAIN (global adapter + round config) to every client at once; answers that
    do not arrive within the round timeout are dropped; answers that do not fit the global
    adapter are rejected; with at least min-clients valid updates the round aggregates them
@@ -26,7 +29,9 @@ from typing import Any
 
 from torch import Tensor
 
-from p2pllm.daemon.jobs import AssignRefused, Job, JobHost
+from p2pllm.daemon.cluster import require_model, takes_role
+from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.runner import Exclusions, JobRunner, Slot
 from p2pllm.pillars.federated import lora as lora_mod
 from p2pllm.pillars.federated.checkpoint import (
     FILENAME,
@@ -38,6 +43,7 @@ from p2pllm.pillars.federated.checkpoint import (
 from p2pllm.pillars.federated.messages import ClientParams, RoundConfig, RunConfig
 from p2pllm.pillars.federated.plot import plot_eval_loss
 from p2pllm.pillars.federated.strategy import ClientUpdate, screen, server_update, weighted_mean
+from p2pllm.plan.partition import PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import HEADER_SIZE, Buffer, ProtocolError, encode_meta
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -56,8 +62,7 @@ def frame_bytes(meta: Mapping[str, Any], payload: Sequence[Buffer] | int = ()) -
 
 
 def accepts_client_role(caps: Mapping[str, Any]) -> bool:
-    accepts = caps.get("accepts") or ["auto"]
-    return "auto" in accepts or ROLE in accepts
+    return takes_role(caps, ROLE)
 
 
 def eligible_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -161,7 +166,8 @@ class FLRun:
         self.req = req
         self.cluster = host.cluster
         self.clients: dict[str, Client] = {}
-        self.refusals: dict[str, str] = {}
+        self.runner: JobRunner | None = None
+        self.selecting = True  # the first placement: fewer than min-clients is an error
         self.state = RunState()
         self.velocity: dict[str, Tensor] | None = None
         self.global_adapter: dict[str, Tensor] = {}
@@ -207,9 +213,7 @@ class FLRun:
         self.cfg = cfg
         self.out_dir = output_dir(cfg, self.dir)
         try:
-            from p2pllm.engine.loader import resolve_model
-
-            self.model_path = await asyncio.to_thread(resolve_model, cfg.model, self.host.config.models_dir)
+            self.model_path = await asyncio.to_thread(require_model, cfg.model, self.host.config.models_dir)
         except Exception as exc:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"base model {cfg.model!r}: {exc}") from exc
         self.model_name = model_name(cfg.model, self.model_path)
@@ -233,15 +237,48 @@ class FLRun:
             initial = asyncio.ensure_future(
                 asyncio.to_thread(lora_mod.initial_adapter, self.model_path, cfg.lora, cfg.seed)
             )
+        self.initial = initial
         try:
             if self.state.done < cfg.rounds:
-                await self._select_clients()
-        except BaseException:
-            if initial is not None:
+                await self._wait_for_clients()
+            self.runner = JobRunner(job, self, what=f"FL run {cfg.name}")
+            result: Reply = await self.runner.run()
+            return result
+        finally:
+            if initial is not None and not initial.done():
                 initial.cancel()
-            raise
-        if initial is not None:
-            self.global_adapter = await initial
+
+    # -- the JobRunner's pillar: plan the clients, run the rounds -----------------------------
+
+    def plan(self, nodes: Sequence[Mapping[str, Any]], excluded: Exclusions) -> list[Slot]:
+        """Clients: those holding the role first, then the other eligible nodes (most data
+        first), up to `clients`; none once every round is done."""
+        cfg = self.cfg
+        if self.state.done >= cfg.rounds:
+            return []
+        found = eligible_nodes(nodes)
+        up = [n for n in found if excluded.allows(str(n["node_id"]), ROLE)]
+        held = {nid for nid, _ in self.runner.members} if self.runner is not None else set()
+        ordered = [n for n in up if n["node_id"] in held] + [n for n in up if n["node_id"] not in held]
+        chosen = ordered[:cfg.clients or len(ordered)]
+        if self.selecting and len(chosen) < cfg.min_clients:
+            refused = "; ".join(excluded.refused.values()) or "none"
+            raise PlanError(
+                f"need at least {cfg.min_clients} fl-clients, {len(chosen)} can take one "
+                f"(nodes with data: {', '.join(str(n['name']) for n in found)}; refusals: {refused})",
+                code=ErrorCode.REFUSED)
+        params = self._client_params()
+        return [Slot(ROLE, ROLE, str(n["node_id"]), params, summary=f"fl-client of {cfg.name}",
+                     label=f"fl-client {n['name']}") for n in chosen]
+
+    async def run(self, job: Job, members: Mapping[tuple[str, str], Slot]) -> Reply:
+        cfg = self.cfg
+        self.selecting = False
+        self._sync_clients()
+        if self.clients:
+            log.info("FL run %s: clients %s", cfg.name, ", ".join(c.name for c in self._active()))
+        if self.initial is not None:
+            self.global_adapter = await self.initial
         self.adapter_bytes = lora_mod.adapter_nbytes(self.global_adapter)
         last = self.state.rounds[-1] if self.state.rounds else {}
         job.update(
@@ -264,6 +301,21 @@ class FLRun:
 
     # -- 2. clients -------------------------------------------------------------------------
 
+    def _sync_clients(self) -> None:
+        """Clients as the runner holds them: assigned, or no longer."""
+        assert self.runner is not None
+        held = {nid for nid, _ in self.runner.members}
+        names = {str(n["node_id"]): str(n["name"]) for n in self.cluster.nodes()}
+        for nid in held:
+            c = self.clients.get(nid)
+            if c is None:
+                self.clients[nid] = Client(nid, names.get(nid, nid[:8]))
+            else:
+                c.assigned = True
+        for nid, c in self.clients.items():
+            if nid not in held:
+                c.assigned = False
+
     def _active(self) -> list[Client]:
         return sorted((c for c in self.clients.values() if c.assigned), key=lambda c: c.node_id)
 
@@ -279,8 +331,8 @@ class FLRun:
             quantize=c.quantize,
         ).to_meta()
 
-    async def _select_clients(self) -> None:
-        """Wait (up to wait_clients) for enough nodes with data, then ASSIGN fl-client roles."""
+    async def _wait_for_clients(self) -> None:
+        """Wait (up to wait_clients) for enough nodes with data; check they can run the job."""
         cfg = self.cfg
         deadline = time.monotonic() + cfg.wait_clients
         while True:
@@ -309,44 +361,23 @@ class FLRun:
                     f"client with data runs without CUDA ({', '.join(f'{k}: {v}' for k, v in devices.items())}); "
                     f"run without --quantize on these hosts",
                 )
-        await self._refill()
-        if len(self._active()) < cfg.min_clients:
-            refused = "; ".join(f"{self._name(n)}: {r}" for n, r in self.refusals.items()) or "none"
-            raise ProtocolError(
-                ErrorCode.REFUSED,
-                f"need at least {cfg.min_clients} fl-clients, {len(self._active())} accepted "
-                f"(nodes with data: {', '.join(str(n['name']) for n in found)}; refusals: {refused})",
-            )
-        log.info("FL run %s: clients %s", cfg.name, ", ".join(c.name for c in self._active()))
-
     def _name(self, node_id: str) -> str:
         c = self.clients.get(node_id)
         return c.name if c else self.job.node_name(node_id)
 
     async def _refill(self) -> None:
-        """Assign clients until `clients` are active: first those that lost their role, then new
-        eligible nodes. Nodes that refused stay out of this run."""
-        up = {str(n["node_id"]): n for n in eligible_nodes(self.cluster.nodes())}
-        want = self.cfg.clients or len(up)
-        candidates = [c.node_id for c in self.clients.values() if not c.assigned and c.node_id in up]
-        candidates += [nid for nid in up if nid not in self.clients and nid not in self.refusals]
-        free = max(0, want - len(self._active()))
-        picked = candidates[:free]
-        if not picked:
-            return
-        params = self._client_params()
-
-        async def assign(node_id: str) -> None:
-            name = str(up[node_id]["name"])
-            try:
-                await self.job.assign(node_id, ROLE, params, rid=ROLE, summary=f"fl-client of {self.cfg.name}")
-            except AssignRefused as exc:
-                log.warning("FL run %s: %s", self.cfg.name, exc)
-                self.refusals[node_id] = exc.reason
-                return
-            self.clients[node_id] = Client(node_id, name)
-
-        await asyncio.gather(*(assign(n) for n in picked))
+        """Re-place the clients (the JobRunner keeps those that hold their role): clients that
+        lost their role are dropped, so that they, or new eligible nodes, take it again. Nodes
+        that refused stay out of this run."""
+        assert self.runner is not None
+        for c in self.clients.values():
+            if not c.assigned:
+                self.runner.drop(c.node_id, ROLE)
+        try:
+            await self.runner.place()
+        except ProtocolError as exc:
+            log.warning("FL run %s: could not refill the clients: %s", self.cfg.name, exc.message)
+        self._sync_clients()
 
     # -- 3. one round -----------------------------------------------------------------------
 

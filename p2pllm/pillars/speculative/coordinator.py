@@ -2,13 +2,16 @@
 
 1. tokenize the prompt with the tokenizer of the target (or the draft: they share it) found on
    this host;
-2. rank nodes for the verifier and the drafter (:mod:`.placement`) and ASSIGN down each
-   ranking until one accepts (one node may take both);
+2. plan the verifier and the drafter (:mod:`.placement`: the best of each ranking, one node
+   may take both) and let the :class:`~p2pllm.daemon.runner.JobRunner` assign them: a
+   refusal excludes that node for that role and the runner re-plans (its one policy);
 3. ask the drafter to run the session (SPEC_DRAFT_RUN, streamed) against the verifier;
    forward each partial to the CLI as ``{"token_ids", "text"}``;
 4. answer with the result: the engine's ``generate --json`` fields plus the speculative ones.
 
-Every assigned role is released when the job ends, however it ends.
+Every assigned role is released when the job ends, however it ends. A member lost mid-way
+(the verifier's or the drafter's node dies) fails the job with an error naming it; there is no
+replay (a new GENERATE starts afresh).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pllm.daemon.jobs import AssignRefused, Job, JobHost
+from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.runner import Exclusions, JobRunner, MemberLost, Slot
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import JSON_FIELDS, TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
@@ -36,7 +40,8 @@ from p2pllm.pillars.speculative.messages import (
     params_from_meta,
 )
 from p2pllm.pillars.speculative.models import find_local_model, model_bytes
-from p2pllm.pillars.speculative.placement import Candidate, PlanError, rank_drafters, rank_verifiers
+from p2pllm.pillars.speculative.placement import Candidate, rank_drafters, rank_verifiers
+from p2pllm.plan.partition import PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -185,45 +190,79 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
         if not prompt_ids:
             raise _bad("the prompt encodes to no tokens")
 
-    # 2. placement
-    nodes = host.cluster.nodes()
-    try:
-        verifiers = rank_verifiers(
-            nodes, spec.model, local_path=str(target_path) if target_path else None,
-            local_has=target_path is not None,
-            size_hint=model_bytes(target_path) if target_path else None, pin=spec.verifier)
-    except PlanError as exc:
-        raise ProtocolError(ErrorCode.NOT_FOUND, str(exc)) from exc
+    # 2. placement, assignment and the session, on the JobRunner
     seed = spec.seed if spec.seed is not None else random.SystemRandom().randrange(2**63)
     job_params = {"model": spec.model, "draft_model": spec.draft_model,
                   "draft_tokens": "auto" if spec.window is None else spec.window,
                   "max_tokens": spec.max_tokens, "temperature": spec.params.temperature,
                   "seed": seed}
     async with host.job("spec", job_params) as job:
-        t_assign = time.perf_counter()
-        verifier = await _assign_first(job, verifiers, "verifier", {
-            "model": _model_ref(spec.model, target_path), "dtype": spec.dtype,
-            "session_timeout": spec.session_timeout})
-        try:
-            drafters = rank_drafters(
-                nodes, spec.draft_model, verifier.node_id,
-                local_path=str(draft_path) if draft_path else None,
-                local_has=draft_path is not None,
-                size_hint=model_bytes(draft_path) if draft_path else None, pin=spec.drafter)
-        except PlanError as exc:
-            raise ProtocolError(ErrorCode.NOT_FOUND, str(exc)) from exc
-        drafter = await _assign_first(job, drafters, "drafter", {
-            "model": _model_ref(spec.draft_model, draft_path), "dtype": spec.draft_dtype})
-        load_s = time.perf_counter() - t_assign
-        run = DraftRun(
-            prompt=tuple(prompt_ids), max_tokens=spec.max_tokens, params=spec.params, seed=seed,
-            window=spec.window, verifier=verifier.node_id, stop=_stop_ids(tokenizer),
-            q_top_k=spec.q_top_k, q_mass=spec.q_mass, overlap=spec.overlap, min_window=spec.min_window,
-            max_window=spec.max_window)
-        result = await _run(host, job, req, drafter, run, tokenizer)
-    result.update(verifier=verifier.name, drafter=drafter.name, seed=seed,
-                  load_s=round(load_s, 6), job=job.id)
+        pillar = SpecPillar(host, req, spec, target_path, draft_path, prompt_ids, seed,
+                            tokenizer)
+        result: dict[str, Any] = await JobRunner(job, pillar, what="speculative").run()
     return Reply(MsgType.GENERATE, result)
+
+
+class SpecPillar:
+    """The JobRunner's view of one speculative generation: plan the pair, run the session."""
+
+    def __init__(self, host: JobHost, req: Request, spec: GenerateSpec, target_path: Path | None,
+                 draft_path: Path | None, prompt_ids: list[int], seed: int,
+                 tokenizer: Any) -> None:
+        self.host, self.req, self.spec = host, req, spec
+        self.target_path, self.draft_path = target_path, draft_path
+        self.prompt_ids, self.seed, self.tokenizer = prompt_ids, seed, tokenizer
+        self.t_plan: float | None = None
+        self.verifier: Candidate | None = None
+        self.drafter: Candidate | None = None
+
+    def plan(self, nodes: Sequence[Mapping[str, Any]], excluded: Exclusions) -> list[Slot]:
+        spec, tp, dp = self.spec, self.target_path, self.draft_path
+        if self.t_plan is None:
+            self.t_plan = time.perf_counter()
+        verifier = _best(rank_verifiers(
+            nodes, spec.model, local_path=str(tp) if tp else None, local_has=tp is not None,
+            size_hint=model_bytes(tp) if tp else None, pin=spec.verifier),
+            excluded, "verifier", spec.model)
+        drafter = _best(rank_drafters(
+            nodes, spec.draft_model, verifier.node_id, local_path=str(dp) if dp else None,
+            local_has=dp is not None, size_hint=model_bytes(dp) if dp else None,
+            pin=spec.drafter), excluded, "drafter", spec.draft_model)
+        self.verifier, self.drafter = verifier, drafter
+        return [
+            Slot("verifier", "verifier", verifier.node_id,
+                 {"model": _model_ref(spec.model, tp), "dtype": spec.dtype,
+                  "session_timeout": spec.session_timeout},
+                 summary=f"verifier {_model_ref(spec.model, tp)}", label=f"verifier {verifier.name}"),
+            Slot("drafter", "drafter", drafter.node_id,
+                 {"model": _model_ref(spec.draft_model, dp), "dtype": spec.draft_dtype},
+                 summary=f"drafter {_model_ref(spec.draft_model, dp)}",
+                 label=f"drafter {drafter.name}"),
+        ]
+
+    async def run(self, job: Job, members: Mapping[tuple[str, str], Slot]) -> dict[str, Any]:
+        assert self.verifier is not None and self.drafter is not None
+        spec, verifier, drafter = self.spec, self.verifier, self.drafter
+        load_s = time.perf_counter() - (self.t_plan or time.perf_counter())
+        run = DraftRun(
+            prompt=tuple(self.prompt_ids), max_tokens=spec.max_tokens, params=spec.params,
+            seed=self.seed, window=spec.window, verifier=verifier.node_id,
+            stop=_stop_ids(self.tokenizer), q_top_k=spec.q_top_k, q_mass=spec.q_mass,
+            overlap=spec.overlap, min_window=spec.min_window, max_window=spec.max_window)
+        result = await _run(self.host, job, self.req, drafter, verifier, run, self.tokenizer)
+        result.update(verifier=verifier.name, drafter=drafter.name, seed=self.seed,
+                      load_s=round(load_s, 6), job=job.id)
+        return result
+
+
+def _best(ranked: list[Candidate], excluded: Exclusions, role: str, model: str) -> Candidate:
+    """The best-ranked candidate the runner has not excluded for ``role``."""
+    for cand in ranked:
+        if excluded.allows(cand.node_id, role):
+            return cand
+    raise PlanError(f"no node can take the {role} role for {model}: "
+                    + "; ".join(excluded.reason(c.node_id, role) or c.name for c in ranked),
+                    code=ErrorCode.REFUSED)
 
 
 def _model_ref(name: str, local: Path | None) -> str:
@@ -231,22 +270,8 @@ def _model_ref(name: str, local: Path | None) -> str:
     return str(local) if local is not None and "/" in name else name
 
 
-async def _assign_first(job: Job, ranked: list[Candidate], role: str,
-                        params: dict[str, Any]) -> Candidate:
-    reasons = []
-    for cand in ranked:
-        try:
-            await job.assign(cand.node_id, role, params, rid=role,
-                             summary=f"{role} {params['model']}")
-            return cand
-        except AssignRefused as exc:
-            log.info("%s refused %s: %s", cand.name, role, exc.reason)
-            reasons.append(f"{cand.name}: {exc.reason}")
-    raise ProtocolError(ErrorCode.REFUSED, f"no node took the {role} role: " + "; ".join(reasons))
-
-
-async def _run(host: JobHost, job: Job, req: Request, drafter: Candidate, run: DraftRun,
-               tokenizer: Any) -> dict[str, Any]:
+async def _run(host: JobHost, job: Job, req: Request, drafter: Candidate, verifier: Candidate,
+               run: DraftRun, tokenizer: Any) -> dict[str, Any]:
     """Stream the drafter's session to the CLI; the result fields."""
     prompt = list(run.prompt)
     stream = TextStream(tokenizer, prompt) if tokenizer is not None else None
@@ -272,9 +297,13 @@ async def _run(host: JobHost, job: Job, req: Request, drafter: Candidate, run: D
                        acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0)
     except RemoteError as exc:
         code = error_code(exc.code)
-        raise ProtocolError(code, f"speculative generation failed on {drafter.name}: {exc.message}") from exc
+        message = f"speculative generation failed on {drafter.name}: {exc.message}"
+        if code == ErrorCode.PEER_DOWN:  # the drafter lost its verifier
+            raise MemberLost("verifier", message, node_id=verifier.node_id) from exc
+        raise ProtocolError(code, message) from exc
     except ConnectionClosed as exc:
-        raise ProtocolError(ErrorCode.PEER_DOWN, f"lost the drafter {drafter.name}: {exc}") from exc
+        raise MemberLost("drafter", f"lost the drafter {drafter.name}: {exc}",
+                         node_id=drafter.node_id) from exc
     seconds = time.perf_counter() - t0
     metrics = final.get("metrics", {}) if isinstance(final.get("metrics"), dict) else {}
     all_ids = [int(t) for t in final.get("token_ids", tokens)]

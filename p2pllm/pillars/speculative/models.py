@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from p2pllm.daemon.cluster import resolve_model_ref
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
-from p2pllm.engine.loader import list_models, load_slice
+from p2pllm.engine.loader import load_slice
 from p2pllm.engine.model import ModelSlice
 from p2pllm.wire.tensors import COMPUTE_DTYPES, torch_dtype
 
@@ -29,25 +30,9 @@ __all__ = ["LoadedModel", "ModelCache", "find_local_model", "model_bytes"]
 log = logging.getLogger(__name__)
 
 def find_local_model(name: str, models_dir: str | None) -> Path | None:
-    """The checkpoint directory ``name`` stands for on this host, or None.
-
-    A directory path, a folder under ``models_dir``, or a listed (bundled) model's name.
-    Never touches the network (unlike ``resolve_model``'s hub fallback).
-    """
-    if not name:
-        return None
-    p = Path(name).expanduser()
-    if p.is_dir() and (p / "config.json").is_file():
-        return p.resolve()
-    if models_dir and "/" not in name and (Path(models_dir).expanduser() / name / "config.json").is_file():
-        return (Path(models_dir).expanduser() / name).resolve()
-    try:
-        for info in list_models(models_dir):
-            if info.name == name:
-                return info.path
-    except Exception as exc:  # a broken models dir is "not found", not a crash
-        log.debug("cannot list models in %s: %s", models_dir, exc)
-    return None
+    """The checkpoint directory ``name`` stands for on this host, or None (the cluster query
+    :func:`~p2pllm.daemon.cluster.resolve_model_ref`: never the network)."""
+    return resolve_model_ref(name, models_dir)
 
 
 def model_bytes(path: Path) -> int:

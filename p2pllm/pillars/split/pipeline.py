@@ -8,13 +8,19 @@ the same model and plan reuse the loaded shards (so many sessions are in flight 
 shards, each shard working on one while the next works on another), and a pipeline idle for
 ``keep_alive`` seconds is released. ``p2pllm ctl stop JOB`` ends one at once.
 
+A pipeline's job runs on the :class:`~p2pllm.daemon.runner.JobRunner`: the pipeline plans
+(:func:`plan_pipeline`), the runner assigns the shards, plans around refusals, and replays
+after a lost shard.
+
 A session: SHARD_OPEN (a stream) to every shard; the prompt to the first shard in chunks;
 then the shards run the decode loop among themselves (the last shard feeds each sampled token
 back to the first) while the last shard streams the tokens here. A shard that dies ends its
-stream (at the latest after the keepalive timeout): the session fails with PEER_DOWN, the
-pipeline is dropped (its roles released), and the session is replayed on a fresh plan over
-the nodes still up (``retries`` times, default 1), with the tokens generated so far appended
-to the prompt.
+stream (at the latest after the keepalive timeout): the session fails with PEER_DOWN and the
+pipeline loses that member. With ``retries`` left (default 1) the runner re-places the
+pipeline on the survivors, in the same job (shards whose slot is unchanged are kept; when
+fewer nodes remain than shards, a node takes several consecutive ranges), and the session is
+replayed on it with the tokens generated so far appended to the prompt. Without, the job fails
+naming the lost shard.
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ from typing import Any
 
 import torch
 
-from p2pllm.daemon.jobs import AssignRefused, Job, JobHost
+from p2pllm.daemon.cluster import advertised_path, label, resolve_model_ref
+from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.runner import Exclusions, JobRunner, Lost, MemberLost, Slot
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.pillars.split.messages import Hop, OpenSession, ShardParams
-from p2pllm.pillars.split.models import advertised_path, find_model
 from p2pllm.plan.layers import free_bytes, kv_bytes_per_token_layer, model_stage_cost, plan_stages
 from p2pllm.plan.partition import NodeBudget, PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
@@ -209,8 +216,13 @@ class Stage:
 
 
 def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
-                  req: SplitRequest) -> list[Stage]:
+                  req: SplitRequest, excluded: Exclusions | None = None,
+                  share: bool = False) -> list[Stage]:
     """Pick and order the nodes that can hold a shard, and give them layer ranges.
+
+    ``excluded``: (node, role) pairs that refused and nodes lost in this job (left out).
+    ``share``: when fewer nodes can take a shard than there are shards (after a loss), a
+    node takes several consecutive ranges.
 
     Raises ProtocolError: NOT_FOUND when too few nodes have the model (naming who lacks it),
     BAD_REQUEST for invalid ranges, REFUSED when the plan does not fit in memory.
@@ -222,10 +234,13 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
     ordered = sorted(nodes, key=lambda n: (not n.get("self"), str(n.get("name")), n["node_id"]))
     for n in ordered:
         caps = n.get("caps") or {}
-        label = f"{n.get('name')}({str(n['node_id'])[:8]})"
+        name = label(n)
         accepts = caps.get("accepts") or ["auto"]
+        if excluded is not None and not excluded.allows(str(n["node_id"]), "shard"):
+            lacking.append(f"{name}: {excluded.reason(str(n['node_id']), 'shard')}")
+            continue
         if "auto" not in accepts and "shard" not in accepts:
-            lacking.append(f"{label} does not take shard roles")
+            lacking.append(f"{name} does not take shard roles")
             continue
         if n.get("self"):
             cands.append((n, str(model.path)))
@@ -236,9 +251,12 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
         elif path_ref:  # a path: assume a shared filesystem; the member checks on ASSIGN
             cands.append((n, str(model.path)))
         else:
-            lacking.append(f"{label} lacks model {model.ref!r}")
+            lacking.append(f"{name} lacks model {model.ref!r}")
     want = req.shards if req.shards is not None else (
         len(req.layers.split(",")) if req.layers else None)
+    if share and cands and want is not None and want > len(cands):
+        # consecutive ranges on one node: e.g. 3 shards on (a, c) -> a, a, c
+        cands = [cands[i * len(cands) // want] for i in range(want)]
     if not cands or (want is not None and want > len(cands)):
         have = ", ".join(f"{n.get('name')}({str(n['node_id'])[:8]})" for n, _ in cands) or "none"
         raise ProtocolError(ErrorCode.NOT_FOUND, (
@@ -248,9 +266,12 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
     nbytes = _BYTES[req.dtype]
     reserve = kv_bytes_per_token_layer(model.config, nbytes) * KV_RESERVE_TOKENS
     cost = model_stage_cost(model.config, bytes_per_param=nbytes, reserve_bytes_per_layer=reserve)
-    labels = [f"{n.get('name')}({str(n['node_id'])[:8]})" for n, _ in cands]
-    budgets = [NodeBudget(label, free_bytes(n.get("caps") or {}))
-               for label, (n, _) in zip(labels, cands, strict=True)]
+    repeats = {n["node_id"]: sum(1 for m, _ in cands if m["node_id"] == n["node_id"])
+               for n, _ in cands}
+    labels = [label(n) + (f" shard {i}" if repeats[n["node_id"]] > 1 else "")
+              for i, (n, _) in enumerate(cands)]
+    budgets = [NodeBudget(lab, free_bytes(n.get("caps") or {}) // repeats[n["node_id"]])
+               for lab, (n, _) in zip(labels, cands, strict=True)]
     # 3. ranges
     try:
         ranges = plan_stages(budgets, cost, stages=req.shards, layers=req.layers)
@@ -302,6 +323,10 @@ class Pipeline:
         self.keep_alive = req.keep_alive
         self.last_used = time.monotonic()
         self.broken: str | None = None
+        self.lost: Stage | None = None  # the stage whose shard was lost
+        self.retries = req.retries  # replays on the survivors this pipeline may make
+        self.replays = 0
+        self.runner: JobRunner | None = None
         self.closing = False
         self.changed = asyncio.Event()
         self.slots = asyncio.Semaphore(req.max_sessions)
@@ -321,17 +346,30 @@ class Pipeline:
     def job_id(self) -> str:
         return self.job.id if self.job is not None else ""
 
+    @property
+    def replaying(self) -> bool:
+        """A shard was lost and the pipeline is being re-placed on the survivors."""
+        return self.broken is not None and not self.ready.done()
+
     def usable(self, up: set[str]) -> bool:
-        if self.closing or self.broken:
+        if self.closing:
+            return False
+        if self.replaying:
+            return True
+        if self.broken:
             return False
         if self.ready.done() and (self.ready.cancelled() or self.ready.exception() is not None):
             return False
         return all(s.node_id in up for s in self.stages)
 
-    def mark_broken(self, reason: str) -> None:
+    def mark_broken(self, reason: str, stage: Stage | None = None) -> None:
         if self.broken is None:
             log.warning("split pipeline %s broken: %s", self.job_id, reason)
             self.broken = reason
+            self.lost = stage
+            if stage is not None and self.replays < self.retries and self.ready.done():
+                # sessions that replay wait for the re-placed pipeline
+                self.ready = asyncio.get_running_loop().create_future()
         self.changed.set()
 
     def touch(self) -> None:
@@ -358,6 +396,30 @@ class Pipeline:
                 "layers": ",".join(f"{s.start}-{s.end}" for s in self.stages),
                 "nodes": [s.name for s in self.stages]}
 
+    # -- the runner's pillar: plan, run, replay ---------------------------------------------
+
+    def plan(self, nodes: Sequence[Mapping[str, Any]], excluded: Exclusions) -> list[Slot]:
+        self.stages = plan_pipeline(nodes, self.model, self.req, excluded,
+                                    share=bool(excluded.lost))
+        return [Slot(s.rid, "shard", s.node_id, self.shard_params(s).to_meta(),
+                     summary=f"layers {s.start}-{s.end} of {self.model.path.name}",
+                     label=s.label) for s in self.stages]
+
+    async def run(self, job: Job, members: Mapping[tuple[str, str], Slot]) -> None:
+        """Hold the placed shards while sessions use them; MemberLost when one is gone."""
+        self.broken = self.lost = None
+        self.ready_at = time.monotonic()
+        if not self.ready.done():
+            self.ready.set_result(None)
+        self.publish()
+        await self._hold()
+
+    def replay(self, lost: Lost) -> bool:
+        if self.replays >= self.retries:
+            return False
+        self.replays += 1
+        return True
+
     def publish(self) -> None:
         if self.job is None:
             return
@@ -376,11 +438,8 @@ class Pipeline:
         try:
             async with self.host.job("split", self.job_params()) as job:
                 self.job = job
-                await self._assign_all(job)
-                self.ready_at = time.monotonic()
-                self.ready.set_result(None)
-                self.publish()
-                await self._hold()
+                self.runner = JobRunner(job, self, what=f"split {self.model.ref}")
+                await self.runner.run()
         except asyncio.CancelledError:
             self._failed(ProtocolError(ErrorCode.CANCELLED, "the daemon is shutting down"))
             raise
@@ -398,27 +457,13 @@ class Pipeline:
         if not self.ready.done():
             self.ready.set_exception(exc)
 
-    async def _assign_all(self, job: Job) -> None:
-        results = await asyncio.gather(*(
-            job.assign(s.node_id, "shard", self.shard_params(s).to_meta(), rid=s.rid,
-                       summary=f"layers {s.start}-{s.end} of {self.model.path.name}")
-            for s in self.stages), return_exceptions=True)
-        problems = []
-        for s, r in zip(self.stages, results, strict=True):
-            if isinstance(r, asyncio.CancelledError):
-                raise r
-            if isinstance(r, AssignRefused):
-                problems.append(f"{s.label} refused: {r.reason}")
-            elif isinstance(r, BaseException):
-                problems.append(f"{s.label} failed: {type(r).__name__}: {r}")
-        if problems:
-            raise ProtocolError(ErrorCode.REFUSED, "the plan could not be placed: "
-                                + "; ".join(problems))
-
     async def _hold(self) -> None:
         while True:
             if self.broken:
-                raise ProtocolError(ErrorCode.PEER_DOWN, self.broken)
+                stage = self.lost
+                if stage is None:
+                    raise ProtocolError(ErrorCode.PEER_DOWN, self.broken)
+                raise MemberLost(stage.rid, self.broken, node_id=stage.node_id)
             idle = time.monotonic() - self.last_used
             if self.active == 0 and idle >= self.keep_alive:
                 self.closing = True
@@ -555,11 +600,11 @@ class Pipeline:
             gone = code == ErrorCode.PEER_DOWN or (
                 code in (ErrorCode.UNKNOWN_JOB, ErrorCode.CANCELLED) and not stopping)
             if gone:
-                self.mark_broken(f"{stage.label}: {exc.message}")
+                self.mark_broken(f"{stage.label}: {exc.message}", stage)
             return SessionError(code, f"{stage.label}: {exc.message}", peer_down=gone,
                                 tokens=tokens)
         reason = f"{stage.label} is down: {exc}"
-        self.mark_broken(reason)
+        self.mark_broken(reason, stage)
         return SessionError(ErrorCode.PEER_DOWN, reason, peer_down=True, tokens=tokens)
 
 
@@ -576,7 +621,7 @@ class PipelineRegistry:
         self._models: dict[Path, LocalModel] = {}
 
     async def local_model(self, ref: str, need_tokenizer: bool) -> LocalModel:
-        path = find_model(ref, self.host.config.models_dir)
+        path = resolve_model_ref(ref, self.host.config.models_dir)
         if path is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, (
                 f"model {ref!r} is not on this node (the coordinator needs its config and "
@@ -607,6 +652,8 @@ class PipelineRegistry:
         pipe = self.pipelines.get(key)
         created = False
         if pipe is None or not pipe.usable(up):
+            # planned here first, so that a bad request fails before any job starts; the
+            # pipeline's runner plans again (the same, unless refusals change it)
             stages = plan_pipeline(nodes, model, req)
             pipe = Pipeline(self, key, model, stages, req)
             self.pipelines[key] = pipe
@@ -616,6 +663,7 @@ class PipelineRegistry:
             created = True
         pipe.active += 1
         pipe.keep_alive = req.keep_alive
+        pipe.retries = max(pipe.retries, pipe.replays + req.retries)
         pipe.touch()
         try:
             await asyncio.shield(pipe.ready)

@@ -1,0 +1,80 @@
+"""TRAIN_RUN: the coordinator of a split-training job, on the JobRunner.
+
+The pillar plans (:mod:`.planner`), the runner assigns the train-stage roles and plans
+around refusals (its one policy: the refusing node is excluded and the job re-planned, a
+bounded number of times), and :class:`~.driver.StepDriver` runs the steps. A stage that dies
+is a lost member: training state lives on the stages, so there is no replay; the job fails
+with an error naming the stage (the last checkpoint, if any, stays intact).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from p2pllm.daemon.cluster import require_model
+from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.runner import Exclusions, JobRunner, MemberLost, Slot
+from p2pllm.engine.errors import ModelError
+from p2pllm.pillars.splittrain.checkpoint import check_save_dir
+from p2pllm.pillars.splittrain.driver import StageFailed, StepDriver
+from p2pllm.pillars.splittrain.messages import RunSpec
+from p2pllm.pillars.splittrain.planner import ROLE, Stage, plan_stages_for, stage_cost, stage_params
+from p2pllm.plan.layers import StageCost
+from p2pllm.wire.connection import ConnectionClosed, Reply, Request
+from p2pllm.wire.frame import ProtocolError
+from p2pllm.wire.messages import ErrorCode
+
+__all__ = ["TrainPillar", "coordinate"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainPillar:
+    """What the JobRunner runs for one TRAIN_RUN."""
+
+    def __init__(self, spec: RunSpec, cost: StageCost, local_path: str | None,
+                 req: Request) -> None:
+        self.spec = spec
+        self.cost = cost
+        self.local_path = local_path
+        self.req = req
+        self.stages: list[Stage] = []
+
+    def plan(self, nodes: Sequence[Mapping[str, Any]], excluded: Exclusions) -> list[Slot]:
+        self.stages = plan_stages_for(self.spec, nodes, self.cost, excluded, self.local_path)
+        return [Slot(st.rid, ROLE, st.node_id, stage_params(self.spec, self.stages, st, self.cost),
+                     summary=f"layers {st.start}-{st.end}", label=st.describe())
+                for st in self.stages]
+
+    async def run(self, job: Job, members: Mapping[tuple[str, str], Slot]) -> Reply:
+        driver = StepDriver(job, self.spec, self.stages, self.req, self.cost)
+        try:
+            return await driver.run()
+        except ProtocolError as e:
+            cause = e.__cause__
+            if isinstance(cause, StageFailed) and isinstance(cause.__cause__, ConnectionClosed):
+                raise MemberLost(cause.stage.rid, cause.message, node_id=cause.stage.node_id,
+                                 code=ErrorCode.PEER_DOWN) from e
+            raise
+
+
+async def coordinate(host: JobHost, req: Request) -> Reply:
+    """TRAIN_RUN: plan the stages, assign them, drive the steps, save, report.
+
+    Nodes that lack the model files are left out of the plan; a node that refuses its stage is
+    left out of a new plan (the JobRunner's policy).
+    """
+    spec = RunSpec.from_meta(req.meta)
+    if spec.save is not None:
+        check_save_dir(spec.save)
+    cost, _tied = stage_cost(spec, host.cluster.nodes(), host.config.models_dir)
+    try:
+        local_path: str | None = str(require_model(spec.model, host.config.models_dir))
+    except ModelError:
+        local_path = None
+    async with host.job("splittrain", spec.job_params()) as job:
+        pillar = TrainPillar(spec, cost, local_path, req)
+        result: Reply = await JobRunner(job, pillar, what="split training stopped").run()
+        return result
