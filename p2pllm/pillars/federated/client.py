@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from torch import Tensor
 
 from p2pllm.daemon.capabilities import device_kind
+from p2pllm.daemon.cluster import resolve_model_ref
 from p2pllm.daemon.roles import Refused, Role, RoleHandler
 from p2pllm.pillars.federated.data import DataError, data_files
 from p2pllm.pillars.federated.lora import check_same_layout, quantize_refusal
@@ -38,20 +39,11 @@ T = TypeVar("T")
 
 
 def find_model(params: ClientParams, models_dir: str | None) -> Path:
-    """The base model here: by name under --models-dir, else the coordinator's path, else bundled."""
-    candidates = []
-    if models_dir:
-        candidates.append(Path(models_dir).expanduser() / params.model)
-    candidates.append(Path(params.model_path).expanduser())
-    try:
-        from p2pllm.engine.loader import BUNDLED_MODELS_DIR
-
-        candidates.append(BUNDLED_MODELS_DIR / params.model)
-    except ImportError:  # pragma: no cover
-        pass
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
+    """The base model here: by name (under --models-dir, or bundled), else the coordinator's
+    path (the cluster query :func:`~p2pllm.daemon.cluster.resolve_model_ref`)."""
+    found = resolve_model_ref(params.model, models_dir) or resolve_model_ref(params.model_path, None)
+    if found is not None:
+        return found
     raise Refused(
         f"model {params.model!r} is not on this host: not under --models-dir {models_dir} "
         f"and {params.model_path} does not exist here"

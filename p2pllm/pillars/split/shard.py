@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from p2pllm.daemon.cluster import resolve_model_ref as find_model
 from p2pllm.daemon.roles import Refused, Role, RoleHandler
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
@@ -45,7 +46,6 @@ from p2pllm.pillars.split.messages import (
     parse_close,
     parse_forward,
 )
-from p2pllm.pillars.split.models import find_model
 from p2pllm.plan.layers import free_bytes
 from p2pllm.wire.connection import ConnectionClosed, Reply, Request
 from p2pllm.wire.frame import HEADER_SIZE, ProtocolError, encode_meta

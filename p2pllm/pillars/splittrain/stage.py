@@ -190,7 +190,7 @@ class TrainStageRole(Role):
         self.vocab = self.compute.config.vocab_size
 
     def _load(self) -> tuple[StageModel, torch.Tensor | None, Path]:
-        from p2pllm.engine.loader import resolve_model
+        from p2pllm.daemon.cluster import require_model
 
         if self.ctx.config.threads:
             torch.set_num_threads(self.ctx.config.threads)
@@ -198,7 +198,7 @@ class TrainStageRole(Role):
             assert self.p.data is not None
             if not Path(self.p.data).expanduser().exists():
                 raise DatasetNotFound(f"dataset {self.p.data} does not exist")
-        path = resolve_model(self.p.model, self.ctx.config.models_dir)
+        path = require_model(self.p.model, self.ctx.config.models_dir)
         model = build_slice(path, (self.p.start, self.p.end), init=self.p.init,
                             seed=self.p.seed, lora=self.p.lora)
         compute = StageModel(model, self.p.optim)
