@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "KVCacheFullError",
     "ModelError",
     "ModelNotFoundError",
     "SequenceTooLongError",
@@ -33,3 +34,14 @@ class CheckpointError(ModelError):
 
 class SequenceTooLongError(ModelError):
     """A prompt or generation exceeds the model's or the KV cache's maximum length."""
+
+
+class KVCacheFullError(ModelError):
+    """The KV cache's pool has no free block for a step (its total-token cap is reached).
+
+    Not the caller's fault: a role answers it with a refusal (try later, or elsewhere).
+    """
+
+    def __init__(self, message: str, *, needed: int = 0, free: int = 0) -> None:
+        super().__init__(message)
+        self.needed, self.free = needed, free

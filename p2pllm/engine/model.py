@@ -16,7 +16,7 @@ from torch import nn
 
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError, SequenceTooLongError
-from p2pllm.engine.kv_cache import KVCache
+from p2pllm.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVPlan
 from p2pllm.engine.quant import QuantFused, QuantLinear
 from p2pllm.engine.rope import RotaryTable
 
@@ -161,10 +161,8 @@ class _Step:
     cos: torch.Tensor  # (B or 1, T, 1, hd)
     sin: torch.Tensor
     cache: KVCache | None = None
-    rows: slice | torch.Tensor | None = None  # cache rows: a slice when contiguous
-    all_rows: bool = False  # rows is every row of the cache
+    kv: KVPlan | None = None  # where each layer reads and writes the cache
     start: int | None = None  # shared cache length of all rows, or None when they differ
-    positions: torch.Tensor | None = None  # (B, T), for scattered writes when start is None
     kv_len: int = 0  # S
     causal: bool = False  # SDPA is_causal (no prefix, no window)
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
@@ -228,31 +226,10 @@ class Attention(nn.Module):
     def _cached(self, k: torch.Tensor, v: torch.Tensor,
                 step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, T, kv_heads, hd) into the cache and return the
-        keys/values to attend to, (B, kv_heads, S, hd)."""
-        assert step.cache is not None
-        kc, vc = step.cache.layer(self.layer)  # (batch, kv_heads, max_len, hd)
-        rows, s = step.rows, step.kv_len
-        if step.start is not None and isinstance(rows, slice):
-            # All rows at the same length: one strided copy each, then a view of the cache.
-            if not step.all_rows:
-                kc, vc = kc.narrow(0, rows.start, k.shape[0]), vc.narrow(0, rows.start, k.shape[0])
-            t0, t = step.start, k.shape[1]
-            kc.narrow(2, t0, t).copy_(k.transpose(1, 2))
-            vc.narrow(2, t0, t).copy_(v.transpose(1, 2))
-            lo = 0
-            if self.window is not None and t == 1 and s > self.window:
-                lo = s - self.window  # one new token: its window is a plain slice
-            return kc.narrow(2, lo, s - lo), vc.narrow(2, lo, s - lo)
-        assert isinstance(rows, torch.Tensor)
-        if step.start is not None:
-            kc[rows, :, step.start:step.start + k.shape[1]] = k.transpose(1, 2)
-            vc[rows, :, step.start:step.start + k.shape[1]] = v.transpose(1, 2)
-        else:  # rows at different lengths: scatter each token to its own position
-            assert step.positions is not None
-            index = (rows[:, None], slice(None), step.positions)
-            kc[index] = k
-            vc[index] = v
-        return kc[rows, :, :s], vc[rows, :, :s]
+        keys/values to attend to, (B, kv_heads, S, hd) -- only the window's last keys when
+        one new token per row at a shared length has a sliding window (then no mask)."""
+        assert step.cache is not None and step.kv is not None
+        return step.cache.update(self.layer, k, v, step.kv, self.window)
 
     def _mask(self, step: _Step) -> torch.Tensor | None:
         """Boolean mask (B, 1, T, S) or None, per window size, shared by the layers."""
@@ -455,15 +432,25 @@ class ModelSlice(nn.Module):
                 out.append((key, p, rows))
         return out
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """A KV cache for this slice's layers: ``batch`` rows of up to ``max_len`` positions."""
+    def new_cache(self, batch: int = 1, max_len: int | None = None, *,
+                  max_total_tokens: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                  chunk_tokens: int | None = None) -> KVCache:
+        """A KV cache for this slice's layers with ``batch`` rows made up front (more with
+        ``add_row``), each of up to ``max_len`` positions (default: the model's maximum),
+        all together of up to ``max_total_tokens`` (default: ``batch`` full rows). Blocks of
+        ``block_size`` positions are taken as positions arrive, from storage allocated in
+        chunks of ``chunk_tokens`` (default ``max_len``) positions (see :mod:`.kv_cache`)."""
         limit = self.config.max_position_embeddings
+        max_len = limit if max_len is None else max_len
         if max_len > limit:
             raise SequenceTooLongError(f"max_len {max_len} exceeds the model's maximum length "
                                        f"({limit} positions)")
+        if max_total_tokens is None:
+            max_total_tokens = max(batch, 1) * -(-max_len // block_size) * block_size
         c = self.config
-        return KVCache(num_layers=self.end - self.start, batch=batch, num_kv_heads=c.num_kv_heads,
-                       max_len=max_len, head_dim=c.head_dim, dtype=self.dtype,
+        return KVCache(num_layers=self.end - self.start, rows=batch, num_kv_heads=c.num_kv_heads,
+                       max_len=max_len, max_total_tokens=max_total_tokens, head_dim=c.head_dim,
+                       block_size=block_size, chunk_tokens=chunk_tokens, dtype=self.dtype,
                        device=self.device, start=self.start)
 
     # -- running ------------------------------------------------------------------------------
@@ -490,17 +477,20 @@ class ModelSlice(nn.Module):
         step = self._plan(positions, cache, slots, b, t)
         step.fast = not torch.is_grad_enabled()
         # 2. layers
-        if step.fast:
-            for layer in self.layers.values():
-                h = layer.forward(h, step) if type(layer) is DecoderLayer else layer(h, step)
-        else:
-            for layer in self.layers.values():
-                h = layer(h, step)
+        try:
+            if step.fast:
+                for layer in self.layers.values():
+                    h = layer.forward(h, step) if type(layer) is DecoderLayer else layer(h, step)
+            else:
+                for layer in self.layers.values():
+                    h = layer(h, step)
+        except BaseException:
+            if cache is not None and step.kv is not None:
+                cache.abort(step.kv)  # give back the blocks this step reserved
+            raise
         # 3. the cache now holds the new tokens
-        if cache is not None:
-            rows = _rows_list(step.rows)
-            for r in rows:
-                cache.lengths[r] += t
+        if cache is not None and step.kv is not None:
+            cache.commit(step.kv)
         # 4. head
         if self.norm is None or self.lm_head is None:
             return h
@@ -542,42 +532,37 @@ class ModelSlice(nn.Module):
             return _Step(cos=cos, sin=sin, kv_len=t, causal=True, query_pos=positions)
 
         # 1. which cache rows, at which lengths
-        rows: slice | torch.Tensor
         if slots is None:
-            if b > cache.batch:
-                raise ModelError(f"{b} sequences but the cache has {cache.batch} rows")
-            rows, row_ids = slice(0, b), list(range(b))
+            row_ids = list(range(b))
+            if not all(cache.has_row(r) for r in row_ids):
+                raise ModelError(f"{b} sequences but the cache has no rows {row_ids}")
         else:
             row_ids = [int(s) for s in slots.tolist()]
-            if len(row_ids) != b or any(not 0 <= r < cache.batch for r in row_ids):
-                raise ModelError(f"slots must be {b} row indices in [0, {cache.batch})")
+            if len(row_ids) != b or not all(cache.has_row(r) for r in row_ids):
+                raise ModelError(f"slots must be {b} ids of the cache's rows {cache.rows}")
             if len(set(row_ids)) != b:
                 raise ModelError("slots must be distinct")
-            first = row_ids[0]
-            contiguous = row_ids == list(range(first, first + b))
-            rows = slice(first, first + b) if contiguous else slots.to(torch.int64)
-        lengths = [cache.lengths[r] for r in row_ids]
+        lengths = [cache.length(r) for r in row_ids]
         starts = positions[:, 0].tolist()
         if starts != lengths:
             raise ModelError(f"positions start at {starts} but the cache rows hold {lengths}")
         end = max(lengths) + t
-        if end > cache.max_len:
-            raise SequenceTooLongError(f"sequence of {end} positions exceeds the KV cache's "
-                                       f"maximum length ({cache.max_len})")
-        # 2. rotary tables and masks
+        limit = self.config.max_position_embeddings
+        if end > limit:
+            raise SequenceTooLongError(f"sequence of {end} positions exceeds the model's "
+                                       f"maximum length ({limit} positions)")
+        # 2. blocks for the new positions (raises before changing anything when over a cap)
+        kv = cache.plan(row_ids, t)
+        # 3. rotary tables and masks
         rope = self._rope_table()
         rope.ensure(end)
-        uniform = min(lengths) == max(lengths)
-        if uniform:
+        if kv.uniform:
             cos, sin = rope.span(lengths[0], t)
-            all_rows = isinstance(rows, slice) and (rows.start, rows.stop) == (0, cache.batch)
-            return _Step(cos=cos, sin=sin, cache=cache, rows=rows, all_rows=all_rows,
-                         start=lengths[0], kv_len=end, causal=lengths[0] == 0, query_pos=positions)
-        if isinstance(rows, slice):
-            rows = torch.arange(rows.start, rows.stop)
+            return _Step(cos=cos, sin=sin, cache=cache, kv=kv, start=lengths[0], kv_len=end,
+                         causal=lengths[0] == 0, query_pos=positions)
         cos, sin = rope.lookup(positions)
-        return _Step(cos=cos, sin=sin, cache=cache, rows=rows, start=None, positions=positions,
-                     kv_len=end, query_pos=positions)
+        return _Step(cos=cos, sin=sin, cache=cache, kv=kv, start=None, kv_len=end,
+                     query_pos=positions)
 
 
 def _numel(p: torch.Tensor, rows: tuple[int, int] | None) -> int:
@@ -585,10 +570,3 @@ def _numel(p: torch.Tensor, rows: tuple[int, int] | None) -> int:
         return p.numel()
     return (rows[1] - rows[0]) * (p.numel() // p.shape[0])
 
-
-def _rows_list(rows: slice | torch.Tensor | None) -> list[int]:
-    if rows is None:
-        return []
-    if isinstance(rows, slice):
-        return list(range(rows.start, rows.stop))
-    return [int(r) for r in rows.tolist()]

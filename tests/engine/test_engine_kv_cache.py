@@ -1,4 +1,5 @@
-"""KV cache: rollback, reset, rows, and a decode path that does not reallocate it."""
+"""KV cache through the model: rollback and rows rolled back or reset independently (blocks,
+caps, growth and accounting: test_kv_cache.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from typing import Any
 import pytest
 import torch
 
-from p2pllm.engine.errors import ModelError
-from p2pllm.engine.kv_cache import KVCache
 from p2pllm.engine.loader import load_slice
 
 
@@ -60,38 +59,3 @@ def test_rows_roll_back_and_reset_independently(tiny: dict[str, Any]) -> None:
         ref = model(a, _pos(0, 6), plain)[:, 2:]
     assert torch.equal(got, want)
     assert (again - ref).abs().max() < 1e-5
-
-
-def test_decode_writes_in_place(tiny: dict[str, Any]) -> None:
-    model = load_slice(tiny["llama"].path)
-    with torch.inference_mode():
-        cache = model.new_cache(1, 16)
-        data, ptr = cache.data, cache.data.data_ptr()
-        model(_ids(4, 0), _pos(0, 4), cache)
-        for i in range(4, 16):
-            model(_ids(1, i), _pos(i, 1), cache)
-    assert cache.data is data and cache.data.data_ptr() == ptr
-    assert cache.lengths == [16]
-    k, v = cache.layer(2)
-    assert k.abs().sum() > 0 and v[:, :, 15].abs().sum() > 0
-
-
-def test_cache_shape_and_errors() -> None:
-    c = KVCache(num_layers=2, batch=3, num_kv_heads=2, max_len=8, head_dim=4, start=5)
-    assert c.data.shape == (2, 2, 3, 2, 8, 4) and c.max_len == 8 and c.batch == 3
-    assert c.nbytes == 2 * 2 * 3 * 2 * 8 * 4 * 4
-    assert c.layer(6)[0].shape == (3, 2, 8, 4)
-    with pytest.raises(ModelError):
-        c.layer(4)
-    c.lengths[1] = 5
-    assert c.remaining(1) == 3
-    with pytest.raises(ValueError):
-        c.rollback(1, 6)
-    with pytest.raises(IndexError):
-        c.rollback(3, 0)
-    c.rollback(1, 0)
-    c.lengths[2] = 4
-    c.reset()
-    assert c.lengths == [0, 0, 0]
-    with pytest.raises(ValueError):
-        KVCache(num_layers=1, batch=0, num_kv_heads=1, max_len=4, head_dim=2)

@@ -223,7 +223,7 @@ def test_bfloat16_packed_matches_unpacked_and_float32(tiny: dict[str, Tiny]) -> 
         a = packed(ids, _pos(0, 10)).float()
         b = plain(ids, _pos(0, 10)).float()
         cache = packed.new_cache(1, 10)
-        assert cache.data.dtype == torch.bfloat16
+        assert cache.dtype == torch.bfloat16
         c = torch.cat([packed(ids[:, :4], _pos(0, 4), cache)] +
                       [packed(ids[:, i:i + 1], _pos(i, 1), cache) for i in range(4, 10)], 1)
     scale = r.abs().max()

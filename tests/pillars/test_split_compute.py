@@ -12,7 +12,7 @@ import torch
 from p2pllm.engine.generate import generate_ids
 from p2pllm.engine.loader import load_slice
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.pillars.split.compute import Sampler, SessionCache, ShardEngine, Step
+from p2pllm.pillars.split.compute import Sampler, ShardEngine, Step
 from p2pllm.pillars.split.messages import OpenSession, ShardParams
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode
@@ -160,17 +160,17 @@ def test_wire_dtype_bfloat16_sends_half_the_bytes_and_stays_close(tiny_models) -
     assert second.check_input({"hidden": h}, 0, 16).dtype == torch.bfloat16
 
 
-def test_session_cache_touches_no_memory_until_used_and_zeroes_rows_it_reads() -> None:
-    cache = SessionCache(num_layers=2, rows=3, num_kv_heads=2, max_len=10, head_dim=4)
-    cache.data.fill_(float("nan"))
-    cache.data[:, :, 1, :, :2] = 1.0  # written by a session: kept
-    cache.lengths[1] = 2
-    cache.zero_upto([1], 4)
-    assert torch.all(cache.data[:, :, 1, :, :2] == 1) and torch.all(cache.data[:, :, 1, :, 2:4] == 0)
-    assert torch.isnan(cache.data[:, :, 1, :, 4:]).all() and torch.isnan(cache.data[:, :, 0]).all()
-    k, v = cache.layer(0)
-    assert k.shape == (3, 2, 10, 4) and v.shape == (3, 2, 10, 4)
-    assert cache.position_bytes() == 2 * 2 * 2 * 4 * 4
+def test_session_cache_takes_memory_only_as_positions_arrive_and_gives_it_back(tiny_models) -> None:
+    (engine,) = chain(tiny_models["llama"], [(0, 4)], rows=3)
+    cache = engine.cache
+    assert cache.nbytes == 0 and cache.blocks_used == 0
+    row = engine.take_row()
+    other = engine.take_row()
+    engine.run([Step(row, 0, torch.arange(1, 21), True)])  # 20 positions: 2 blocks of 16
+    assert cache.blocks_used == 2 and cache.nbytes > 0 and cache.lengths[other] == 0
+    engine.give_row(row)
+    assert cache.blocks_used == 0 and cache.nbytes == 0 and engine.rows_free == 2
+    assert cache.position_bytes() == 4 * 2 * 2 * 16 * 4  # layers, K and V, kv heads, hd, fp32
 
 
 def test_messages_validate_what_a_peer_sends() -> None:

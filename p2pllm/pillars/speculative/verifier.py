@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from p2pllm.engine.errors import ModelError
+from p2pllm.engine.errors import KVCacheFullError, ModelError
 from p2pllm.engine.kv_cache import KVCache
 from p2pllm.engine.sampling import SamplingParams, distribution, make_generator
 from p2pllm.pillars.speculative.acceptance import SparseDist, verify_greedy, verify_sampled
 from p2pllm.pillars.speculative.messages import (
-    MAX_WINDOW,
     OpenReply,
     OpenRequest,
     VerifyReply,
@@ -44,7 +43,6 @@ __all__ = ["Session", "VerifierEngine", "acquire_engine", "decide", "release_eng
 
 log = logging.getLogger(__name__)
 
-SLACK = MAX_WINDOW + 1  # spare positions per cache row, so padded windows fit
 SWEEP_INTERVAL = 1.0
 
 
@@ -117,11 +115,14 @@ class _Work:
 class VerifierEngine:
     """Sessions, the pooled KV cache and the batching worker of one loaded target."""
 
-    def __init__(self, loaded: LoadedModel, max_sessions: int = 64) -> None:
+    def __init__(self, loaded: LoadedModel, max_sessions: int = 64,
+                 max_kv_tokens: int | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
         self.max_sessions = max_sessions
+        # KV positions of all sessions together (whole blocks); past it a window is refused
+        self.max_kv_tokens = max_kv_tokens or max_sessions * self.config.max_position_embeddings
         self.sessions: dict[int, Session] = {}
         self.cache: KVCache | None = None
         self.refs = 0
@@ -282,6 +283,8 @@ class VerifierEngine:
         """In the worker thread: free rows, prefill new sessions, verify windows."""
         with torch.inference_mode(), self.loaded.lock:
             for s in freed:
+                if s.row >= 0 and self.cache is not None and self.cache.has_row(s.row):
+                    self.cache.remove_row(s.row)  # its blocks only: no other row moves
                 s.row = -1
             opens = [w for w in batch if w.window is None]
             verifies = [w for w in batch if w.window is not None]
@@ -302,6 +305,8 @@ class VerifierEngine:
             fn(work)
         except ProtocolError as exc:
             work.error = exc
+        except KVCacheFullError as exc:
+            work.error = ProtocolError(ErrorCode.REFUSED, f"the verifier's KV cache is full: {exc}")
         except (ModelError, ValueError) as exc:
             work.error = ProtocolError(ErrorCode.BAD_REQUEST, str(exc))
         except Exception as exc:
@@ -311,32 +316,17 @@ class VerifierEngine:
     # -- the KV pool (worker thread only) -------------------------------------------------------
 
     def _fit(self, live: list[Session]) -> None:
-        """Give every live session a row; grow the pool when needed, shrink when far too big."""
+        """Give every new live session a row of the block cache (rows take blocks as their
+        positions arrive; no live row's KV moves); drop the cache when no session is left."""
         if not live:
             self.cache = None
             return
-        rows = len(live)
-        length = min(max(s.limit for s in live) + SLACK, self.config.max_position_embeddings)
-        cache = self.cache
-        used = {s.row for s in live if s.row >= 0}
-        if (cache is not None and cache.batch >= rows and cache.max_len >= length
-                and cache.batch <= 2 * rows and cache.max_len <= 2 * length):
-            free = [r for r in range(cache.batch) if r not in used]
-            for s in live:
-                if s.row < 0:
-                    s.row = free.pop(0)
-                    cache.reset(s.row)
-            return
-        # Reallocate: copy every live row's valid prefix into a cache of the right size.
-        fresh = self.model.new_cache(rows, length)
-        for i, s in enumerate(live):
-            if s.row >= 0 and cache is not None:
-                n = cache.lengths[s.row]
-                fresh.data[:, :, i, :, :n].copy_(cache.data[:, :, s.row, :, :n])
-                fresh.lengths[i] = n
-            s.row = i
-        self.cache = fresh
-        log.debug("KV pool now %d rows x %d positions (%.1f MB)", rows, length, fresh.nbytes / 1e6)
+        if self.cache is None:
+            self.cache = self.model.new_cache(0, self.config.max_position_embeddings,
+                                              max_total_tokens=self.max_kv_tokens)
+        for s in live:
+            if s.row < 0:
+                s.row = self.cache.add_row()
 
     def _prefill(self, work: _Work) -> None:
         s = work.session
@@ -404,10 +394,15 @@ class VerifierEngine:
         t0 = time.perf_counter()
         try:
             logits = self.model(ids.to(dev), pos.to(dev), cache, slots)  # (B, width, V)
-        except Exception:
-            # the forward may have advanced some rows: put every row back where it was
+        except KVCacheFullError as exc:  # nothing was written: refuse this group's windows
             for w in works:
-                cache.lengths[w.session.row] = min(cache.lengths[w.session.row], w.session.kv_len)
+                w.error = ProtocolError(ErrorCode.REFUSED, f"the verifier's KV cache is full: {exc}")
+            return
+        except Exception:
+            # a failed forward gives its blocks back; make sure every row is where it was
+            for w in works:
+                if cache.length(w.session.row) > w.session.kv_len:
+                    cache.rollback(w.session.row, w.session.kv_len)
             raise
         forward_s = time.perf_counter() - t0
         self.forwards += 1

@@ -1,6 +1,8 @@
-"""What a shard computes, without any I/O: its model slice, a KV cache row per session, the
-check of what a peer sent, one forward over one or several sessions, and the sampler of the
-last shard. The shard role (shard.py) runs :meth:`ShardEngine.run` in a worker thread.
+"""What a shard computes, without any I/O: its model slice, a KV cache row per session (the
+engine's block cache: rows take blocks as positions arrive and give them back when they
+leave), the check of what a peer sent, one forward over one or several sessions, and the
+sampler of the last shard. The shard role (shard.py) runs :meth:`ShardEngine.run` in a
+worker thread.
 """
 
 from __future__ import annotations
@@ -11,57 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from p2pllm.engine.errors import ModelError
-from p2pllm.engine.kv_cache import KVCache
+from p2pllm.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from p2pllm.engine.model import ModelSlice
 from p2pllm.engine.sampling import SamplingParams, make_generator, sample
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode
 
-__all__ = ["Sampler", "SessionCache", "ShardEngine", "Step", "slice_param_count"]
-
-
-class SessionCache(KVCache):
-    """A KV cache of ``rows`` sessions whose storage is reserved but not touched up front.
-
-    The engine's KVCache zero-fills its whole tensor, so a cache sized for many long sessions
-    would be resident from the start. Here memory becomes resident only as sessions fill it.
-    A row is zeroed (up to a high-water mark) before a batched forward may read past its
-    length: masked-out keys must still be finite numbers.
-    """
-
-    def __init__(self, *, num_layers: int, rows: int, num_kv_heads: int, max_len: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", start: int = 0) -> None:
-        # KVCache.__init__ is not called: it would fill (and so touch) the whole slab.
-        if rows <= 0 or max_len <= 0 or num_layers < 0:
-            raise ValueError(f"bad cache shape: rows={rows} max_len={max_len}")
-        self.start = start
-        self.num_layers = num_layers
-        # (layers, 2, rows, kv_heads, max_len, head_dim)
-        self.data = torch.empty(num_layers, 2, rows, num_kv_heads, max_len, head_dim,
-                                dtype=dtype, device=device)
-        self.lengths: list[int] = [0] * rows
-        self._zeroed: list[int] = [0] * rows
-
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i = index - self.start
-        if not 0 <= i < self.num_layers:
-            raise ModelError(f"layer {index} is not in this cache "
-                             f"[{self.start}, {self.start + self.num_layers})")
-        return self.data[i, 0], self.data[i, 1]
-
-    def zero_upto(self, rows: Sequence[int], length: int) -> None:
-        """Make positions [0, length) of ``rows`` finite (zero the ones never written)."""
-        for r in rows:
-            lo = max(self._zeroed[r], self.lengths[r])  # below: written or zeroed already
-            if lo < length:
-                self.data[:, :, r, :, lo:length].zero_()
-            self._zeroed[r] = max(self._zeroed[r], length)
-
-    def position_bytes(self) -> int:
-        """Bytes one position of one row takes over all layers."""
-        d = self.data
-        return d.shape[0] * 2 * d.shape[3] * d.shape[5] * d.element_size()
+__all__ = ["Sampler", "ShardEngine", "Step", "slice_param_count"]
 
 
 @dataclass(eq=False)
@@ -127,28 +85,27 @@ class ShardEngine:
         self.wire_dtype = wire_dtype
         c = model.config
         self.max_len = min(max_len, c.max_position_embeddings)
-        self.cache = SessionCache(num_layers=model.end - model.start, rows=rows,
-                                  num_kv_heads=c.num_kv_heads, max_len=self.max_len,
-                                  head_dim=c.head_dim, dtype=model.dtype, device=model.device,
-                                  start=model.start)
-        self._free = list(range(rows - 1, -1, -1))
+        self.max_rows = rows
+        # Room for every row at full length, so a session admitted by take_row never finds
+        # the pool empty; blocks (and storage chunks) are taken only as positions arrive.
+        bs = DEFAULT_BLOCK_SIZE
+        self.cache = model.new_cache(0, self.max_len,
+                                     max_total_tokens=rows * -(-self.max_len // bs) * bs)
 
     # -- rows ---------------------------------------------------------------------------------
 
     @property
     def rows_free(self) -> int:
-        return len(self._free)
+        return self.max_rows - self.cache.batch
 
     def take_row(self) -> int | None:
-        if not self._free:
+        if self.cache.batch >= self.max_rows:
             return None
-        row = self._free.pop()
-        self.cache.lengths[row] = 0
-        return row
+        return self.cache.add_row()
 
     def give_row(self, row: int) -> None:
-        self.cache.lengths[row] = 0
-        self._free.append(row)
+        """Free a session's row and its blocks; the other rows are not touched."""
+        self.cache.remove_row(row)
 
     # -- input from a peer ----------------------------------------------------------------------
 
@@ -209,8 +166,6 @@ class ShardEngine:
                 if any(s.tokens != 1 for s in steps):
                     raise ModelError("only one-token steps are batched")
                 rows = [s.row for s in steps]
-                # the batch reads up to its longest row: the others must be finite there
-                self.cache.zero_upto(rows, max(s.pos for s in steps) + 1)
                 x = torch.stack([s.x for s in steps]).to(dev)  # (B, 1) or (B, 1, H)
                 positions = torch.tensor([[s.pos] for s in steps], device=dev)
                 slots = torch.tensor(rows, device=dev)

@@ -1,0 +1,101 @@
+"""KV-cache benchmark: batch-1 decode tokens/s of this tree against a baseline tree, side by side.
+
+    python bench/kv_cache.py --base /tmp/p2pllm-base [--quick] [--threads 1]
+
+Each measurement runs ``generate_ids`` (greedy, no stop ids) in a fresh process whose
+``sys.path`` starts with the tree being measured, so the two trees never share a module.
+Processes alternate between the trees (ours, base, ours, base, ...) because this machine is
+shared; every figure is the best over ``--repeats`` processes, each the best of 2 runs.
+
+Models: the bundled ``shakespeare`` (3.67M params, 4 layers, GQA 8/4, head_dim 32) at a short
+and a long context, and a random ~110M Llama (hidden 768, 12 layers, 12 heads) saved to a
+temp dir. Prints one JSON object: per model and context, decode tokens/s of both trees and
+the ratio ours / base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from p2pllm.engine.generate import generate_ids
+from p2pllm.engine.loader import load_slice
+torch.set_num_threads(int(sys.argv[3]))
+cases = json.loads(sys.argv[4])
+model = load_slice(sys.argv[2])
+out = []
+for prompt_len, n in cases:
+    prompt = [(7 * i) % 200 + 3 for i in range(prompt_len)]
+    generate_ids(model, prompt, max_tokens=4, stop_ids=[])  # warm up
+    best = max(generate_ids(model, prompt, max_tokens=n, stop_ids=[]).tokens_per_s
+               for _ in range(2))
+    out.append(best)
+print(json.dumps(out))
+"""
+
+
+def make_110m(root: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = root / "llama-110m"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                      num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                      max_position_embeddings=2048)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def measure(tree: Path, model: Path, threads: int, cases: list[tuple[int, int]]) -> list[float]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(model), str(threads),
+                          json.dumps(cases)], env=env, capture_output=True, text=True,
+                         check=True, cwd=tempfile.gettempdir())
+    return [float(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--base", required=True, help="a checkout of the baseline tree")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, 2 repeats")
+    args = ap.parse_args(argv)
+    repeats = 2 if args.quick else args.repeats
+    base = Path(args.base).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [
+            ("shakespeare", REPO / "p2pllm" / "models" / "shakespeare",
+             [(16, 64 if args.quick else 128), (256, 64 if args.quick else 128)]),
+            ("llama-110m", make_110m(Path(tmp)), [(64, 16 if args.quick else 32)]),
+        ]
+        runs = []
+        for name, path, cases in models:
+            best: dict[str, list[float]] = {"ours": [0.0] * len(cases), "base": [0.0] * len(cases)}
+            for _ in range(repeats):
+                for side, tree in (("ours", REPO), ("base", base)):
+                    got = measure(tree, path, args.threads, cases)
+                    best[side] = [max(a, b) for a, b in zip(best[side], got, strict=True)]
+            for (prompt_len, n), ours, theirs in zip(cases, best["ours"], best["base"],
+                                                     strict=True):
+                runs.append({"model": name, "prompt_tokens": prompt_len, "decode_tokens": n,
+                             "threads": args.threads, "ours_tokens_per_s": round(ours, 2),
+                             "base_tokens_per_s": round(theirs, 2),
+                             "ratio": round(ours / theirs, 3) if theirs else None})
+    print(json.dumps({"base": str(base), "load": os.getloadavg(), "runs": runs}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
