@@ -9,8 +9,9 @@ shared; every figure is the best over ``--repeats`` processes, each the best of 
 
 Models: the bundled ``shakespeare`` (3.67M params, 4 layers, GQA 8/4, head_dim 32) at a short
 and a long context, and a random ~110M Llama (hidden 768, 12 layers, 12 heads) saved to a
-temp dir. Prints one JSON object: per model and context, decode tokens/s of both trees and
-the ratio ours / base.
+temp dir. Besides batch-1 generation, a batched case: 4 rows of different lengths decoded
+together (the verifier's and shards' path). Prints one JSON object: per model and case,
+decode tokens/s of both trees and the ratio ours / base.
 """
 
 from __future__ import annotations
@@ -31,10 +32,34 @@ sys.path.insert(0, sys.argv[1])
 from p2pllm.engine.generate import generate_ids
 from p2pllm.engine.loader import load_slice
 torch.set_num_threads(int(sys.argv[3]))
+import time
 cases = json.loads(sys.argv[4])
 model = load_slice(sys.argv[2])
+
+
+def batched(rows, prompt_len, n):
+    # rows sessions prefilled to prompt_len, prompt_len+8, ..., then n decode steps of all
+    # rows in one forward each (the verifier's and shards' batched path): tokens/s
+    lens = [prompt_len + 8 * r for r in range(rows)]
+    with torch.inference_mode():
+        cache = model.new_cache(rows, max(lens) + n)
+        for r, m in enumerate(lens):
+            ids = torch.tensor([[(7 * i) % 200 + 3 for i in range(m)]])
+            model(ids, torch.arange(m)[None], cache, slots=torch.tensor([r]))
+        slots = torch.arange(rows)
+        x = torch.full((rows, 1), 5, dtype=torch.int64)
+        t0 = time.perf_counter()
+        for j in range(n):
+            model(x, torch.tensor([[m + j] for m in lens]), cache, slots=slots, last_only=True)
+        return rows * n / (time.perf_counter() - t0)
+
+
 out = []
-for prompt_len, n in cases:
+for rows, prompt_len, n in cases:
+    if rows > 1:
+        batched(rows, prompt_len, 2)  # warm up
+        out.append(max(batched(rows, prompt_len, n) for _ in range(2)))
+        continue
     prompt = [(7 * i) % 200 + 3 for i in range(prompt_len)]
     generate_ids(model, prompt, max_tokens=4, stop_ids=[])  # warm up
     best = max(generate_ids(model, prompt, max_tokens=n, stop_ids=[]).tokens_per_s
@@ -57,7 +82,8 @@ def make_110m(root: Path) -> Path:
     return path
 
 
-def measure(tree: Path, model: Path, threads: int, cases: list[tuple[int, int]]) -> list[float]:
+def measure(tree: Path, model: Path, threads: int,
+            cases: list[tuple[int, int, int]]) -> list[float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(model), str(threads),
                           json.dumps(cases)], env=env, capture_output=True, text=True,
@@ -75,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 2 if args.quick else args.repeats
     base = Path(args.base).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        models = [
+        short, long_ = (64, 16) if args.quick else (128, 32)
+        models = [  # (rows, prompt tokens, decode steps): rows 1 = generate_ids
             ("shakespeare", REPO / "p2pllm" / "models" / "shakespeare",
-             [(16, 64 if args.quick else 128), (256, 64 if args.quick else 128)]),
-            ("llama-110m", make_110m(Path(tmp)), [(64, 16 if args.quick else 32)]),
+             [(1, 16, short), (1, 256, short), (4, 64, short)]),
+            ("llama-110m", make_110m(Path(tmp)), [(1, 64, long_), (4, 64, long_ // 2)]),
         ]
         runs = []
         for name, path, cases in models:
@@ -87,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                 for side, tree in (("ours", REPO), ("base", base)):
                     got = measure(tree, path, args.threads, cases)
                     best[side] = [max(a, b) for a, b in zip(best[side], got, strict=True)]
-            for (prompt_len, n), ours, theirs in zip(cases, best["ours"], best["base"],
-                                                     strict=True):
-                runs.append({"model": name, "prompt_tokens": prompt_len, "decode_tokens": n,
+            for (rows, prompt_len, n), ours, theirs in zip(cases, best["ours"], best["base"],
+                                                           strict=True):
+                runs.append({"model": name, "rows": rows, "prompt_tokens": prompt_len,
+                             "decode_steps": n,
                              "threads": args.threads, "ours_tokens_per_s": round(ours, 2),
                              "base_tokens_per_s": round(theirs, 2),
                              "ratio": round(ours / theirs, 3) if theirs else None})
