@@ -14,11 +14,14 @@ refusals it planned around, the members it lost).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from p2pllm.cli.client import open_daemon
 from p2pllm.daemon.runner import POLICY
@@ -167,3 +170,89 @@ async def test_three_shards_one_killed_the_two_survivors_finish_equal_to_local_g
     lost = job["metrics"]["runner"]["lost"]
     assert [(x["name"], x["rid"]) for x in lost] == [("b", "shard1")]
     assert job["metrics"]["runner"]["replays"] == 1
+
+
+# -- the other pillars: a refusal goes through the same runner path ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """a: the coordinator (model, FL data); b: advertises the model and FL data, both deleted
+    after it started (its ASSIGNs are refused); p: pinned to shard roles."""
+    model = shared_model("stories-260k")
+    root = tmp_path_factory.mktemp("refusing")
+    text = " ".join(f"Once upon a time there was a little {w} who liked to play." for w in
+                    ("girl", "boy", "dog", "cat", "bird", "fish") * 40)
+    procs: list[DaemonProc] = []
+    for name, extra in (("a", ()), ("b", ()), ("p", ("--role", "shard"))):
+        data = root / f"{name}-data"
+        data.mkdir()
+        (data / "stories.txt").write_text(text)
+        peers = [x for d in procs for x in ("--peer", d.address)]
+        args = [*FAST, *peers, *extra, "--models-dir", str(models_with(root, name, model)),
+                "--data-dir", str(data), "--state-dir", str(root / f"{name}-state")]
+        procs.append(DaemonProc(name, args, root).wait_ready())
+    asyncio.run(meshed(procs))
+    shutil.rmtree(root / "b-models" / model.name)
+    (root / "b-data" / "stories.txt").unlink()
+    yield {d.name: d for d in procs} | {"root": root}
+    for d in procs:
+        d.stop()
+
+
+async def request(d: DaemonProc, msg_type: MsgType, meta: dict[str, Any]) -> dict[str, Any]:
+    conn = await open_daemon(d.address)
+    try:
+        async for frame in conn.stream(msg_type, meta, idle_timeout=300):
+            if not frame.is_partial:
+                return frame.meta
+    finally:
+        conn.close()
+    raise AssertionError("no final answer")
+
+
+async def last_job(d: DaemonProc, pillar: str) -> dict[str, Any]:
+    jobs = await jobs_of(d, pillar)
+    assert jobs, pillar
+    return jobs[-1]
+
+
+async def test_a_verifier_refusal_goes_through_the_runner(refusing: Any) -> None:
+    a = refusing["a"]
+    with pytest.raises(RemoteError) as err:
+        await request(a, MsgType.GENERATE, {
+            "mode": "spec", "model": "stories-260k", "draft_model": "stories-260k",
+            "prompt_ids": PROMPT_IDS, "max_tokens": 4, "verifier": "b"})
+    assert err.value.code == ErrorCode.REFUSED
+    assert POLICY in err.value.message and "b refused verifier" in err.value.message
+    assert "not on this host" in err.value.message
+    job = await last_job(a, "spec")
+    assert job["state"] == "failed" and refusals(job) == [("b", "verifier")]
+
+
+async def test_a_stage_refusal_goes_through_the_runner(refusing: Any) -> None:
+    a = refusing["a"]
+    data = refusing["root"] / "ids.safetensors"
+    save_file({"input_ids": torch.randint(3, 500, (400,),
+                                          generator=torch.Generator().manual_seed(0))}, str(data))
+    with pytest.raises(RemoteError) as err:
+        await request(a, MsgType.TRAIN_RUN, {
+            "model": "stories-260k", "data": str(data), "steps": 1, "batch_size": 2,
+            "micro_batches": 1, "seq_len": 8, "nodes": ["a", "p"]})
+    assert err.value.code == ErrorCode.REFUSED
+    assert POLICY in err.value.message and "p refused train-stage" in err.value.message
+    assert "pinned elsewhere" in err.value.message
+    job = await last_job(a, "splittrain")
+    assert job["state"] == "failed" and refusals(job) == [("p", "train-stage")]
+
+
+async def test_an_fl_client_refusal_goes_through_the_runner(refusing: Any) -> None:
+    a = refusing["a"]
+    result = await request(a, MsgType.FL_RUN, {
+        "model": "stories-260k", "rounds": 1, "local_steps": 2, "block_size": 16,
+        "batch_size": 2, "lora_rank": 2, "wait_clients": 5, "min_clients": 1,
+        "run_name": "refused"})
+    assert result["clients"] == ["a"] and len(result["rounds"]) == 1
+    job = await last_job(a, "fl")
+    assert job["state"] == "done" and refusals(job) == [("b", "fl-client")]
+    assert "no .txt or .jsonl" in job["metrics"]["runner"]["refusals"][0]["reason"]
