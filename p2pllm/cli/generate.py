@@ -68,6 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the text, token ids and timings")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message: wrap it in the tokenizer's chat template "
+                        "and stop at the template's end tokens (every mode; the tokenizer is "
+                        "read here)")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at end tokens: generate exactly --max-tokens (local mode; "
+                        "for benchmarks, as llama.cpp's --ignore-eos)")
     spec = p.add_argument_group("speculative decoding (--mode spec)")
     spec.add_argument("--draft-model", default=None,
                       help=f"draft model (default {DEFAULT_DRAFT_MODEL} with the default model)")
@@ -96,11 +104,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.mode == "local":
         return run_local(args)
+    if getattr(args, "ignore_eos", False):
+        print("p2pllm generate: --ignore-eos works in --mode local only", file=sys.stderr)
+        return 2
     if args.mode == "spec" and args.draft_model is None and args.model == DEFAULT_MODEL:
         args.draft_model = DEFAULT_DRAFT_MODEL
+    if getattr(args, "chat", False):
+        return run_remote_chat(args)
     from p2pllm.cli.remote import run_generate
 
     return int(run_generate(args) or 0)
+
+
+def chat_prompt(args: argparse.Namespace, tokenizer: object) -> list[int]:
+    """The prompt as one user turn (after --system) through the chat template."""
+    from p2pllm.engine.chat import render
+
+    head = [{"role": "system", "content": args.system}] if args.system else []
+    return render(tokenizer, [*head, {"role": "user", "content": args.prompt}])
+
+
+def run_remote_chat(args: argparse.Namespace) -> int:
+    """--chat with --mode spec|split: the template is applied here (with the local copy of the
+    model's tokenizer) and the daemon gets ``prompt_ids``; the reply ends at the model's end
+    ids, which the shards and the verifier take from its config (a GGUF's eos / eot)."""
+    from p2pllm.cli.client import run_daemon_call
+    from p2pllm.cli.remote import generate_meta, stream_generate
+    from p2pllm.engine.chat import end_ids
+    from p2pllm.engine.errors import ModelError
+    from p2pllm.engine.loader import load_config, load_tokenizer, resolve_model
+
+    try:
+        path = resolve_model(args.model, args.models_dir)
+        tokenizer = load_tokenizer(path)
+        ids = chat_prompt(args, tokenizer)
+        config_ends = set(load_config(path).eos_token_ids)
+    except ModelError as e:
+        print(f"p2pllm generate: --chat needs the model's tokenizer on this host: {e}",
+              file=sys.stderr)
+        return 1
+    missing = set(end_ids(tokenizer)) - config_ends - {getattr(tokenizer, "eos_token_id", None)}
+    if missing:
+        print(f"p2pllm generate: warning: the chat template ends replies with ids "
+              f"{sorted(missing)}, which the model's config does not list as end ids; the "
+              f"daemon stops only at {sorted(config_ends)}", file=sys.stderr)
+    meta = generate_meta(args)
+    meta.pop("prompt", None)
+    meta["prompt_ids"] = ids
+    result, rc = run_daemon_call(stream_generate(args.daemon, args.secret_file, meta,
+                                                 not args.json), "generate")
+    if result is None:
+        return rc
+    if args.json:
+        print(json.dumps(result))
+    return 0
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -125,16 +182,27 @@ def run_local(args: argparse.Namespace) -> int:
         path = resolve_model(args.model, args.models_dir)
         model = load_slice(path, dtype=dtype, adapter=args.adapter, quant=args.quant)
         tokenizer = load_tokenizer(path)
+        prompt: str | list[int] = args.prompt
+        stops: tuple[int, ...] | None = None  # generate()'s default: config + tokenizer EOS
+        if getattr(args, "chat", False):
+            from p2pllm.engine.chat import end_ids
+
+            prompt = chat_prompt(args, tokenizer)
+            stops = end_ids(tokenizer, model.config.eos_token_ids)
+        if getattr(args, "ignore_eos", False):
+            stops = ()
         on_text = None
         if not args.json:
-            sys.stdout.write(args.prompt)
-            sys.stdout.flush()
+            if isinstance(prompt, str):
+                sys.stdout.write(prompt)
+                sys.stdout.flush()
 
             def on_text(piece: str) -> None:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
 
-        result = generate(model, tokenizer, args.prompt, params, args.max_tokens, on_text=on_text)
+        result = generate(model, tokenizer, prompt, params, args.max_tokens, on_text=on_text,
+                          stop_ids=stops)
     except ModelError as e:
         if not args.json:
             sys.stdout.write("\n")

