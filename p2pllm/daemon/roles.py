@@ -4,15 +4,23 @@ A coordinator sends ASSIGN(job, rid, role, params); the member's RoleHost checks
 class's `refuse()` (pinned elsewhere, no memory, model missing), builds it, awaits `start()`,
 and routes messages tagged with that job to the role's handlers until RELEASE (or the
 coordinator's death) makes it `stop()`.
+
+Every role owns one RoleWorker (`self.worker`, :mod:`.worker`): its compute runs there, in
+order, off the event loop. `start()`, `stop()` and `metrics()` are the base class's: they call
+the role's `on_start()`, `on_stop()` and `role_metrics()`, close the worker when the role stops
+(or fails to start), and add the worker's figures (busy and idle seconds, items, queue depth,
+busy fraction) to the role's metrics under "worker".
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, final
 
+from p2pllm.daemon.worker import RoleWorker
 from p2pllm.wire.connection import Reply, Request
 from p2pllm.wire.frame import Buffer, Frame, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -90,22 +98,63 @@ class Role:
     def __init__(self, ctx: RoleContext, params: Mapping[str, Any]) -> None:
         self.ctx = ctx
         self.params = dict(params)
+        # the role's compute thread (started on first use)
+        self.worker = RoleWorker(f"{self.kind or 'role'}:{ctx.rid}@{ctx.job}"[:64])
+        self._owns_worker = True
 
     @classmethod
     def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
         """A reason to refuse this assignment, or None to accept. Must be cheap."""
         return None
 
-    async def start(self) -> None:
-        """Load what the role needs. Raise Refused (or ProtocolError) to refuse."""
+    def use_worker(self, worker: RoleWorker) -> None:
+        """Compute on a worker shared with other roles (one verifier engine serves every job on
+        its target) instead of the role's own: its figures show in this role's metrics, marked
+        shared, and its owner closes it."""
+        self.worker.close()
+        self.worker = worker
+        self._owns_worker = False
 
+    @final
+    async def start(self) -> None:
+        """Run on_start(); if it fails (a refusal included), close the worker and re-raise."""
+        try:
+            await self.on_start()
+        except BaseException:
+            await asyncio.shield(self._close_worker())
+            raise
+
+    @final
     async def stop(self) -> None:
+        """Run on_stop(), then close the worker: queued items fail, a running one finishes."""
+        try:
+            await self.on_stop()
+        finally:
+            await asyncio.shield(self._close_worker())
+
+    async def _close_worker(self) -> None:
+        if self._owns_worker:
+            await self.worker.aclose()
+
+    @final
+    def metrics(self) -> dict[str, Any]:
+        """The role's own figures, and its worker's under "worker"."""
+        worker = self.worker.stats().as_dict()
+        if not self._owns_worker:
+            worker["shared"] = True
+        return {**self.role_metrics(), "worker": worker}
+
+    async def on_start(self) -> None:
+        """Load what the role needs (on self.worker). Raise Refused (or ProtocolError) to refuse."""
+
+    async def on_stop(self) -> None:
         """Free everything; called once, on RELEASE, job stop or daemon shutdown."""
 
     def handlers(self) -> Mapping[MsgType, RoleHandler]:
         return {}
 
-    def metrics(self) -> dict[str, Any]:
+    def role_metrics(self) -> dict[str, Any]:
+        """What this role reports (the base class adds the worker's figures)."""
         return {}
 
     def summary(self) -> str:
@@ -131,11 +180,11 @@ class EchoRole(Role):
             return f"not enough memory: need {need} bytes"
         return None
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         self.calls = 0
         self.stopped = False
 
-    async def stop(self) -> None:
+    async def on_stop(self) -> None:
         self.stopped = True
 
     def handlers(self) -> Mapping[MsgType, RoleHandler]:
@@ -146,7 +195,7 @@ class EchoRole(Role):
         self.ctx.report({"calls": self.calls})
         return Reply(MsgType.ROLE_CALL, {"params": self.params, "echo": req.meta.get("data")}, [req.frame.payload] if req.frame.payload.nbytes else [])
 
-    def metrics(self) -> dict[str, Any]:
+    def role_metrics(self) -> dict[str, Any]:
         return {"calls": self.calls}
 
     def memory_bytes(self) -> int:

@@ -4,12 +4,14 @@ ASSIGN params (``ClientParams``) name the base model and the LoRA config; ``star
 tokenizes the local data and wraps the model with peft. Each FL_TRAIN carries the global
 adapter; the role loads it, trains locally, and answers with its adapter tensors, its number
 of training blocks and its losses. FL_EVAL evaluates an adapter on the local eval blocks.
-Only adapter tensors and numbers leave this host; the text never does.
+Only adapter tensors and numbers leave this host; the text never does. Loading, training and
+evaluation run on the role's worker (``Role.worker``), one at a time, in arrival order; a round
+whose request is cancelled (or whose role stops) is told through its cancel event and stops
+between two optimizer steps.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -63,18 +65,17 @@ class FLClientRole(Role):
         quantize = params.get("quantize")
         return quantize_refusal(quantize, str(caps.get("device", "cpu"))) if quantize else None
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         self.config = ClientParams.from_meta(self.params)
         self.trainer: LocalTrainer | None = None
         self.rounds_done = 0
         self.last: dict[str, Any] = {}
-        self._cancels: set[threading.Event] = set()
         assert self.ctx.config.data_dir is not None  # refuse() checked
         if not data_files(self.ctx.config.data_dir):
             raise Refused(f"no .txt or .jsonl files under {self.ctx.config.data_dir}")
         path = find_model(self.config, self.ctx.config.models_dir)
         try:
-            self.trainer = await asyncio.to_thread(
+            self.trainer = await self.worker.run(
                 LocalTrainer.load, path, self.config, self.ctx.config.data_dir, device_kind()
             )
         except DataError as exc:
@@ -85,10 +86,8 @@ class FLClientRole(Role):
             self.config.block_size, len(self.trainer.template),
         )
 
-    async def stop(self) -> None:
-        for cancel in list(self._cancels):
-            cancel.set()
-        self.trainer = None
+    async def on_stop(self) -> None:
+        self.trainer = None  # the base class then closes the worker: a running round is cancelled
 
     def handlers(self) -> Mapping[MsgType, RoleHandler]:
         return {MsgType.FL_TRAIN: self.on_train, MsgType.FL_EVAL: self.on_eval}
@@ -98,7 +97,7 @@ class FLClientRole(Role):
             return "fl-client"
         return f"{self.trainer.num_examples} examples, round {self.rounds_done}"
 
-    def metrics(self) -> dict[str, Any]:
+    def role_metrics(self) -> dict[str, Any]:
         n = self.trainer.num_examples if self.trainer is not None else 0
         return {"num_examples": n, "rounds": self.rounds_done, **self.last}
 
@@ -162,13 +161,7 @@ class FLClientRole(Role):
         return {k: v.clone() for k, v in tensors.items()}
 
     async def _in_thread(self, fn: Callable[[threading.Event], T]) -> T:
-        """Run blocking work in a thread; if this handler is cancelled, tell the work to stop."""
+        """Run blocking work on the worker; if this handler is cancelled (or the role stops),
+        tell the work to stop."""
         cancel = threading.Event()
-        self._cancels.add(cancel)
-        try:
-            return await asyncio.to_thread(fn, cancel)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-        finally:
-            self._cancels.discard(cancel)
+        return await self.worker.run(fn, cancel, cancel=cancel)

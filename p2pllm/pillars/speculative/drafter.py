@@ -1,7 +1,8 @@
 """The drafter's side of a speculative session: draft, send a window, draft ahead, repeat.
 
-:class:`DraftState` owns the draft model's KV cache for one session and drafts in a worker
-thread. :class:`SpecSession` runs the rounds against a verifier:
+:class:`DraftState` owns the draft model's KV cache for one session and drafts (a blocking
+call). :class:`SpecSession` runs the rounds against a verifier, drafting on the drafter role's
+RoleWorker (FIFO, so a look-ahead and the draft after it never touch the cache at once):
 
 1. draft a window of γ tokens (and, when sampling, the sparse q each was drawn from);
 2. send it (SPEC_VERIFY) and, while the verifier works, draft the NEXT window as if the whole
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from p2pllm.daemon.worker import RoleWorker
 from p2pllm.engine.kv_cache import KVCache
 from p2pllm.engine.sampling import SamplingParams, distribution
 from p2pllm.pillars.speculative.acceptance import AdaptiveWindow, SparseDist, sample_sparse
@@ -114,7 +116,11 @@ class Steer:
 
 
 class DraftState:
-    """The draft model's KV cache for one session, and drafting (call from one thread at a time)."""
+    """The draft model's KV cache for one session, and drafting (call from one thread at a time).
+
+    A draft holds the model's lock for the whole call: the weights may be shared with other
+    roles of this daemon (:mod:`.models`), each computing on its own worker thread.
+    """
 
     def __init__(self, loaded: LoadedModel, max_len: int, params: SamplingParams, seed: int,
                  q_top_k: int, vocab_limit: int, q_mass: float = 1.0) -> None:
@@ -146,7 +152,7 @@ class DraftState:
         total = n + int(guess)
         if total == 0:
             return Draft(tokens, qs, None, 0.0, 0)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.loaded.lock:
             pending = self._sync(seq)
             for j in range(total):
                 if steer is not None and steer.stop(guessed):
@@ -182,8 +188,7 @@ class DraftState:
         dev = self.model.device
         ids = torch.tensor([pending], dtype=torch.int64, device=dev)
         pos = torch.arange(start, start + len(pending), device=dev).unsqueeze(0)
-        with self.loaded.lock:
-            out = self.model(ids, pos, self.cache, last_only=True)  # (1, 1, V)
+        out = self.model(ids, pos, self.cache, last_only=True)  # (1, 1, V)
         return out[0, -1, : self.vocab_limit].float().cpu()  # (V,): sampling is on the CPU
 
     def _dist(self, logits: torch.Tensor, seq: list[int]) -> torch.Tensor:
@@ -279,7 +284,10 @@ class SpecSession:
     """One generation: open a verifier session, run the rounds, stream tokens, close."""
 
     def __init__(self, cluster: Any, job: str, loaded: LoadedModel, run: DraftRun,
-                 emit: Emit, peer_name: str = "", lookahead: bool | None = None) -> None:
+                 emit: Emit, peer_name: str = "", lookahead: bool | None = None,
+                 worker: RoleWorker | None = None) -> None:
+        """``worker``: where the drafting runs (the drafter role's); without one, the session
+        makes its own and closes it when it ends."""
         self.cluster = cluster
         self.job = job
         self.loaded = loaded
@@ -293,6 +301,8 @@ class SpecSession:
         self.lookahead = run.overlap if run.overlap is not None else (
             True if lookahead is None else lookahead)
         self.metrics.lookahead_on = self.lookahead
+        self._own_worker = worker is None
+        self.worker = RoleWorker(f"draft:{job}"[:64]) if worker is None else worker
 
     # -- talking to the verifier ----------------------------------------------------------------
 
@@ -351,6 +361,8 @@ class SpecSession:
             await self._rounds()
         finally:
             await asyncio.shield(self.close())
+            if self._own_worker:
+                await asyncio.shield(self.worker.aclose())
         return self.metrics
 
     async def _rounds(self) -> None:
@@ -360,7 +372,7 @@ class SpecSession:
         limit = opened.limit
         draft_max = self.loaded.config.max_position_embeddings
         stops = set(opened.eos) | set(run.stop)
-        state = await asyncio.to_thread(
+        state = await self.worker.run(
             DraftState, self.loaded, min(limit, draft_max), run.params, run.seed, run.q_top_k,
             opened.vocab_size, run.q_mass)
         policy = None
@@ -399,8 +411,9 @@ class SpecSession:
                     if gamma:
                         pol.update(gamma, gamma)
                 ahead_n = size(nxt_start, nxt_produced, pol)
-                ahead = asyncio.create_task(
-                    asyncio.to_thread(state.draft, committed + draft.tokens, ahead_n, True, steer))
+                ahead = asyncio.create_task(self.worker.run(
+                    state.draft, committed + draft.tokens, ahead_n, True, steer,
+                    cancel=steer.abort))
                 m.lookaheads += 1
             # 2. verify this window
             t_sent = time.perf_counter()
@@ -470,12 +483,12 @@ class SpecSession:
         self.metrics.draft_forwards += d.forwards
 
     async def _draft(self, state: DraftState, base: list[int], n: int) -> Draft:
-        d = await asyncio.to_thread(state.draft, base, n)
+        d = await self.worker.run(state.draft, base, n)
         self._count(d)
         return d
 
     async def _drop(self, ahead: asyncio.Task[Draft] | None, steer: Steer) -> None:
-        """Stop a look-ahead and wait for its thread to finish (it uses the draft cache)."""
+        """Stop a look-ahead and wait for it to finish (to count what it drafted)."""
         if ahead is None:
             return
         steer.abort.set()

@@ -3,7 +3,8 @@
 ASSIGN params of both: ``{"model": name or path, "dtype": "float32"|"bfloat16"|"float16"}``;
 the verifier also takes ``"session_timeout"`` (seconds a session may stay idle, default 120).
 Weights are shared by every role of this daemon that loads the same checkpoint
-(:mod:`.models`), and one verifier engine serves the sessions of every job on one target.
+(:mod:`.models`), and one verifier engine serves the sessions of every job on one target: the
+verifier roles compute on that engine's worker; a drafter drafts on its own (``Role.worker``).
 """
 
 from __future__ import annotations
@@ -120,15 +121,16 @@ class VerifierRole(_ModelRole):
         self.sessions_opened = 0
         self.closed_stats = {"rounds": 0, "drafted": 0, "accepted": 0, "verify_s": 0.0}
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         self.path = self._resolve()
         try:
             self.engine = await acquire_engine(self.path, self.dtype, default_device())
         except ModelError as exc:
             raise Refused(f"cannot load the target {self.model_name}: {exc}") from exc
+        self.use_worker(self.engine.worker)  # shared with the other jobs on this target
         self._report(force=True)
 
-    async def stop(self) -> None:
+    async def on_stop(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
             for s in [s for s in engine.sessions.values() if s.job == self.ctx.job]:
@@ -170,7 +172,7 @@ class VerifierRole(_ModelRole):
         for key in ("rounds", "drafted", "accepted", "verify_s"):
             self.closed_stats[key] += getattr(s, key)
 
-    def metrics(self) -> dict[str, Any]:
+    def role_metrics(self) -> dict[str, Any]:
         engine = self.engine
         live = [s for s in engine.sessions.values() if s.job == self.ctx.job] if engine else []
         stats = dict(self.closed_stats)
@@ -219,7 +221,7 @@ class DrafterRole(_ModelRole):
         self.current: SessionMetrics | None = None
         self.runs = 0
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         self.path = self._resolve()
         try:
             self.loaded = await MODELS.acquire(self.path, self.dtype, default_device())
@@ -227,7 +229,7 @@ class DrafterRole(_ModelRole):
             raise Refused(f"cannot load the draft {self.model_name}: {exc}") from exc
         self._report(force=True)
 
-    async def stop(self) -> None:
+    async def on_stop(self) -> None:
         loaded, self.loaded = self.loaded, None
         if loaded is not None:
             MODELS.release(loaded)
@@ -249,7 +251,8 @@ class DrafterRole(_ModelRole):
             self._report()
 
         session = SpecSession(self.ctx.cluster, self.ctx.job, self.loaded, run, emit, peer,
-                              lookahead=not _same_host(nodes, self.ctx.node_id, run.verifier))
+                              lookahead=not _same_host(nodes, self.ctx.node_id, run.verifier),
+                              worker=self.worker)
         self.current = session.metrics
         self.runs += 1
         try:
@@ -258,7 +261,7 @@ class DrafterRole(_ModelRole):
             self._report(force=True)
         return Reply(MsgType.SPEC_DRAFT_RUN, {"token_ids": session.tokens, "metrics": metrics.as_dict()})
 
-    def metrics(self) -> dict[str, Any]:
+    def role_metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"runs": self.runs}
         if self.current is not None:
             out.update(self.current.as_dict())

@@ -6,8 +6,9 @@ tokens but the last (``committed[:-1]``). A round feeds ``[committed[-1], x_0 ..
 which gives the target's logits for positions ``start .. start+γ`` (p_0 .. p_γ) in ONE forward;
 the acceptance rule decides; the row is rolled back to ``committed[:-1]`` of the new sequence.
 
-All model and cache work runs in one worker task, in a thread: requests queue up while a
-forward runs, and the next forward takes every queued window at once (continuous batching;
+All model and cache work runs on the engine's RoleWorker (one thread, shared by the verifier
+roles of every job on this target): requests queue up on the event loop while a forward runs,
+and the batching task hands the worker every queued window at once (continuous batching;
 windows of different lengths are padded, and the padding is rolled back).
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from p2pllm.daemon.worker import RoleWorker
 from p2pllm.engine.errors import KVCacheFullError, ModelError
 from p2pllm.engine.kv_cache import KVCache
 from p2pllm.engine.sampling import SamplingParams, distribution, make_generator
@@ -130,6 +132,7 @@ class VerifierEngine:
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue()  # None: just wake up
         self._freed: list[Session] = []  # closed sessions whose rows the worker must free
         self._tasks: list[asyncio.Task[None]] = []
+        self.worker = RoleWorker(f"verifier:{Path(loaded.path).name}"[:64])
         # totals over all sessions, for the role metrics
         self.forwards = 0
         self.windows = 0
@@ -140,7 +143,7 @@ class VerifierEngine:
     def start(self) -> None:
         if not self._tasks:
             loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._worker()), loop.create_task(self._sweeper())]
+            self._tasks = [loop.create_task(self._batcher()), loop.create_task(self._sweeper())]
 
     async def aclose(self) -> None:
         for t in self._tasks:
@@ -149,6 +152,7 @@ class VerifierEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []
+        await self.worker.aclose()  # a batch still running finishes before the cache goes
         queued = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
@@ -239,9 +243,9 @@ class VerifierEngine:
         """Let the worker free closed rows even when no request comes."""
         self._queue.put_nowait(None)
 
-    # -- worker ---------------------------------------------------------------------------------
+    # -- batching -------------------------------------------------------------------------------
 
-    async def _worker(self) -> None:
+    async def _batcher(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
@@ -250,7 +254,7 @@ class VerifierEngine:
             freed, self._freed = self._freed, []
             live = [s for s in self.sessions.values() if not s.closed]  # snapshot for the thread
             try:
-                await asyncio.to_thread(self._process, work, freed, live)
+                await self.worker.run(self._process, work, freed, live)
             except asyncio.CancelledError:  # the engine is closing: fail what was taken
                 self._fail(work, ProtocolError(ErrorCode.UNKNOWN_SESSION, "the verifier has stopped"))
                 raise

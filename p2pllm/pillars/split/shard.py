@@ -8,11 +8,11 @@ Flow of one session (protocol.md section 9):
    SHARD_RESULT partial per sampled token, the final response (SHARD_CLOSE) says why the
    session ended, an ERROR says why it failed. Whatever ends the stream frees the row.
 2. SHARD_FORWARD brings T new positions (token ids on the first shard, hidden states
-   elsewhere). It is checked and queued at once; the worker runs queued steps one at a time
-   (or, with ``batch_decode``, the one-token steps of several sessions in one forward) in a
-   thread, then sends hidden states to the next shard as one-way SHARD_FORWARDs. The last
-   shard samples and sends the token back to the first shard itself (the ring), so decoding
-   never waits on the coordinator.
+   elsewhere). It is checked and queued at once; the batching loop takes queued steps one at a
+   time (or, with ``batch_decode``, the one-token steps of several sessions in one forward),
+   runs each forward on the role's worker thread (``Role.worker``), then sends hidden states
+   to the next shard as one-way SHARD_FORWARDs. The last shard samples and sends the token
+   back to the first shard itself (the ring), so decoding never waits on the coordinator.
 3. SHARD_CLOSE (or the coordinator cancelling the OPEN stream, or the session idling past
    ``session_idle_s``) frees the session.
 """
@@ -26,7 +26,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +128,7 @@ class ShardRole(Role):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         self.p = p = ShardParams.from_meta(self.params)
         path = find_model(p.model, self.ctx.config.models_dir)
         if path is None:
@@ -145,14 +144,11 @@ class ShardRole(Role):
                 raise Refused(f"the model at {path} has {name} {have}, the plan expects {want}: "
                               f"not the same model")
         self.model_name = path.name
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"shard{p.index}")
-        loop = asyncio.get_running_loop()
         load = functools.partial(load_slice, path, layers=(p.start, p.end), embed=p.is_first,
                                  head=p.is_last, dtype=torch_dtype(p.dtype), device=_device())
         try:
-            model = await loop.run_in_executor(self._executor, load)
+            model = await self.worker.run(load)
         except ModelError as exc:
-            self._executor.shutdown(wait=False)
             raise Refused(f"cannot load layers {p.layers} of {path}: {exc}") from exc
         self.engine = ShardEngine(model, rows=p.max_sessions, max_len=p.max_len,
                                   wire_dtype=torch_dtype(p.wire_dtype))
@@ -174,10 +170,8 @@ class ShardRole(Role):
         log.info("shard %d/%d: layers %s of %s loaded (%d params)", p.index + 1, p.count,
                  p.layers, path.name, self.params_loaded)
 
-    async def stop(self) -> None:
+    async def on_stop(self) -> None:
         if not hasattr(self, "engine"):  # start() did not get as far as loading
-            if hasattr(self, "_executor"):
-                self._executor.shutdown(wait=False)
             return
         for s in list(self._sessions.values()):
             self._fail(s, ErrorCode.CANCELLED,
@@ -187,9 +181,8 @@ class ShardRole(Role):
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
-        # wait for a forward still running in the thread, then drop the weights
-        await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self._executor.shutdown, wait=True))
+        # wait for a forward still running on the worker, then drop the weights
+        await self.worker.aclose()
         del self.engine
 
     def handlers(self) -> Mapping[MsgType, RoleHandler]:
@@ -200,7 +193,7 @@ class ShardRole(Role):
         p = self.p
         return f"layers {p.start}-{p.end}/{p.num_layers} of {self.model_name}"
 
-    def metrics(self) -> dict[str, Any]:
+    def role_metrics(self) -> dict[str, Any]:
         c = self._counters
         elapsed = max(time.monotonic() - self._started, 1e-9)
         return {
@@ -360,7 +353,7 @@ class ShardRole(Role):
         return batch
 
     def _compute(self, batch: list[_Work]) -> list[torch.Tensor | tuple[int, str | None] | None]:
-        """In the worker thread: the forward, then (last shard) the sampling."""
+        """On the worker thread: the forward, then (last shard) the sampling."""
         outs = self.engine.run([w.step for w in batch])
         if not self.engine.model.has_head:
             return list(outs)
@@ -371,7 +364,6 @@ class ShardRole(Role):
         return results
 
     async def _work_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._wake.clear()
@@ -387,7 +379,7 @@ class ShardRole(Role):
             self._busy_rows = {w.step.row for w in batch}
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._compute, batch)
+                results = await self.worker.run(self._compute, batch)
             except (ModelError, ValueError) as exc:
                 for w in batch:
                     self._fail(w.session, ErrorCode.BAD_REQUEST,

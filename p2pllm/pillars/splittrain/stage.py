@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -146,7 +145,7 @@ class TrainStageRole(Role):
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         self.p = StageParams.from_meta(self.params)
         self.where = f"stage {self.p.index} (layers {self.p.start}-{self.p.end})"
         self.step = 0  # optimizer steps done
@@ -160,14 +159,9 @@ class TrainStageRole(Role):
         self.blocks: torch.Tensor | None = None
         self._tied_ready = asyncio.Event()  # first stage: this step's backward is complete
         self._tied_done = asyncio.Event()  # first stage: the tied gradient was summed
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{self.p.index}")
         self.ops: list[Op] = stage_schedule(self.p.schedule, self.p.index, self.p.num_stages,
                                             self.p.micro_batches)
-        try:
-            await self._prepare()
-        except BaseException:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            raise
+        await self._prepare()
         log.info("%s of %s ready: %d trainable parameters", self.where, self.ctx.job,
                  self.compute.num_trainable())
 
@@ -211,13 +205,18 @@ class TrainStageRole(Role):
             blocks = load_blocks(Path(self.p.data).expanduser(), self.p.seq_len, path)
         return compute, blocks, path
 
-    async def stop(self) -> None:
+    async def on_stop(self) -> None:
         self.inbox.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run torch work on this stage's worker thread (in submission order)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.worker.run(fn, *args)
+
+    async def _timed(self, fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+        """_run, and the worker's busy seconds while it ran (the op's compute time)."""
+        span = self.worker.span()
+        out = await self.worker.run(fn, *args)
+        return out, span.end().busy_s
 
     def handlers(self) -> Mapping[MsgType, RoleHandler]:
         return {
@@ -232,7 +231,7 @@ class TrainStageRole(Role):
     def summary(self) -> str:
         return f"stage {self.p.index}/{self.p.num_stages} layers {self.p.start}-{self.p.end}"
 
-    def metrics(self) -> dict[str, Any]:
+    def role_metrics(self) -> dict[str, Any]:
         t = self.totals
         out: dict[str, Any] = {
             "stage": self.p.index, "layers": [self.p.start, self.p.end], "step": self.step,
@@ -323,9 +322,8 @@ class TrainStageRole(Role):
                         x, lab = inputs[rows_m], labels[rows_m]
                     else:
                         x, lab, denom = await self._wait(Phase.FORWARD, step, m, stats)
-                    t0 = time.perf_counter()
-                    out = await self._run(self.compute.forward, m, x, lab, denom)
-                    stats.forward_s += time.perf_counter() - t0
+                    out, busy = await self._timed(self.compute.forward, m, x, lab, denom)
+                    stats.forward_s += busy
                     self.forwarded.add(m)
                     in_flight += 1
                     peak = max(peak, in_flight)
@@ -342,9 +340,8 @@ class TrainStageRole(Role):
                     grad = None
                     if not p.last:
                         grad = await self._wait(Phase.BACKWARD, step, m, stats)
-                    t0 = time.perf_counter()
-                    gin = await self._run(self.compute.backward, m, grad)
-                    stats.backward_s += time.perf_counter() - t0
+                    gin, busy = await self._timed(self.compute.backward, m, grad)
+                    stats.backward_s += busy
                     self.forwarded.discard(m)
                     in_flight -= 1
                     if gin is not None:
