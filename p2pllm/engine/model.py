@@ -8,6 +8,7 @@ onto a checkpoint and peft ``target_modules`` such as ``q_proj`` find their laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,10 @@ from p2pllm.engine.quant import QuantFused, QuantLinear
 from p2pllm.engine.rope import RotaryTable
 
 __all__ = ["Linear", "ModelSlice", "RMSNorm"]
+
+# Called with a slice after .to() / .half() / ... gave its parameters new storage.
+# :mod:`.layout` registers its re-fusing here, so the model does not import the layout.
+AFTER_APPLY: list[Callable[[nn.Module], object]] = []
 
 
 class Linear(nn.Linear):
@@ -367,9 +372,8 @@ class ModelSlice(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._rope = None  # dtype or device may change: rebuild the tables on next use
         out = super()._apply(fn, recurse)
-        from p2pllm.engine.layout import fuse_projections
-
-        fuse_projections(self)  # .to() gave each parameter its own storage: fuse again
+        for hook in AFTER_APPLY:  # .to() gave each parameter its own storage: fuse again
+            hook(self)
         return out
 
     def num_parameters(self) -> int:

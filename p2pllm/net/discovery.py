@@ -14,6 +14,9 @@ never raised into the daemon.
 Loopback: on Linux, mDNS on ``interface="127.0.0.1"`` works without any route or flag change
 even though ``lo`` has no MULTICAST flag; without an explicit interface the kernel sends
 224.0.0.251 out of the default-route interface instead.
+
+Size: one module because announcing, browsing and validating what comes back share one
+zeroconf instance and one set of resolver tasks, and the validation is most of its length.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """An async, multiplexed connection carrying frames over one TCP stream.
 
+Size: one module because Connection is one state machine (send, receive, streams,
+cancellation, keepalive, close) whose invariant, every waiter resolved exactly once, is
+easiest to check with all of it in view; the byte parsing is in :mod:`.receive`.
+
 - Many requests in flight at once, matched to responses by request id, in any order.
 - Streams: a handler may send partial responses (Flags.STREAM) before its final one.
 - A late response to a cancelled or timed-out request is dropped (logged at debug).
