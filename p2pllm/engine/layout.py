@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2pllm.engine.model import MLP, Attention, Fused, Linear, shadow_attributes
+from p2pllm.engine.model import AFTER_APPLY, MLP, Attention, Fused, Linear, shadow_attributes
 from p2pllm.engine.quant import QuantFused, QuantLinear, QuantWeight, check_quant, repack_gguf
 
 __all__ = ["can_pack", "fuse_projections", "pack_linears", "preallocate_fused",
@@ -261,3 +261,6 @@ def _cat_raw(parts: list[Any]) -> Any | None:
     rows = sum(int(p.shape[0]) for p in parts)
     blocks = np.concatenate([p.blocks for p in parts])
     return type(first)(first.ggml_type, (rows, int(first.shape[1])), blocks)
+
+
+AFTER_APPLY.append(fuse_projections)  # ModelSlice.to() re-fuses through this hook
