@@ -148,6 +148,13 @@ def _bundled_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
+def _is_gguf_model(p: Path) -> bool:
+    """A ``.gguf`` file, or a folder holding one (engine.gguf.find_gguf, without torch)."""
+    if p.is_file():
+        return p.suffix.lower() == ".gguf"
+    return p.is_dir() and any(f.is_file() for f in p.glob("*.gguf"))
+
+
 def resolve_model_ref(ref: str, models_dir: str | Path | None) -> Path | None:
     """The checkpoint directory ``ref`` names on this host, or None. Never the network.
 
@@ -163,7 +170,7 @@ def resolve_model_ref(ref: str, models_dir: str | Path | None) -> Path | None:
         candidates.append(_bundled_dir() / ref)
     for c in candidates:
         try:
-            if (c / "config.json").is_file():
+            if (c / "config.json").is_file() or _is_gguf_model(c):
                 return c.resolve()
         except OSError:
             continue

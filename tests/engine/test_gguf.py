@@ -214,6 +214,13 @@ def test_models_dir_lists_and_resolves_a_gguf_folder(tmp_path: Path) -> None:
     assert resolve_model("tiny-q8", tmp_path / "models") == info.path
     assert find_gguf(info.path) == (info.path / "Tiny.Q8_0.gguf").resolve()
     assert load_slice(resolve_model("tiny-q8", tmp_path / "models")).config.vocab_size == 96
+    # the daemon's resolver (what shards and verifiers use) finds it by name and by path
+    from p2pllm.daemon.cluster import resolve_model_ref
+
+    assert resolve_model_ref("tiny-q8", tmp_path / "models") == info.path
+    assert resolve_model_ref(str(info.path), None) == info.path
+    assert resolve_model_ref(str(info.path / "Tiny.Q8_0.gguf"), None) == find_gguf(info.path)
+    assert resolve_model_ref(str(tmp_path / "models" / "empty"), None) is None
 
 
 # -- errors ------------------------------------------------------------------------------------
