@@ -84,6 +84,7 @@ def scan_models(models_dir: str | None) -> list[dict[str, Any]]:
             "model_type": m.model_type,
             "num_layers": m.num_layers,
             "param_bytes": m.param_bytes,
+            "format": m.format,
         }
         for m in found
     ]

@@ -221,6 +221,13 @@ def test_models_dir_lists_and_resolves_a_gguf_folder(tmp_path: Path) -> None:
     assert resolve_model_ref(str(info.path), None) == info.path
     assert resolve_model_ref(str(info.path / "Tiny.Q8_0.gguf"), None) == find_gguf(info.path)
     assert resolve_model_ref(str(tmp_path / "models" / "empty"), None) is None
+    # and the daemon advertises it in its capabilities, so planners see it
+    from p2pllm.daemon.capabilities import scan_models
+
+    caps = {m["name"]: m for m in scan_models(str(tmp_path / "models"))}
+    assert caps["tiny-q8"]["format"] == "gguf" and caps["tiny-q8"]["num_layers"] == 3
+    assert caps["tiny-q8"]["param_bytes"] == info.param_bytes
+    assert caps["shakespeare"]["format"] == "hf"
 
 
 # -- errors ------------------------------------------------------------------------------------
