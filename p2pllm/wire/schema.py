@@ -362,7 +362,13 @@ class List(Field):
     def check(self, value: Any, path: str) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple) or not self.min_len <= len(value) <= self.max_len:
             raise self._fail(value, path)
-        return tuple(self.of.check(v, f"{path}[{i}]") for i, v in enumerate(value))
+        check = self.of.check
+        try:  # the fast path names the list; a bad item is then found again, with its index
+            return tuple([check(v, path) for v in value])
+        except Invalid:
+            for i, v in enumerate(value):
+                check(v, f"{path}[{i}]")
+            raise  # pragma: no cover - the loop raised
 
     def dump(self, value: Any) -> list[Any]:
         return [self.of.dump(v) for v in value]
@@ -529,6 +535,12 @@ class Body:
         keys = [f.key for f in self.fields]
         if len(set(keys)) != len(keys):
             raise ValueError(f"{name}: two fields parse into the same attribute")
+        # (name, key, check, required, default, default needs parsing) per field: parse() is on
+        # every frame's path, so nothing here is looked up twice
+        self._plan = tuple(
+            (f.name, f.key, f.check, f.required, f.default,
+             isinstance(f, Map) and f.body is not None and isinstance(f.default, Mapping))
+            for f in self.fields)
         if register:
             if name in _REGISTRY:
                 raise ValueError(f"a body named {name!r} is already defined")
@@ -552,7 +564,7 @@ class Body:
             raise self.error(e.path, e.why) from None
 
     def _parse(self, meta: Any, prefix: str, *, partial: bool = False) -> dict[str, Any]:
-        if not isinstance(meta, Mapping):
+        if type(meta) is not dict and not isinstance(meta, Mapping):
             raise Invalid(prefix.rstrip(".") or "the body", f"must be a map, got {_show(meta)}")
         if self.extra == "reject":
             unknown = sorted(str(k) for k in meta if k not in self.by_name and k not in ENVELOPE)
@@ -561,20 +573,18 @@ class Body:
                 raise Invalid("", f"unknown keys {unknown}{where}; known: "
                                   f"{sorted(self.by_name)}")
         out: dict[str, Any] = {}
-        for f in self.fields:
-            raw = meta.get(f.name)
-            path = prefix + f.name
-            if raw is None:
-                if partial:
-                    continue
-                if f.required:
-                    raise Invalid(path, f"is required: {path} must be {f.expect()}")
-                # a nested body's default map gets that body's defaults
-                out[f.key] = f.check(f.default, path) \
-                    if isinstance(f, Map) and f.body and isinstance(f.default, Mapping) \
-                    else f.default
-            else:
-                out[f.key] = f.check(raw, path)
+        get = meta.get
+        for name, key, check, required, default, nested in self._plan:
+            raw = get(name)
+            if raw is not None:
+                out[key] = check(raw, prefix + name if prefix else name)
+            elif partial:
+                continue
+            elif required:
+                f = self.by_name[name]
+                raise Invalid(prefix + name, f"is required: {prefix + name} must be {f.expect()}")
+            else:  # a nested body's default map gets that body's defaults
+                out[key] = check(default, prefix + name) if nested else default
         return out
 
     def check_tensors(self, meta: Mapping[str, Any], payload_len: int | None = None,

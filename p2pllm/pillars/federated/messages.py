@@ -235,7 +235,7 @@ class ClientParams:
         try:
             lora = _lora(v["lora"])
         except ValueError as exc:
-            raise ASSIGN_FL_CLIENT.error("lora", str(exc)) from exc
+            raise ASSIGN_FL_CLIENT.error("", f"lora: {exc}") from exc
         return cls(model=v["model"], model_path=v["model_path"] or v["model"], lora=lora,
                    block_size=v["block_size"], eval_fraction=v["eval_fraction"], seed=v["seed"],
                    quantize=v["quantize"])

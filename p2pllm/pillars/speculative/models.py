@@ -29,6 +29,7 @@ __all__ = ["LoadedModel", "ModelCache", "find_local_model", "model_bytes"]
 
 log = logging.getLogger(__name__)
 
+
 def find_local_model(name: str, models_dir: str | None) -> Path | None:
     """The checkpoint directory ``name`` stands for on this host, or None (the cluster query
     :func:`~p2pllm.daemon.cluster.resolve_model_ref`: never the network)."""

@@ -109,10 +109,9 @@ class Hop:
     rid: str
 
     @classmethod
-    def from_meta(cls, v: Any, key: str) -> Hop | None:
-        if v is None:
-            return None
-        return cls.from_values(Body("hop " + key, HOP.fields, register=False).parse(v))
+    def from_meta(cls, v: Any, key: str = "hop") -> Hop | None:
+        """A hop map, or nil (None); ``key`` is kept for callers that name the field."""
+        return None if v is None else cls.from_values(HOP.parse(v))
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any] | None) -> Hop | None:
