@@ -11,6 +11,14 @@ Prints one JSON object:
                  (bandwidth / bytes per token) and our share of it
   targets        the issue's targets, each with the figures it was judged on and "met"
   rss            peak RSS of loading the 110M model whole vs slices of it (fresh processes)
+  smollm2        (``--models smollm2-135m``) SmolLM2-135M-Instruct from its GGUF files: per
+                 weight format (f32, bf16, int8 = Q8_0 file, int4 = Q4_1 file) x threads,
+                 decode and prefill tokens/s of our engine (``load_slice(gguf, dtype=,
+                 quant=)``), transformers (its GGUF load, float only) and llama.cpp's
+                 llama-bench on the same file, ratios ours/llama.cpp, and peak RSS of each
+                 (fresh process per row). Needs ../shared/tools/build-llamacpp.sh's output
+                 (~/.cache/p2pllm-peers/llama.cpp, or $LLAMACPP_DIR); llama.cpp columns are
+                 null without it.
 
 Every figure is the best of ``--repeats`` runs, interleaved across implementations, because
 this machine is shared. Models: ../shared/models/{tinystories-656k,stories-260k} (skipped
@@ -43,6 +51,11 @@ from p2pllm.engine.loader import load_slice  # noqa: E402
 from p2pllm.engine.model import ModelSlice  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
+LLAMACPP = Path(os.environ.get("LLAMACPP_DIR") or Path.home() / ".cache/p2pllm-peers/llama.cpp")
+SMOLLM2_Q4 = SHARED / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+# weight format -> (llama.cpp's file suffix, our dtype, our quant)
+SMOLLM2_FORMATS = {"f32": ("f32", "float32", "none"), "bf16": ("bf16", "bfloat16", "none"),
+                   "int8": ("q8_0", "float32", "int8"), "int4": ("q4_1", "float32", "int4")}
 PROMPT_LEN = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -108,6 +121,16 @@ def weight_bytes_per_token(model: ModelSlice) -> int:
             continue
         n = p.numel() if rows is None else (rows[1] - rows[0]) * (p.numel() // p.shape[0])
         total += n * p.element_size()
+    seen: set[int] = set()
+    for _, m in model.named_modules():
+        qw = getattr(m, "qweight", None)
+        if qw is not None and id(qw) not in seen:  # QuantLinear (fused groups share one)
+            seen.add(id(qw))
+            total += qw.nbytes()
+    if model.config.tie_word_embeddings and model.lm_head is not None and hasattr(
+            model.lm_head, "qweight"):  # the float embedding was counted as the head above
+        emb = model.embed_tokens
+        total -= 0 if emb is None else emb.weight.numel() * emb.weight.element_size()
     return total
 
 
@@ -232,6 +255,150 @@ def rss(path: Path, layers: tuple[int, int] | None, dtype: str) -> dict[str, Any
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# -- SmolLM2 from GGUF, side by side with transformers and llama.cpp ---------------------
+
+_SMOL_RSS = r"""
+import sys, json, torch
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(1)
+from p2pllm.engine.loader import load_slice
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+base = peak()
+m = load_slice({path!r}, dtype=getattr(torch, {dtype!r}), quant={quant!r})
+with torch.inference_mode():
+    m(torch.tensor([[5] * 64]), torch.arange(64)[None], m.new_cache(1, 128))
+print(json.dumps({{"peak_rss_mb": round(peak(), 1), "after_imports_mb": round(base, 1)}}))
+"""
+
+
+def smol_file(fmt: str) -> Path | None:
+    """The GGUF of one weight format: llama.cpp's converted copies, else (q4_1) the shared
+    original."""
+    suffix = SMOLLM2_FORMATS[fmt][0]
+    f = LLAMACPP / "models" / f"smollm2-135m-instruct-{suffix}.gguf"
+    if f.is_file():
+        return f
+    return SMOLLM2_Q4 if fmt == "int4" and SMOLLM2_Q4.is_file() else None
+
+
+def llama_bench(gguf: Path, threads: int, n: int, prompt: int, reps: int
+                ) -> tuple[dict[str, float] | None, float | None]:
+    """({"decode": tg tokens/s, "prefill": pp tokens/s}, peak RSS MB) of llama-bench."""
+    exe = LLAMACPP / "bin" / "llama-bench"
+    if not exe.is_file():
+        return None, None
+    cmd = [str(exe), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(n),
+           "-r", str(reps), "-o", "json"]
+    env = dict(os.environ, LD_LIBRARY_PATH=str(LLAMACPP / "bin"))
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode()
+    if proc.returncode != 0:
+        print(f"# llama-bench failed ({proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
+        return None, None
+    res: dict[str, float] = {}
+    for row in json.loads(text):
+        key = "decode" if row.get("n_gen", 0) > 0 else "prefill"
+        res[key] = round(float(row["avg_ts"]), 1)
+    return res, round(usage.ru_maxrss / 1024, 1)
+
+
+def smol_rss(path: Path, dtype: str, quant: str) -> float | None:
+    code = _SMOL_RSS.format(repo=str(REPO), path=str(path), dtype=dtype, quant=quant)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    if out.returncode != 0:
+        print(f"# rss run failed: {out.stderr[-500:]}", file=sys.stderr)
+        return None
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
+                  with_rss: bool, with_hf: bool) -> dict[str, Any]:
+    """Rows per format x threads; every implementation timed in the same loop, best of
+    ``repeats`` (ours and transformers) or llama-bench's mean over ``repeats``."""
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 49152, (PROMPT_LEN,), generator=g).tolist()
+    ids = torch.tensor([prompt])
+    rows: list[dict[str, Any]] = []
+    for fmt in formats:
+        f = smol_file(fmt)
+        if f is None:
+            print(f"# smollm2 {fmt}: no GGUF file, skipped", file=sys.stderr)
+            continue
+        _, dtype, quant = SMOLLM2_FORMATS[fmt]
+        src = f
+        ours = load_slice(src, dtype=DTYPES[dtype] if quant == "none" else torch.float32,
+                          quant=quant)
+        packed = None
+        if fmt == "f32":  # oneDNN-packed float32 (not the default: see the report)
+            packed = load_slice(src, dtype=torch.float32, pack=True)
+        hf = None
+        if with_hf and quant == "none":
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(SMOLLM2_Q4.parent), gguf_file=SMOLLM2_Q4.name, dtype=torch.float32)
+            hf = hf.to(DTYPES[dtype]).eval()
+        nbytes = weight_bytes_per_token(ours)
+        for th in threads:
+            torch.set_num_threads(th)
+            time_ours(ours, prompt, 4)
+            best: dict[str, float] = {}
+            for _ in range(repeats):
+                timed = [("ours", time_ours(ours, prompt, n))]
+                if packed is not None:
+                    timed.append(("ours_onednn", time_ours(packed, prompt, n)))
+                if hf is not None:
+                    timed.append(("hf", time_hf_manual(hf, ids, n)))
+                for key, (dec, pre) in timed:
+                    best[key + "_decode"] = max(best.get(key + "_decode", 0.0), dec)
+                    best[key + "_prefill"] = max(best.get(key + "_prefill", 0.0), pre)
+            lc, lc_rss = llama_bench(f, th, n, PROMPT_LEN, max(2, repeats))
+            dec = {k.removesuffix("_decode"): round(v, 1) for k, v in best.items()
+                   if k.endswith("_decode")}
+            pre = {k.removesuffix("_prefill"): round(v, 1) for k, v in best.items()
+                   if k.endswith("_prefill")}
+            if lc is not None:
+                dec["llama_cpp"], pre["llama_cpp"] = lc.get("decode"), lc.get("prefill")
+            row: dict[str, Any] = {
+                "format": fmt, "gguf": f.name, "ours_load": {"dtype": str(ours.dtype).removeprefix(
+                    "torch."), "quant": quant}, "threads": th,
+                "decode_tokens": n, "prompt_tokens": PROMPT_LEN,
+                "decode_tok_s": dec, "prefill_tok_s": pre,
+                "weight_bytes_per_token": nbytes,
+                "llama_cpp_peak_rss_mb": lc_rss,
+            }
+            if lc is not None and lc.get("decode"):
+                row["decode_ratio_vs_llama_cpp"] = round(dec["ours"] / lc["decode"], 2)
+                if "ours_onednn" in dec:
+                    row["decode_ratio_onednn_vs_llama_cpp"] = round(
+                        dec["ours_onednn"] / lc["decode"], 2)
+            if lc is not None and lc.get("prefill"):
+                row["prefill_ratio_vs_llama_cpp"] = round(pre["ours"] / lc["prefill"], 2)
+            rows.append(row)
+            print(f"# smollm2 {fmt} threads={th}: decode {dec} prefill {pre}", file=sys.stderr,
+                  flush=True)
+        if with_rss:
+            peak = smol_rss(src, dtype if quant == "none" else "float32", quant)
+            for r in rows:
+                if r["format"] == fmt:
+                    r["ours_peak_rss_mb"] = peak
+        del ours, packed, hf
+    return {"command_note": "ours: generate_ids on a 64-token random prompt, decode = "
+                            "(n-1)/time after the first token; transformers: manual "
+                            "past_key_values loop on its GGUF (dequantized) load; llama.cpp: "
+                            "llama-bench -p 64 -n N (tg from an empty context); peak RSS: "
+                            "VmHWM of a fresh process (ours, 1 thread, load + 64-token "
+                            "prefill) and ru_maxrss of llama-bench",
+            "llama_cpp": str(LLAMACPP), "rows": rows}
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -269,8 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer tokens, one repeat")
     ap.add_argument("--models", default="tinystories-656k,stories-260k,llama-110m",
-                    help="which of the models to run (default all)")
+                    help="which of the models to run (default the first three; also "
+                         "smollm2-135m)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurements")
+    ap.add_argument("--formats", default="f32,bf16,int8,int4",
+                    help="SmolLM2 weight formats (with --models smollm2-135m)")
+    ap.add_argument("--smol-tokens", type=int, default=32, help="SmolLM2 decode tokens")
+    ap.add_argument("--no-hf", action="store_true", help="SmolLM2: skip transformers")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = args.dtypes.split(",")
@@ -296,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, path, n in models:
             for dt in dtypes:
                 result["runs"] += bench_model(name, path, dt, threads, n, repeats, bandwidth)
+        if "smollm2-135m" in wanted:
+            result["smollm2"] = bench_smollm2(args.formats.split(","), threads,
+                                              16 if args.quick else args.smol_tokens, repeats,
+                                              not args.no_rss, not args.no_hf)
         # bandwidth again at the end: the machine is shared, report both
         result["bandwidth_gbs_after"] = {th: round(read_bandwidth(th, 5), 2) for th in threads}
         if big is not None and not args.no_rss:

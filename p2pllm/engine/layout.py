@@ -25,10 +25,17 @@ import torch
 from torch import nn
 
 from p2pllm.engine.model import AFTER_APPLY, MLP, Attention, Fused, Linear, shadow_attributes
-from p2pllm.engine.quant import QuantFused, QuantLinear, QuantWeight, check_quant, repack_gguf
+from p2pllm.engine.quant import (
+    QuantFused,
+    QuantLinear,
+    QuantWeight,
+    check_quant,
+    gguf_dequantize,
+    repack_gguf,
+)
 
 __all__ = ["can_pack", "fuse_projections", "pack_linears", "preallocate_fused",
-           "quantize_linears", "unpack_linears"]
+           "quantizable_weights", "quantize_linears", "unpack_linears"]
 
 
 def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
@@ -179,9 +186,11 @@ def quantize_linears(model: nn.Module, mode: str,
                      raw: Callable[[str], Any | None] | None = None) -> int:
     """Replace every engine Linear of ``model`` (a ModelSlice) by a quantized one (``mode``
     int8 or int4; "none" does nothing); q/k/v and gate/up share one fused quantized weight.
-    The head is int8 in both modes. ``raw(hf_name)``: the tensor as a GGUF file stores it
-    (a :class:`~p2pllm.engine.gguf.RawTensor`) or None, so Q8_0/Q4_x blocks are repacked
-    instead of re-quantizing their float values. Returns how many weights were quantized."""
+    The head is int8 in both modes. ``raw(hf_name)``: the weight as stored -- a GGUF
+    :class:`~p2pllm.engine.gguf.RawTensor` of Q8_0/Q4_x blocks (repacked, not re-rounded),
+    a float tensor, or None (use the module's own weight); the loader passes it for weights
+    it left on the meta device (:func:`quantizable_weights`). Returns how many weights were
+    quantized."""
     mode = check_quant(mode)
     if mode == "none":
         return 0
@@ -190,12 +199,15 @@ def quantize_linears(model: nn.Module, mode: str,
     n = 0
 
     def quantized(mods: list[Linear], kind: str) -> QuantWeight:
-        stored = [raw(hf_name(names[id(m)] + ".weight")) for m in mods] if raw else []
-        joined = _cat_raw(stored) if stored and all(r is not None for r in stored) else None
+        stored = [raw(hf_name(names[id(m)] + ".weight")) if raw and m.weight.is_meta else None
+                  for m in mods]
+        blocks = [r for r in stored if r is not None and not isinstance(r, torch.Tensor)]
+        joined = _cat_raw(blocks) if len(blocks) == len(mods) else None
         if joined is not None:
             return repack_gguf(joined, kind)
-        w = torch.cat([_dense_rows(m) for m in mods])
-        return QuantWeight.from_float(w, kind)
+        parts = [_dense_rows(m) if r is None else _float(r) for m, r in zip(mods, stored,
+                                                                           strict=True)]
+        return QuantWeight.from_float(torch.cat(parts), kind)
 
     with torch.no_grad():
         for owner in list(model.modules()):
@@ -228,6 +240,23 @@ def quantize_linears(model: nn.Module, mode: str,
             n += 1
     shadow_attributes(model)
     return n
+
+
+def quantizable_weights(model: nn.Module) -> set[str]:
+    """HF names of the weights :func:`quantize_linears` replaces (every engine Linear's but
+    a tied head's, which is the embedding): the loader need not read them as floats."""
+    hf_name = getattr(model, "hf_name", lambda n: "model." + n)
+    out = {hf_name(f"{name}.weight") for name, m in model.named_modules() if type(m) is Linear}
+    out.discard("model.embed_tokens.weight")
+    return out
+
+
+def _float(r: Any) -> torch.Tensor:
+    """A stored weight as float32: a tensor, or GGUF blocks of several types."""
+    if isinstance(r, torch.Tensor):
+        return r.float()
+    return gguf_dequantize(int(r.ggml_type), (int(r.shape[0]), int(r.shape[1])),
+                           torch.from_numpy(r.blocks))
 
 
 def _dense_rows(m: Linear) -> torch.Tensor:

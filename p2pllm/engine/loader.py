@@ -30,6 +30,7 @@ from p2pllm.engine.layout import (
     fuse_projections,
     pack_linears,
     preallocate_fused,
+    quantizable_weights,
     quantize_linears,
 )
 from p2pllm.engine.model import ModelSlice
@@ -367,17 +368,19 @@ def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
     # 1. an empty module of the slice's shape, on the meta device; fused projections get
     #    their real buffers now, to be filled in place
     model = _meta_slice(config, start, end, embed, head)
-    preallocate_fused(model, dtype, device)
+    lazy = quant != "none" and adapter is None  # linear weights read when quantized
+    if not lazy:
+        preallocate_fused(model, dtype, device)
     # 2. the adapter's deltas for this slice
     deltas = load_lora(adapter, config) if adapter is not None else {}
     # 3. read this slice's tensors only, one at a time, into the module
-    _fill(model, path, dtype, device, deltas)
+    _fill(model, path, dtype, device, deltas, quantizable_weights(model) if lazy else set())
     model.tie_weights()
     model.eval()
     # 4. inference layouts: fused projections, and oneDNN packing for bfloat16
     fuse_projections(model)
     if quant != "none":
-        _quantize(model, path, quant, adapter is None)
+        _quantize(model, path, quant, lazy)
     if pack is None:
         pack = can_pack(dtype, device)
     if pack:
@@ -385,31 +388,41 @@ def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
     return model
 
 
-def _quantize(model: ModelSlice, path: Path, quant: str, from_blocks: bool) -> None:
-    """Quantize the slice's linears, from a GGUF file's own blocks where it stores them in
-    a quantized type (and no adapter was merged into the float values)."""
-    gguf_file = find_gguf(path) if from_blocks else None
-    if gguf_file is None:
+def _quantize(model: ModelSlice, path: Path, quant: str, lazy: bool) -> None:
+    """Quantize the slice's linears. ``lazy``: their weights were not loaded; each is read
+    now, one at a time (a GGUF file's Q8_0/Q4_x blocks as stored, anything else as float32),
+    so the float model never exists whole."""
+    if not lazy:
         quantize_linears(model, quant)
         return
-    from p2pllm.engine.gguf import GGUFFile
+    gguf_file = find_gguf(path)
+    if gguf_file is None:
+        reader = _Checkpoint(path)
+
+        def stored(name: str) -> Any:
+            return next(iter(reader.tensors([name], None, torch.float32)))[1]
+
+        quantize_linears(model, quant, stored)
+        return
+    from p2pllm.engine.gguf import GGUFFile, dequantize
 
     with GGUFFile(gguf_file) as f:
-        def raw(name: str) -> object | None:
+        def blocks(name: str) -> Any:
             r = f.raw(name)
-            return r if int(r.ggml_type) in GGUF_QUANT_TYPES else None
+            return r if int(r.ggml_type) in GGUF_QUANT_TYPES else dequantize(r)
 
-        quantize_linears(model, quant, raw)
+        quantize_linears(model, quant, blocks)
 
 
 def _fill(model: ModelSlice, path: Path, dtype: torch.dtype, device: torch.device | str,
-          deltas: dict[str, LoraDelta]) -> None:
+          deltas: dict[str, LoraDelta], skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Read the slice's tensors into ``model`` (meta parameters replaced, preallocated fused
     views filled in place), merging adapter deltas. A function of its own so that nothing
     read stays referenced once it returns."""
     by_key: dict[str, list[str]] = {}
     for name in dict(model.named_parameters(remove_duplicate=False)):
-        by_key.setdefault(model.hf_name(name), []).append(name)
+        if model.hf_name(name) not in skip:  # left on the meta device (quantized later)
+            by_key.setdefault(model.hf_name(name), []).append(name)
     config = model.config
     tied = {"model.embed_tokens.weight": "lm_head.weight"} if config.tie_word_embeddings else None
     used: set[str] = set()

@@ -15,7 +15,9 @@ linear (activations quantized per tensor) is deprecated and coarser.
   channel: :func:`repack_gguf` equals ``quantize_int8(dequantize(raw))`` by construction.
 * **int4**: asymmetric, groups of 32 along the input, ``w ~ (q - 8) * scale + zero`` with
   q in 0..15 (the kernel's convention). GGUF Q4_0 (``d * (q - 8)``) and Q4_1
-  (``d * q + m``, so zero = m + 8d) map onto it exactly, nibbles and all: no re-rounding.
+  (``d * q + m``, so zero = m + 8d) map onto it with the same codes (no re-rounding of the
+  nibbles); the kernel takes scale and zero only in bfloat16, which moves a weight by
+  < 2^-7 of its block's largest magnitude (f16 d and m have 3 more mantissa bits).
   A layer whose input width is not a multiple of 32 falls back to int8; a head stays int8
   (as llama.cpp's Q4 files keep the token embedding in Q8_0).
 
@@ -52,12 +54,20 @@ def check_quant(quant: str | None) -> str:
 # -- the math (pure functions) ----------------------------------------------------------------
 
 
+_CHUNK_ROWS = 4096  # rows quantized at a time: a vocabulary-sized head needs no big temporaries
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (N, K), scale float32 (N,)): symmetric per row, ``w ~ q * scale[:, None]``."""
-    w = w.detach().float()
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    n = w.shape[0]
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(n)
+    for i in range(0, n, _CHUNK_ROWS):
+        part = w[i:i + _CHUNK_ROWS].detach().float()
+        amax = part.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q[i:i + _CHUNK_ROWS] = torch.round(part / s[:, None]).clamp_(-127, 127)
+        scale[i:i + _CHUNK_ROWS] = s
     return q, scale
 
 
@@ -110,8 +120,8 @@ def repack_gguf(raw: Any, mode: str) -> QuantWeight:
     """A GGUF tensor (a :class:`p2pllm.engine.gguf.RawTensor`: ``ggml_type``, ``shape``
     (out, in), ``blocks`` uint8 (rows, bytes per row)) as this module's quantized weight.
 
-    int4 from Q4_0/Q4_1 is exact (the same nibbles and scales); int8 from Q8_0 (or from a
-    Q4 file, or int4 from Q8_0) goes through its float values."""
+    int4 from Q4_0/Q4_1 keeps the nibbles (scales and zeros in bfloat16); int8 from Q8_0
+    (or from a Q4 file, or int4 from Q8_0) goes through the float values."""
     ggml_type, (n, k), blocks = _gguf_blocks(raw)
     if mode == "int4" and ggml_type in (_Q4_0, _Q4_1) and n % 16 == 0:
         b = blocks.reshape(n, k // 32, -1)
@@ -121,6 +131,10 @@ def repack_gguf(raw: Any, mode: str) -> QuantWeight:
         else:
             q, zero = _q4_nibbles(b[..., 4:20]), _f16(b[..., 2:4]) + 8.0 * d
         return QuantWeight.int4(q.reshape(n, k), d, zero, 32)
+    if mode == "int8" or n % 16:
+        parts = [quantize_int8(gguf_dequantize(ggml_type, (b.shape[0], k), b))
+                 for b in blocks.split(_CHUNK_ROWS)]  # no whole float copy of a big head
+        return QuantWeight.int8(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]))
     return QuantWeight.from_float(gguf_dequantize(ggml_type, (n, k), blocks), mode)
 
 
