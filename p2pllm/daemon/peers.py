@@ -18,6 +18,7 @@ from typing import Any
 
 from p2pllm.config import DaemonConfig
 from p2pllm.daemon import state as ev
+from p2pllm.daemon.cluster import PlanError, find_node
 from p2pllm.wire.connection import Connection, ConnectionClosed, RemoteError, Request
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -63,21 +64,15 @@ class PeerTable:
         return link.conn if link is not None else None
 
     def find(self, text: str) -> PeerLink:
-        """A connected peer by exact name, node id (or unique prefix) or address."""
+        """A connected peer by node id or address, exact name, or unique node-id prefix (the
+        cluster query :func:`~p2pllm.daemon.cluster.find_node` over the live links)."""
         live = self.live()
-        for pred in (
-            lambda p: p.node_id == text or p.address == text,
-            lambda p: p.name == text,
-            lambda p: p.node_id.startswith(text),
-        ):
-            hits = [p for p in live if pred(p)]
-            if len(hits) == 1:
-                return hits[0]
-            if len(hits) > 1:
-                names = ", ".join(f"{p.name}({p.node_id[:8]})" for p in hits)
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{text!r} is ambiguous: {names}")
-        known = ", ".join(f"{p.name}({p.node_id[:8]})" for p in live) or "none"
-        raise ProtocolError(ErrorCode.NOT_FOUND, f"no connected peer {text!r}; connected peers: {known}")
+        nodes = [{"node_id": p.node_id, "name": p.name, "address": p.address} for p in live]
+        try:
+            hit = find_node(nodes, text)
+        except PlanError as exc:
+            raise ProtocolError(exc.code or ErrorCode.NOT_FOUND, f"connected peers: {exc}") from None
+        return next(p for p in live if p.node_id == hit["node_id"])
 
     # -- links ------------------------------------------------------------------------------
 

@@ -294,3 +294,21 @@ def test_find_node_by_id_name_prefix_and_its_errors() -> None:
     with pytest.raises(PlanError, match="no node 'z'") as e:
         find_node(nodes, "z")
     assert e.value.code == ErrorCode.NOT_FOUND
+
+
+def test_the_peer_table_finds_peers_with_the_same_query() -> None:
+    from p2pllm.daemon.peers import PeerLink, PeerTable
+
+    class Open:
+        closed = False
+
+    table = PeerTable("me", DaemonConfig(), lambda e: None, lambda n, m: None)
+    for nid, name, addr in (("abc123", "x", "h:1"), ("abd456", "y", "h:2"), ("zzz", "gone", "h:3")):
+        table.links[nid] = PeerLink(nid, name, addr, conn=Open() if name != "gone" else None)  # type: ignore[arg-type]
+    assert table.find("y").node_id == "abd456" and table.find("h:1").name == "x"
+    with pytest.raises(ProtocolError) as err:
+        table.find("ab")
+    assert err.value.code == ErrorCode.BAD_REQUEST and "several" in err.value.message
+    with pytest.raises(ProtocolError) as err:
+        table.find("gone")  # not connected
+    assert err.value.code == ErrorCode.NOT_FOUND
