@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from p2pllm.daemon.cluster import advertised_path, label, resolve_model_ref
+from p2pllm.daemon.cluster import advertised_path, label, resolve_model_ref, takes_role
 from p2pllm.daemon.jobs import Job, JobHost
 from p2pllm.daemon.runner import Exclusions, JobRunner, Lost, MemberLost, Slot
 from p2pllm.engine.config import ModelConfig
@@ -235,11 +235,10 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
     for n in ordered:
         caps = n.get("caps") or {}
         name = label(n)
-        accepts = caps.get("accepts") or ["auto"]
         if excluded is not None and not excluded.allows(str(n["node_id"]), "shard"):
             lacking.append(f"{name}: {excluded.reason(str(n['node_id']), 'shard')}")
             continue
-        if "auto" not in accepts and "shard" not in accepts:
+        if not takes_role(caps, "shard"):
             lacking.append(f"{name} does not take shard roles")
             continue
         if n.get("self"):
