@@ -5,18 +5,17 @@
   laid out so that the payload starts 64-byte aligned, and tensors are built on it.
 - A header is validated against the limits before anything is allocated for its body.
 
-No torch here: large bodies live in anonymous memory maps (page-aligned, not zero-filled
-twice), so the wire layer and the CLI load without torch.
+No torch here (large bodies are numpy buffers, numpy imported on the first one), so the wire
+layer and the CLI load without torch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import mmap
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from p2pllm.wire.frame import (
     HEADER,
@@ -61,16 +60,27 @@ class FrameSink:
 
 def alloc_aligned(nbytes: int, offset: int = 0) -> memoryview:
     """A writable buffer of `nbytes`; from SMALL_BODY bytes up, its byte `offset` sits on a
-    64-byte boundary.
+    64-byte boundary (small ones are plain bytearrays, as small bodies copied out of the
+    receive buffer are).
 
-    Large buffers are anonymous memory maps (page-aligned; the kernel hands out zero pages
-    on first touch, so nothing is written twice); small ones are plain bytearrays, as small
-    bodies copied out of the receive buffer are.
+    Large buffers are uninitialised numpy arrays (malloc'd, not zero-filled: the allocator
+    reuses freed blocks of the same size without page faults); numpy is imported only when
+    the first large body arrives, so the wire layer itself loads neither numpy nor torch.
     """
     if nbytes < SMALL_BODY:
         return memoryview(bytearray(nbytes))
-    pad = -offset % 64
-    return memoryview(mmap.mmap(-1, pad + nbytes))[pad:]
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        raw: Any = bytearray(nbytes + 64)
+        import ctypes
+
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    else:
+        raw = numpy.empty(nbytes + 64, dtype=numpy.uint8)
+        addr = raw.__array_interface__["data"][0]
+    start = -(addr + offset) % 64
+    return memoryview(raw)[start : start + nbytes]
 
 
 def alloc_body(header: Header) -> memoryview:
