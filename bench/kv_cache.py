@@ -11,7 +11,8 @@ Models: the bundled ``shakespeare`` (3.67M params, 4 layers, GQA 8/4, head_dim 3
 and a long context, and a random ~110M Llama (hidden 768, 12 layers, 12 heads) saved to a
 temp dir. Besides batch-1 generation, a batched case: 4 rows of different lengths decoded
 together (the verifier's and shards' path). Prints one JSON object: per model and case,
-decode tokens/s of both trees and the ratio ours / base.
+decode tokens/s of both trees and the ratio ours / base, by wall clock and by the process's
+CPU time (``*_cpu_*``: tokens per CPU second, which a loaded shared machine disturbs less).
 """
 
 from __future__ import annotations
@@ -27,19 +28,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, sys, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from p2pllm.engine.generate import generate_ids
 from p2pllm.engine.loader import load_slice
 torch.set_num_threads(int(sys.argv[3]))
-import time
 cases = json.loads(sys.argv[4])
 model = load_slice(sys.argv[2])
 
 
 def batched(rows, prompt_len, n):
     # rows sessions prefilled to prompt_len, prompt_len+8, ..., then n decode steps of all
-    # rows in one forward each (the verifier's and shards' batched path): tokens/s
+    # rows in one forward each (the verifier's and shards' batched path)
     lens = [prompt_len + 8 * r for r in range(rows)]
     with torch.inference_mode():
         cache = model.new_cache(rows, max(lens) + n)
@@ -48,23 +48,33 @@ def batched(rows, prompt_len, n):
             model(ids, torch.arange(m)[None], cache, slots=torch.tensor([r]))
         slots = torch.arange(rows)
         x = torch.full((rows, 1), 5, dtype=torch.int64)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for j in range(n):
             model(x, torch.tensor([[m + j] for m in lens]), cache, slots=slots, last_only=True)
-        return rows * n / (time.perf_counter() - t0)
+        return rows * n / (time.perf_counter() - t0), rows * n / (time.process_time() - c0)
+
+
+def single(prompt, n):
+    # decode tokens/s of generate_ids: its own wall-clock figure, and CPU time of n tokens
+    # minus CPU time of 1 (prefill and first token) over the n - 1 decoded after it
+    c0 = time.process_time()
+    generate_ids(model, prompt, max_tokens=1, stop_ids=[])
+    c1 = time.process_time()
+    r = generate_ids(model, prompt, max_tokens=n, stop_ids=[])
+    c2 = time.process_time()
+    return r.tokens_per_s, (n - 1) / max((c2 - c1) - (c1 - c0), 1e-9)
 
 
 out = []
 for rows, prompt_len, n in cases:
     if rows > 1:
         batched(rows, prompt_len, 2)  # warm up
-        out.append(max(batched(rows, prompt_len, n) for _ in range(2)))
-        continue
-    prompt = [(7 * i) % 200 + 3 for i in range(prompt_len)]
-    generate_ids(model, prompt, max_tokens=4, stop_ids=[])  # warm up
-    best = max(generate_ids(model, prompt, max_tokens=n, stop_ids=[]).tokens_per_s
-               for _ in range(2))
-    out.append(best)
+        got = [batched(rows, prompt_len, n) for _ in range(2)]
+    else:
+        prompt = [(7 * i) % 200 + 3 for i in range(prompt_len)]
+        generate_ids(model, prompt, max_tokens=4, stop_ids=[])  # warm up
+        got = [single(prompt, n) for _ in range(2)]
+    out.append([max(g[0] for g in got), max(g[1] for g in got)])
 print(json.dumps(out))
 """
 
@@ -83,12 +93,12 @@ def make_110m(root: Path) -> Path:
 
 
 def measure(tree: Path, model: Path, threads: int,
-            cases: list[tuple[int, int, int]]) -> list[float]:
+            cases: list[tuple[int, int, int]]) -> list[list[float]]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(model), str(threads),
                           json.dumps(cases)], env=env, capture_output=True, text=True,
                          check=True, cwd=tempfile.gettempdir())
-    return [float(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
+    return [[float(x) for x in pair] for pair in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,18 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         ]
         runs = []
         for name, path, cases in models:
-            best: dict[str, list[float]] = {"ours": [0.0] * len(cases), "base": [0.0] * len(cases)}
+            zero = [[0.0, 0.0] for _ in cases]
+            best: dict[str, list[list[float]]] = {"ours": zero, "base": [z[:] for z in zero]}
             for _ in range(repeats):
                 for side, tree in (("ours", REPO), ("base", base)):
                     got = measure(tree, path, args.threads, cases)
-                    best[side] = [max(a, b) for a, b in zip(best[side], got, strict=True)]
+                    best[side] = [[max(a, b) for a, b in zip(old, new, strict=True)]
+                                  for old, new in zip(best[side], got, strict=True)]
             for (rows, prompt_len, n), ours, theirs in zip(cases, best["ours"], best["base"],
                                                            strict=True):
                 runs.append({"model": name, "rows": rows, "prompt_tokens": prompt_len,
-                             "decode_steps": n,
-                             "threads": args.threads, "ours_tokens_per_s": round(ours, 2),
-                             "base_tokens_per_s": round(theirs, 2),
-                             "ratio": round(ours / theirs, 3) if theirs else None})
+                             "decode_steps": n, "threads": args.threads,
+                             "ours_tokens_per_s": round(ours[0], 2),
+                             "base_tokens_per_s": round(theirs[0], 2),
+                             "ratio": round(ours[0] / theirs[0], 3) if theirs[0] else None,
+                             "ours_cpu_tokens_per_s": round(ours[1], 2),
+                             "base_cpu_tokens_per_s": round(theirs[1], 2),
+                             "cpu_ratio": round(ours[1] / theirs[1], 3) if theirs[1] else None})
     print(json.dumps({"base": str(base), "load": os.getloadavg(), "runs": runs}, indent=2))
     return 0
 

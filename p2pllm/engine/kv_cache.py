@@ -15,7 +15,12 @@ Design, and why it measures well on CPU at batch 1:
 - **Chunks.** Block storage is allocated on demand in chunks of ``chunk_blocks`` blocks,
   each one tensor ``(layers, 2, kv_heads, chunk_blocks * block_size, head_dim)``, created
   (``torch.empty``: never zero-filled) when the pool first needs a block in it and freed when
-  its last block is freed. The pool never allocates past ``num_blocks`` (the total cap).
+  its last block is freed. The pool never allocates past ``num_blocks`` (the total cap). By
+  default a pool of up to ``CHUNK_BYTES`` is one chunk: batched forwards then gather with one
+  ``index_select`` per layer (rows spread over several chunks cost two more ops per chunk
+  and layer); on CPU its pages become resident only as blocks are first written, so memory
+  still grows with the tokens. Bigger pools (and
+  accelerators, where ``torch.empty`` is resident at once) grow chunk by chunk.
 - **Head-major slots.** Inside a chunk, one layer's keys are ``(kv_heads, slots, head_dim)``:
   a run of consecutive blocks is then a plain strided view ``(1, kv_heads, S, head_dim)`` --
   exactly what SDPA reads today. Measured here (SDPA, one query, 12 heads x 64, fp32), the
@@ -53,6 +58,7 @@ __all__ = ["DEFAULT_BLOCK_SIZE", "KVCache", "KVPlan"]
 
 DEFAULT_BLOCK_SIZE = 16
 GROW_ROOM = 8  # blocks a new row would like free after its first ones before a new chunk is used
+CHUNK_BYTES = 256 << 20  # default chunk size bound (a chunk always holds one full row)
 
 
 @dataclass(eq=False)
@@ -92,7 +98,9 @@ class KVCache:
     (``KVCacheFullError`` when the pool has no block left); default ``max_len`` per row of
     ``rows`` (at least one).
     rows: rows to create up front (ids 0..rows-1); :meth:`add_row` makes more.
-    chunk_tokens: positions per storage chunk (default ``max_len``, so any row fits one run).
+    chunk_tokens: positions per storage chunk (default: the whole pool when it takes at most
+    ``CHUNK_BYTES``, else as many positions as fit that, at least ``max_len``, so that any row
+    fits one run).
     """
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int,
@@ -111,7 +119,9 @@ class KVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.max_len, self.block_size = max_len, block_size
         self.num_blocks = -(-total // block_size)
-        per_chunk = max_len if chunk_tokens is None else chunk_tokens
+        per_chunk = chunk_tokens
+        if per_chunk is None:  # the whole pool in one chunk unless that is over CHUNK_BYTES
+            per_chunk = max(max_len, min(total, CHUNK_BYTES // max(self.position_bytes(), 1)))
         self.chunk_blocks = max(1, min(-(-per_chunk // block_size), self.num_blocks))
         self._chunk_slots = self.chunk_blocks * block_size
         n_chunks = -(-self.num_blocks // self.chunk_blocks)
