@@ -19,6 +19,9 @@ Algorithm (:func:`partition_layers`):
 3. largest-remainder rounding: ⌊x_i⌋ each, the leftover layers to the largest fractional parts
    (earlier node first on ties); bounds are integers, so rounding keeps every node in bounds;
 4. consecutive ranges in node order.
+
+Size: one module because the partition, the checks of explicit ranges and the one PlanError
+of every planner share one set of invariants (contiguous, covering, within budget).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@
    weighted by example count, else it is retried. Then FL_EVAL of the new global adapter on
    the clients' eval blocks, a checkpoint, and a progress line to the CLI.
 4. The end: the global adapter in peft's format, a PNG of eval loss per round, the result.
+
+Size: one module because a run's state (config, clients, global adapter, rounds, checkpoint)
+is one object driven round after round; its pure parts (strategy, aggregation, checkpoint,
+messages) are the modules beside it.
 """
 
 from __future__ import annotations

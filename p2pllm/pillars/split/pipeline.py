@@ -21,6 +21,10 @@ pipeline on the survivors, in the same job (shards whose slot is unchanged are k
 fewer nodes remain than shards, a node takes several consecutive ranges), and the session is
 replayed on it with the tokens generated so far appended to the prompt. Without, the job fails
 naming the lost shard.
+
+Size: one module because a pipeline's lifetime (plan, hold, replay), its sessions and the
+registry that shares pipelines between requests work on the same state; the shard role and
+the message bodies are the modules beside it.
 """
 
 from __future__ import annotations
