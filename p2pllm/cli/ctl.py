@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
-from p2pllm.cli.dashboard import job_metrics_text, links_table, peers_table
+from p2pllm.cli.dashboard import job_metrics_text, links_table, peers_table, role_text
 from p2pllm.wire.messages import MsgType
 
 
@@ -118,5 +118,5 @@ def render_jobs(console: Console, meta: dict[str, Any]) -> None:
         )
     console.print(table)
     if meta.get("roles"):
-        held = ", ".join(f"{r['role']}@{r['job']}" for r in meta["roles"])
+        held = ", ".join(role_text(r, job=True) for r in meta["roles"])
         console.print(Text(f"roles held here: {held}"))

@@ -61,14 +61,27 @@ def _num(v: Any, fmt: str = "{:.3g}") -> str:
     return str(v)
 
 
+def worker_busy(role: dict[str, Any]) -> float | None:
+    """The busy fraction of a role's worker thread (recent window), if the role reported it."""
+    busy = (role.get("metrics") or {}).get("worker", {}).get("busy")
+    return float(busy) if isinstance(busy, int | float) and not isinstance(busy, bool) else None
+
+
+def role_text(r: dict[str, Any], job: bool = False) -> str:
+    """``kind[summary]`` (``@job``), and ``busy N%`` when its worker's figures are known."""
+    s = r.get("role", "?")
+    if r.get("summary"):
+        s += f"[{r['summary']}]"
+    if job and r.get("job"):
+        s += f"@{r['job']}"
+    busy = worker_busy(r)
+    if busy is not None:
+        s += f" busy {busy:.0%}"
+    return s
+
+
 def _roles_text(roles: list[dict[str, Any]]) -> str:
-    parts = []
-    for r in roles:
-        s = r.get("role", "?")
-        if r.get("summary"):
-            s += f"[{r['summary']}]"
-        parts.append(s)
-    return ", ".join(parts) or "-"
+    return ", ".join(role_text(r) for r in roles) or "-"
 
 
 class History:
@@ -155,7 +168,9 @@ def job_metrics_text(job: dict[str, Any]) -> str:
     elif pillar == "fl":
         keys = (("round", "round"), ("clients_answered", "clients"), ("eval_loss", "eval loss"), ("train_loss", "train loss"))
     elif pillar in ("train", "splittrain"):
-        keys = (("step", "step"), ("loss", "loss"), ("bubble", "bubble"), ("step_seconds", "s/step"))
+        # bubble: measured on the stages' workers; bubble_theory: (K-1)/(M+K-1), shown beside it
+        keys = (("step", "step"), ("loss", "loss"), ("bubble", "bubble"),
+                ("bubble_theory", "(theory"), ("step_seconds", "s/step"))
     else:
         keys = tuple((k, k) for k in list(m)[:4])
     parts = []
@@ -164,11 +179,11 @@ def job_metrics_text(job: dict[str, Any]) -> str:
             v = m[key]
             if isinstance(v, dict):
                 v = " ".join(f"{k}:{_num(x, '{:.0%}') if isinstance(x, float) and x <= 1 else _num(x)}" for k, x in v.items())
-            elif isinstance(v, float) and key in ("acceptance_rate", "bubble"):
+            elif isinstance(v, float) and key in ("acceptance_rate", "bubble", "bubble_theory"):
                 v = f"{v:.0%}"
             else:
                 v = _num(v)
-            parts.append(f"{label} {v}")
+            parts.append(f"{label} {v})" if label.startswith("(") else f"{label} {v}")
     return "  ".join(parts) or "-"
 
 
@@ -330,4 +345,5 @@ async def run_dashboard_inline(daemon: Any, interval: float = 0.25) -> None:
     await _live(snaps(), Console(), interval)
 
 
-__all__ = ["History", "render", "run", "run_dashboard_inline", "sparkline"]
+__all__ = ["History", "render", "role_text", "run", "run_dashboard_inline", "sparkline",
+           "worker_busy"]

@@ -156,8 +156,10 @@ def run_split(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"{len(result.get('losses', []))} steps in {result.get('train_seconds', 0):.2f}s "
-              f"({result.get('tokens_per_s', 0):.0f} tokens/s), idle fraction "
-              f"{result.get('idle_fraction', 0):.3f} (bubble {result.get('bubble', 0):.3f})")
+              f"({result.get('tokens_per_s', 0):.0f} tokens/s), bubble "
+              f"{result.get('bubble', 0):.3f} measured (theory "
+              f"{result.get('bubble_theory', 0):.3f}), idle fraction "
+              f"{result.get('idle_fraction', 0):.3f}")
     return 0
 
 

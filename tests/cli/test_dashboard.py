@@ -84,3 +84,17 @@ def test_sparkline_scales_to_max() -> None:
     assert sparkline([0, 1, 2, 4]) == "▁▃▅█"
     assert sparkline([]) == ""
     assert sparkline([0, 0]) == "▁▁"
+
+
+def test_measured_bubble_with_the_theory_beside_it_and_role_worker_busy() -> None:
+    train = {"job": "train-5", "pillar": "train", "state": "running", "started": 3.0, "members": [],
+             "metrics": {"step": 2, "loss": 3.1, "bubble": 0.62, "bubble_theory": 0.5}}
+    node = {**SNAP["node"], "roles": [{"job": "split-1", "rid": "shard-0", "role": "shard",
+                                       "summary": "layers 0-1",
+                                       "metrics": {"worker": {"busy": 0.37, "busy_s": 1.5}}}]}
+    snap = {**SNAP, "node": node, "jobs": [train]}
+    console = Console(record=True, width=160, height=24, color_system=None)
+    console.print(render(snap, History(), 160))
+    out = " ".join(console.export_text().split())
+    assert "bubble 62% (theory 50%)" in out
+    assert "shard[layers 0-1] busy 37%" in out

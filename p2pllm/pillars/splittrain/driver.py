@@ -24,7 +24,7 @@ from p2pllm.pillars.splittrain.checkpoint import write_checkpoint
 from p2pllm.pillars.splittrain.compute import clip_scale
 from p2pllm.pillars.splittrain.messages import RunSpec
 from p2pllm.pillars.splittrain.planner import Stage
-from p2pllm.pillars.splittrain.schedule import bubble_fraction
+from p2pllm.pillars.splittrain.schedule import bubble_fraction, measured_bubble
 from p2pllm.plan.layers import StageCost
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import Frame, ProtocolError
@@ -59,7 +59,8 @@ class StepDriver:
         self.cost = cost
         self.records: list[dict[str, Any]] = []
         self.stage_totals = [{"forward_s": 0.0, "backward_s": 0.0, "idle_s": 0.0,
-                              "busy_window_s": 0.0} for _ in stages]
+                              "busy_window_s": 0.0, "busy_s": 0.0, "pipeline_s": 0.0}
+                             for _ in stages]
         self.saved: str | None = None
 
     @property
@@ -114,8 +115,8 @@ class StepDriver:
         t_start = time.perf_counter()
         plan_meta = [{"index": st.index, "node_id": st.node_id, "name": st.name,
                       "layers": [st.start, st.end]} for st in self.stages]
-        self.job.update(step=0, loss=None, step_seconds=None,
-                        bubble=bubble_fraction(len(self.stages), s.micro_batches),
+        self.job.update(step=0, loss=None, step_seconds=None, bubble=None,
+                        bubble_theory=bubble_fraction(len(self.stages), s.micro_batches),
                         idle_fraction=None, steps_total=s.steps, stages=plan_meta)
         await self.req.partial(MsgType.TRAIN_RUN, {"event": "plan", "job": self.job.id,
                                                    "stages": plan_meta})
@@ -125,7 +126,8 @@ class StepDriver:
             train_s += rec["seconds"]
             self.records.append(rec)
             self.job.update(step=step + 1, loss=rec["loss"], step_seconds=rec["seconds"],
-                            idle_fraction=self._idle_fraction(),
+                            idle_fraction=self._idle_fraction(), bubble=rec["bubble"],
+                            bubble_stages=[st["bubble"] for st in rec["stages"]],
                             bytes_forward=rec["bytes_forward"],
                             bytes_backward=rec["bytes_backward"])
             await self.req.partial(MsgType.TRAIN_RUN, {"event": "step", **rec})
@@ -154,13 +156,22 @@ class StepDriver:
             for key in ("forward_s", "backward_s", "idle_s"):
                 tot[key] += float(r.get(key, 0.0))
             tot["busy_window_s"] += seconds
+        # the measured bubble: each stage's worker busy time against the step's pipeline time
+        busy = [float(r.get("busy_s", 0.0)) for r in replies]
+        windows = [float(r.get("window_s", 0.0)) for r in replies]
+        bubbles = measured_bubble(busy, windows)
+        for tot, b in zip(self.stage_totals, busy, strict=True):
+            tot["busy_s"] += b
+            tot["pipeline_s"] += max(windows)
         return {
             "step": step, "loss": float(loss), "seconds": seconds,
             "bytes_forward": sum(int(r.get("bytes_forward", 0)) for r in replies),
             "bytes_backward": sum(int(r.get("bytes_backward", 0)) for r in replies),
             "lr": lr, "grad_norm": math.sqrt(total_sq),
-            "stages": [{k: r.get(k) for k in ("forward_s", "backward_s", "idle_s")}
-                       for r in replies],
+            "bubble": sum(bubbles) / len(bubbles),
+            "stages": [{**{k: r.get(k) for k in ("forward_s", "backward_s", "idle_s", "busy_s",
+                                                 "window_s")}, "bubble": b}
+                       for r, b in zip(replies, bubbles, strict=True)],
         }
 
     def _stage_idle(self, tot: Mapping[str, float]) -> float:
@@ -170,6 +181,11 @@ class StepDriver:
     def _idle_fraction(self) -> float:
         return sum(self._stage_idle(t) for t in self.stage_totals) / len(self.stage_totals)
 
+    @staticmethod
+    def _stage_bubble(tot: Mapping[str, float]) -> float:
+        """Measured over every step: 1 - busy seconds / pipeline seconds."""
+        return measured_bubble([tot["busy_s"]], [tot["pipeline_s"]])[0]
+
     def _result(self, train_s: float, total_s: float) -> dict[str, Any]:
         s = self.spec
         stages: list[dict[str, Any]] = []
@@ -178,17 +194,19 @@ class StepDriver:
                 "index": st.index, "node_id": st.node_id, "name": st.name,
                 "layers": [st.start, st.end], "forward_s": tot["forward_s"],
                 "backward_s": tot["backward_s"], "idle_s": tot["idle_s"],
-                "idle_fraction": self._stage_idle(tot),
+                "idle_fraction": self._stage_idle(tot), "busy_s": tot["busy_s"],
+                "bubble": self._stage_bubble(tot),
             })
         steps = [{k: r[k] for k in ("step", "loss", "seconds", "bytes_forward", "bytes_backward",
-                                    "lr", "grad_norm")} for r in self.records]
+                                    "lr", "grad_norm", "bubble")} for r in self.records]
         tokens = s.steps * s.batch_size * s.seq_len
         return {
             "job": self.job.id, "losses": [r["loss"] for r in self.records], "steps": steps,
             "stages": stages, "seconds": total_s, "train_seconds": train_s,
             "step_seconds": train_s / max(1, len(self.records)),
             "idle_fraction": self._idle_fraction(),
-            "bubble": bubble_fraction(len(self.stages), s.micro_batches),
+            "bubble": sum(st["bubble"] for st in stages) / len(stages),
+            "bubble_theory": bubble_fraction(len(self.stages), s.micro_batches),
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "schedule": s.schedule, "micro_batches": s.micro_batches,
             "saved": self.saved,

@@ -130,6 +130,8 @@ TRAIN_BATCH_REPLY = Body("TRAIN_BATCH reply", [
     Int("bytes_forward", 0, default=0),
     Int("bytes_backward", 0, default=0),
     Int("peak_in_flight", 0, default=0, doc="micro-batches forwarded, not yet backwarded"),
+    Float("busy_s", 0.0, default=0.0, doc="seconds the stage's worker computed in this step"),
+    Float("window_s", 0.0, default=0.0, doc="seconds from TRAIN_BATCH to this answer"),
     Float("loss", default=None, doc="the last stage: the step's mean loss"),
 ])
 

@@ -36,6 +36,7 @@ __all__ = [
     "Timeline",
     "bubble_fraction",
     "gpipe",
+    "measured_bubble",
     "one_f_one_b",
     "pipeline_schedules",
     "simulate",
@@ -115,6 +116,23 @@ def bubble_fraction(num_stages: int, num_micro: int) -> float:
     """The theoretical idle fraction of a GPipe or 1F1B step: (K-1) / (M+K-1)."""
     _check(0, num_stages, num_micro)
     return (num_stages - 1) / (num_micro + num_stages - 1)
+
+
+def measured_bubble(busy_s: Sequence[float], window_s: Sequence[float]) -> list[float]:
+    """The bubble one step actually had, per stage: ``1 - busy_k / T``.
+
+    ``busy_k``: seconds stage k's worker computed during the step's micro-batches (forwards,
+    backwards, the tied gradient, the norm); ``window_s[k]``: seconds from its TRAIN_BATCH to
+    its answer; ``T`` the longest window, the step's pipeline time. Unlike
+    :func:`bubble_fraction` (equal op times, free communication) it includes uneven stages,
+    communication and whatever else kept a stage waiting.
+    """
+    if len(busy_s) != len(window_s) or not busy_s:
+        raise ValueError("one busy time and one window per stage")
+    t = max(window_s)
+    if t <= 0:
+        return [0.0] * len(busy_s)
+    return [min(1.0, max(0.0, 1.0 - b / t)) for b in busy_s]
 
 
 @dataclass(frozen=True)

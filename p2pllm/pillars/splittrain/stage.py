@@ -12,7 +12,10 @@ stages, the last stage swaps its head gradient for the first stage's embedding g
 squared norm of its gradients; ``TRAIN_STEP`` then applies AdamW with the coordinator's
 learning rate and clip factor. ``TRAIN_SAVE`` streams the slice's tensors back.
 
-All torch work of a stage runs, in order, on the stage's own worker thread, off the event loop.
+All torch work of a stage runs, in order, on the role's worker (``Role.worker``), off the event
+loop. The worker's accounting gives each step's busy seconds (``busy_s``) and the step's wall
+time on this stage (``window_s``) in the ``TRAIN_BATCH`` answer: the coordinator's measured
+pipeline bubble.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from p2pllm.daemon.roles import Role, RoleHandler
+from p2pllm.daemon.worker import Span
 from p2pllm.engine.errors import ModelError, ModelNotFoundError
 from p2pllm.pillars.splittrain.compute import (
     IGNORE_INDEX,
@@ -155,6 +159,7 @@ class TrainStageRole(Role):
         self.forwarded: set[int] = set()
         self.totals = _Totals()
         self.last_loss: float | None = None
+        self.step_span: Span | None = None  # the worker's busy and wall time of the last step
         self.last: dict[str, Any] = {}
         self.blocks: torch.Tensor | None = None
         self._tied_ready = asyncio.Event()  # first stage: this step's backward is complete
@@ -239,6 +244,9 @@ class TrainStageRole(Role):
             "idle_s": round(t.idle_s, 4), "bytes_forward": t.bytes_forward,
             "bytes_backward": t.bytes_backward,
         }
+        if self.step_span is not None:  # the last step, as this stage saw it
+            out["step_busy_s"] = round(self.step_span.busy_s, 4)
+            out["step_window_s"] = round(self.step_span.wall_s, 4)
         if self.last_loss is not None:
             out["loss"] = self.last_loss
         return out
@@ -265,6 +273,7 @@ class TrainStageRole(Role):
         self._tied_ready.clear()
         self._tied_done.clear()
         stats = _Totals()
+        span = self.worker.span()  # this step's busy and wall time on this stage
         try:
             try:
                 loss, peak = await self._run_ops(step, stats)
@@ -272,6 +281,7 @@ class TrainStageRole(Role):
                 raise _unwrap(group) from None
             await self._sync_tied(step)
             grad_sq = await self._run(self.compute.grad_sq, self._exclude_tied())
+            span.end()
         except BaseException:
             self.inbox.clear()
             self.forwarded.clear()
@@ -282,9 +292,11 @@ class TrainStageRole(Role):
             self.running = False
         self.accumulated = True
         self.totals.add(stats)
+        self.step_span = span
         out: dict[str, Any] = {
             "step": step, "grad_sq": grad_sq, "forward_s": stats.forward_s,
             "backward_s": stats.backward_s, "idle_s": stats.idle_s,
+            "busy_s": span.busy_s, "window_s": span.wall_s,
             "bytes_forward": stats.bytes_forward, "bytes_backward": stats.bytes_backward,
             "peak_in_flight": peak,
         }
