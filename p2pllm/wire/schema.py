@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -680,6 +680,3 @@ class Body:
     def example(self) -> dict[str, Any]:
         """A valid body with every field set."""
         return {f.name: f.example() for f in self.fields}
-
-    def iter_fields(self) -> Iterable[Field]:
-        return iter(self.fields)
