@@ -4,7 +4,9 @@ Reads one user turn per line from stdin (interactive, or piped), streams each re
 keeps the history (every turn sees the conversation so far), and stops each reply at the
 template's end tokens (``<|im_end|>`` for ChatML models such as SmolLM2). ``/reset`` clears the
 history, ``/exit`` (or end of input) quits. After each reply, stderr gets one line: prompt
-tokens, generated tokens, decode tokens/s.
+tokens, generated tokens, decode tokens/s. ``--mode spec|split`` sends each turn to the local
+daemon as a GENERATE job (the template is applied here: ``prompt_ids``; the replies end at the
+model's end ids, which its config carries).
 """
 
 from __future__ import annotations
@@ -41,6 +43,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="penalise tokens already present (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--mode", choices=("local", "spec", "split"), default="local",
+                   help="local: in this process; spec / split: each turn runs as a GENERATE job "
+                        "on the daemon (default local)")
+    p.add_argument("--draft-model", default=None, help="draft model for --mode spec "
+                                                        "(default: the model itself)")
+    p.add_argument("--shards", type=_positive_int, default=None,
+                   help="number of shards for --mode split")
+    p.add_argument("--daemon", metavar="HOST:PORT", default=None,
+                   help="daemon to ask (default 127.0.0.1:7411 or $P2PLLM_DAEMON)")
+    p.add_argument("--secret-file", default=None, help="shared secret file, if any")
+
+
+def _tokenizer(args: argparse.Namespace) -> Any:
+    """The model's tokenizer from this host's copy (--mode spec|split applies the template
+    here)."""
+    from p2pllm.engine.chat import has_chat_template
+    from p2pllm.engine.errors import ModelError
+    from p2pllm.engine.loader import load_tokenizer, resolve_model
+
+    path = resolve_model(args.model, args.models_dir)
+    tokenizer = load_tokenizer(path)
+    if not has_chat_template(tokenizer):
+        raise ModelError(f"{path} has no chat template (not a chat model): use "
+                         f"`p2pllm generate` for plain continuation")
+    return tokenizer
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -65,6 +92,29 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return load_slice(path, **kwargs), tokenizer
 
 
+class _Remote:
+    """One turn = one GENERATE job on the daemon (--mode spec|split)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def __call__(self, ids: list[int]) -> dict[str, Any] | None:
+        from p2pllm.cli.client import run_daemon_call
+        from p2pllm.cli.remote import stream_generate
+
+        a = self.args
+        meta: dict[str, Any] = {"mode": a.mode, "model": a.model, "prompt_ids": ids,
+                                "max_tokens": a.max_tokens, "temperature": a.temperature,
+                                "top_k": a.top_k, "top_p": a.top_p,
+                                "repetition_penalty": a.repetition_penalty}
+        extra = {"seed": a.seed, "dtype": a.dtype, "shards": a.shards,
+                 "draft_model": a.draft_model or a.model if a.mode == "spec" else None}
+        meta.update({k: v for k, v in extra.items() if v is not None})
+        result, _ = run_daemon_call(stream_generate(a.daemon, a.secret_file, meta, True),
+                                    "chat")
+        return result
+
+
 def run(args: argparse.Namespace) -> int:
     from p2pllm.engine.chat import ChatHistory, end_ids
     from p2pllm.engine.errors import ModelError, SequenceTooLongError
@@ -77,12 +127,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"p2pllm chat: {e}", file=sys.stderr)
         return 2
+    remote = _Remote(args) if args.mode != "local" else None
     try:
-        model, tokenizer = _load(args)
+        if remote is None:
+            model, tokenizer = _load(args)
+            stops = end_ids(tokenizer, model.config.eos_token_ids)
+        else:
+            tokenizer = _tokenizer(args)
     except ModelError as e:
         print(f"p2pllm chat: {e}", file=sys.stderr)
         return 1
-    stops = end_ids(tokenizer, model.config.eos_token_ids)
     history = ChatHistory(system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -111,6 +165,16 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             ids = history.prompt(tokenizer, user)
+            if remote is not None:  # streams the reply and its newline itself
+                out = remote(ids)
+                if out is None:
+                    return 1
+                history.add(user, str(out.get("text", "")).strip())
+                print(f"[{out.get('prompt_tokens')} prompt tokens, "
+                      f"{out.get('generated_tokens')} tokens, "
+                      f"{float(out.get('tokens_per_s') or 0):.1f} tokens/s, "
+                      f"{out.get('stop_reason')}, {args.mode}]", file=sys.stderr)
+                continue
             result = generate(model, tokenizer, ids, params, args.max_tokens, on_text=write,
                               stop_ids=stops)
         except ModelError as e:

@@ -3,9 +3,13 @@ SmolLM2-135M-Instruct (history, /reset, /exit), `generate --chat` and `--ignore-
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +118,38 @@ def test_generate_chat_and_ignore_eos(smol_dir: Path, capsys: pytest.CaptureFixt
     assert got["generated_tokens"] == 34 and got["token_ids"][:30] == FRANCE_OUT
     assert main(["generate", "--mode", "split", "--ignore-eos", "hi"]) == 2
     assert "--mode local only" in capsys.readouterr().err
+
+
+def test_chat_split_over_two_daemons(smol_dir: Path, tmp_path: Path) -> None:
+    """`p2pllm chat --mode split`: the template is applied here, each turn is a GENERATE job
+    over 2 shards on real daemons, and the replies stop at <|im_end|> (from the GGUF config)."""
+    from tests.conftest import REPO, DaemonProc
+    from tests.e2e.test_split import all_connected, free_ports
+
+    ports = free_ports(2)
+    procs = []
+    try:
+        for name, port in zip("ab", ports, strict=True):
+            peers = [x for p in ports if p != port for x in ("--peer", f"127.0.0.1:{p}")]
+            procs.append(DaemonProc(name, ["--no-mdns", "--port", str(port), "--models-dir",
+                                           str(smol_dir), *peers], tmp_path))
+        for d in procs:
+            d.wait_ready()
+        asyncio.run(all_connected(procs))
+        out = subprocess.run(
+            [sys.executable, "-m", "p2pllm.cli.main", "chat", "--mode", "split", "--shards", "2",
+             "--models-dir", str(smol_dir), "--model", SMOL, "--max-tokens", "24",
+             "--daemon", procs[0].address],
+            input=f"{QUESTION}\nAnd of Italy?\n/reset\n{QUESTION}\n", capture_output=True,
+            text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        for d in procs:
+            d.stop()
+    assert out.returncode == 0, out.stderr
+    replies = out.stdout.strip().splitlines()
+    assert replies[0] == ANSWER and replies[2] == ANSWER
+    assert "Rome" in replies[1]  # the second turn saw the first
+    stats = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) prompt tokens, (\d+) tokens",
+                                                     out.stderr)]
+    assert stats[0] == (37, len(CHAT_OUT)) and stats[2] == stats[0] and stats[1][0] > 45
+    assert out.stderr.count("eos, split]") == 3
