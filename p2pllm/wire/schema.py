@@ -214,19 +214,23 @@ class Int(Field):
 
 @dataclass(frozen=True)
 class Float(Field):
-    """A finite number; integers are taken and become floats."""
+    """A finite number (with ``finite=False`` also NaN and ±Inf, e.g. a diverged loss);
+    integers are taken and become floats."""
 
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
+    finite: bool = True
 
     def check(self, value: Any, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._fail(value, path)
         v = float(value)
         if not math.isfinite(v):
-            raise self._fail(value, path)
+            if self.finite or self.lo is not None or self.hi is not None:
+                raise self._fail(value, path)
+            return v
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             raise self._fail(value, path)
         if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
@@ -234,11 +238,12 @@ class Float(Field):
         return v
 
     def expect(self) -> str:
-        return "a finite number" + _range(self.lo, self.hi, lo_open=self.lo_open,
-                                          hi_open=self.hi_open)
+        return ("a finite number" if self.finite else "a number") + \
+            _range(self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
 
     def type_name(self) -> str:
-        return "float" + _range(self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
+        return ("float" if self.finite else "float, NaN/Inf allowed") + \
+            _range(self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
 
     def example(self) -> float:
         if self.lo is None:
@@ -250,8 +255,9 @@ class Float(Field):
     def bad_examples(self) -> Iterator[Any]:
         yield "1.0"
         yield True
-        yield float("nan")
-        yield float("inf")
+        if self.finite:
+            yield float("nan")
+            yield float("inf")
         if self.lo is not None:
             yield float(self.lo) if self.lo_open else float(self.lo) - 1.0
         if self.hi is not None:

@@ -4,6 +4,7 @@ checked against the definitions."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -82,6 +83,11 @@ def test_float_takes_ints_and_refuses_non_finite() -> None:
     assert Float("x", 0.0).type_name() == "float ≥ 0"
     assert Float("x", 0.0, lo_open=True).type_name() == "float > 0"
     assert Float("x", 0.0, 0.999).type_name() == "float 0..0.999"
+    loss = body(Float("loss", finite=False))
+    assert math.isnan(loss.parse({"loss": float("nan")})["loss"])
+    assert loss.parse({"loss": float("inf")})["loss"] == float("inf")
+    bad(loss, {"loss": "nan"}, "loss must be a number")
+    assert loss.fields[0].type_name() == "float, NaN/Inf allowed"
 
 
 def test_bool_str_enum() -> None:

@@ -96,8 +96,9 @@ FL_TRAIN = Body("FL_TRAIN", [
 FL_TRAIN_REPLY = Body("FL_TRAIN reply", [
     Int("round", 1, 1 << 31),
     Int("num_examples", 1, doc="training blocks of the client"),
-    Float("train_loss", default=None, doc="mean over the steps"),
-    Float("eval_loss", default=None, doc="of the client's adapter on its eval blocks"),
+    Float("train_loss", finite=False, default=None, doc="mean over the steps"),
+    Float("eval_loss", finite=False, default=None,
+          doc="of the client's adapter on its eval blocks"),
     Int("steps", 0, default=0),
     Float("seconds", 0.0, default=0.0),
 ], tensors=[_ADAPTER])
@@ -106,7 +107,7 @@ FL_EVAL = Body("FL_EVAL", [JOB(), RID(), Int("round", 0, 1 << 31)], tensors=[_AD
 
 FL_EVAL_REPLY = Body("FL_EVAL reply", [
     Int("round", 0, 1 << 31),
-    Float("eval_loss", default=None),
+    Float("eval_loss", finite=False, default=None, doc="of the global adapter on the eval blocks"),
     Int("num_eval_examples", 0),
 ])
 
