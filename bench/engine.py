@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from p2pllm.engine.generate import generate_ids  # noqa: E402
 from p2pllm.engine.loader import load_slice  # noqa: E402
 from p2pllm.engine.model import ModelSlice  # noqa: E402
+from p2pllm.wire.tensors import torch_dtype  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
 LLAMACPP = Path(os.environ.get("LLAMACPP_DIR") or Path.home() / ".cache/p2pllm-peers/llama.cpp")
@@ -57,7 +58,7 @@ SMOLLM2_Q4 = SHARED / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_FORMATS = {"f32": ("f32", "float32", "none"), "bf16": ("bf16", "bfloat16", "none"),
                    "int8": ("q8_0", "float32", "int8"), "int4": ("q4_1", "float32", "int4")}
 PROMPT_LEN = 64
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in ("float32", "bfloat16")}  # the rows benched
 
 
 # -- the machine ----------------------------------------------------------------------------
