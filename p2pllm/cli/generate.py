@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantized linears for inference: int8 (per channel) or "
                         "int4 (groups of 32; GGUF Q4_0/Q4_1/Q8_0 blocks kept as stored) "
                         "(default none)")
+    p.add_argument("--draft-quant", choices=QUANTS, default=None,
+                   help="spec mode: quantized linears of the draft model (default none; e.g. "
+                        "the target itself with --draft-quant int4 as its own draft)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads for local mode (default: torch's choice)")
     p.add_argument("--max-tokens", type=_positive_int, default=128,

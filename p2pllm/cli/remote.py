@@ -16,7 +16,8 @@ from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.wire.messages import MsgType
 
 GENERATE_KEYS = (
-    "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "max_tokens",
+    "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "quant", "draft_quant",
+    "max_tokens",
     "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
     "shards", "layers", "wire_dtype", "batch_decode", "keep_alive",
 )

@@ -312,3 +312,65 @@ def test_generate_quant_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert outs["int8"]["text"]
     with pytest.raises(SystemExit):
         parser.parse_args(["x", "--quant", "int2"])
+
+
+# -- through the roles' params (unit level: the roles load what the params say) ----------------
+
+
+def test_quant_in_the_role_params() -> None:
+    from p2pllm.pillars.speculative.coordinator import GenerateSpec
+    from p2pllm.pillars.speculative.messages import ASSIGN_SPEC
+    from p2pllm.pillars.split.messages import ShardParams
+    from p2pllm.pillars.split.pipeline import SplitRequest
+    from p2pllm.wire.frame import ProtocolError
+
+    spec = GenerateSpec.from_meta({"mode": "spec", "prompt": "hi", "model": "a",
+                                   "draft_model": "a", "quant": "int8", "draft_quant": "int4"})
+    assert (spec.quant, spec.draft_quant) == ("int8", "int4")
+    assert GenerateSpec.from_meta({"prompt": "hi", "model": "a", "draft_model": "b"}).quant == "none"
+    with pytest.raises(ProtocolError, match="quant"):
+        GenerateSpec.from_meta({"prompt": "hi", "model": "a", "draft_model": "b", "quant": "q3"})
+    assert ASSIGN_SPEC.parse({"model": "a", "quant": "int4"})["quant"] == "int4"
+    assert ASSIGN_SPEC.parse({"model": "a"})["quant"] == "none"
+    with pytest.raises(ProtocolError, match="quant"):
+        ASSIGN_SPEC.parse({"model": "a", "quant": "int2"})
+    req = SplitRequest.from_meta({"model": "m", "prompt": "hi", "quant": "int4"})
+    assert req.quant == "int4"
+    with pytest.raises(ProtocolError, match="quant"):
+        SplitRequest.from_meta({"model": "m", "prompt": "hi", "quant": "fp8"})
+    meta = {"model": "m", "start": 0, "end": 4, "num_layers": 4, "quant": "int8",
+            "first": {"node": "n", "rid": "r"}}
+    p = ShardParams.from_meta(meta)
+    assert p.quant == "int8" and ShardParams.from_meta(p.to_meta()).quant == "int8"
+
+
+async def test_verifier_and_shard_roles_load_quantized() -> None:
+    from p2pllm.config import DaemonConfig
+    from p2pllm.daemon.roles import RoleContext
+    from p2pllm.pillars.speculative.roles import VerifierRole
+    from p2pllm.pillars.split.shard import ShardRole
+
+    config = DaemonConfig(models_dir=str(BUNDLED_MODELS_DIR))
+
+    def ctx(kind: str) -> RoleContext:
+        return RoleContext("job-q", kind, "coord", "node", config, None,  # type: ignore[arg-type]
+                           lambda m: None)
+
+    verifier = VerifierRole(ctx("verifier"), {"model": "shakespeare", "quant": "int4"})
+    await verifier.start()
+    try:
+        assert verifier.engine is not None
+        loaded = verifier.engine.loaded
+        assert loaded.key[3] == "int4"
+        assert any(type(m) is QuantLinear for m in loaded.model.modules())
+    finally:
+        await verifier.stop()
+    shard = ShardRole(ctx("shard"), {"model": "shakespeare", "start": 2, "end": 4,
+                                     "num_layers": 4, "index": 1, "count": 2, "quant": "int8",
+                                     "first": {"node": "n", "rid": "r"}})
+    await shard.start()
+    try:
+        kinds = {m.qweight.kind for m in shard.engine.model.modules() if type(m) is QuantLinear}
+        assert kinds == {"int8"}
+    finally:
+        await shard.stop()

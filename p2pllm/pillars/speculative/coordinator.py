@@ -31,6 +31,7 @@ from p2pllm.daemon.runner import Exclusions, JobRunner, MemberLost, Slot
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import JSON_FIELDS, TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
+from p2pllm.engine.quant import QUANT_MODES as QUANTS
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.pillars.speculative.messages import (
     MAX_PROMPT,
@@ -72,6 +73,8 @@ class GenerateSpec:
     seed: int | None
     dtype: str = "float32"
     draft_dtype: str = "float32"
+    quant: str = "none"  # weight-only quantized linears of the target (engine/quant.py)
+    draft_quant: str = "none"
     verifier: str | None = None
     drafter: str | None = None
     q_top_k: int = 256
@@ -116,6 +119,11 @@ class GenerateSpec:
         for d in (dtype, draft_dtype):
             if d not in COMPUTE_DTYPES:
                 raise _bad(f"dtype {d!r} is not supported; choose one of {sorted(COMPUTE_DTYPES)}")
+        quant = meta.get("quant") or "none"
+        draft_quant = meta.get("draft_quant") or "none"
+        for q in (quant, draft_quant):
+            if q not in QUANTS:
+                raise _bad(f"quant {q!r} is not supported; choose one of {list(QUANTS)}")
         pins = {k: meta.get(k) for k in ("verifier", "drafter")}
         for k, v in pins.items():
             if v is not None and (not isinstance(v, str) or not v):
@@ -140,7 +148,8 @@ class GenerateSpec:
             raise _bad("session_timeout must be a number of seconds in (0, 86400]")
         return cls(prompt=prompt, prompt_ids=prompt_ids, model=model, draft_model=draft,
                    window=window, max_tokens=max_tokens, params=params, seed=seed, dtype=dtype,
-                   draft_dtype=draft_dtype, verifier=pins["verifier"], drafter=pins["drafter"],
+                   draft_dtype=draft_dtype, quant=quant, draft_quant=draft_quant,
+                   verifier=pins["verifier"], drafter=pins["drafter"],
                    q_top_k=q_top_k, q_mass=float(q_mass), overlap=overlap, min_window=lo, max_window=hi,
                    session_timeout=float(timeout))
 
@@ -232,10 +241,11 @@ class SpecPillar:
         return [
             Slot("verifier", "verifier", verifier.node_id,
                  {"model": _model_ref(spec.model, tp), "dtype": spec.dtype,
-                  "session_timeout": spec.session_timeout},
+                  "quant": spec.quant, "session_timeout": spec.session_timeout},
                  summary=f"verifier {_model_ref(spec.model, tp)}", label=f"verifier {verifier.name}"),
             Slot("drafter", "drafter", drafter.node_id,
-                 {"model": _model_ref(spec.draft_model, dp), "dtype": spec.draft_dtype},
+                 {"model": _model_ref(spec.draft_model, dp), "dtype": spec.draft_dtype,
+                  "quant": spec.draft_quant},
                  summary=f"drafter {_model_ref(spec.draft_model, dp)}",
                  label=f"drafter {drafter.name}"),
         ]

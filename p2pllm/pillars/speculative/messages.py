@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.pillars.messages import (
     JOB,
@@ -75,6 +76,7 @@ def _session() -> Int:
 ASSIGN_SPEC = Body("ASSIGN drafter/verifier", [
     Str("model", 1, doc="a model name, a bundled model's name or a checkpoint directory"),
     Enum("dtype", COMPUTE_DTYPES, default="float32", doc="weights"),
+    Enum("quant", QUANT_MODES, default="none", doc="weight-only quantized linears (engine/quant.py)"),
     Float("session_timeout", 0.0, lo_open=True, default=120.0,
           doc="verifier: seconds a session may stay idle"),
 ], doc="ASSIGN params of the drafter and verifier roles")

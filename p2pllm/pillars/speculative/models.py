@@ -45,7 +45,7 @@ def model_bytes(path: Path) -> int:
 class LoadedModel:
     """One loaded model and the lock its forward passes take."""
 
-    key: tuple[str, str, str]
+    key: tuple[str, str, str, str]  # (path, dtype, device, quant)
     model: ModelSlice
     config: ModelConfig
     nbytes: int
@@ -58,13 +58,14 @@ class LoadedModel:
 
 
 class ModelCache:
-    """Reference-counted loaded models, keyed by (resolved path, dtype, device)."""
+    """Reference-counted loaded models, keyed by (resolved path, dtype, device, quant)."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str, str], LoadedModel] = {}
-        self._loading: dict[tuple[str, str, str], asyncio.Future[LoadedModel]] = {}
+        self._models: dict[tuple[str, str, str, str], LoadedModel] = {}
+        self._loading: dict[tuple[str, str, str, str], asyncio.Future[LoadedModel]] = {}
 
-    async def acquire(self, path: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    async def acquire(self, path: Path, dtype: str = "float32", device: str = "cpu",
+                      quant: str = "none") -> LoadedModel:
         """Load (or share) a whole model; pair every acquire with one release.
 
         ``path``: a resolved checkpoint directory (as :func:`find_local_model` returns).
@@ -72,7 +73,7 @@ class ModelCache:
         if dtype not in COMPUTE_DTYPES:
             raise ModelError(f"dtype {dtype!r} is not supported; choose one of "
                              f"{sorted(COMPUTE_DTYPES)}")
-        key = (str(path), dtype, device)
+        key = (str(path), dtype, device, quant)
         while True:
             loaded = self._models.get(key)
             if loaded is not None:
@@ -85,7 +86,8 @@ class ModelCache:
         fut: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
-            model = await asyncio.to_thread(load_slice, path, dtype=torch_dtype(dtype), device=device)
+            model = await asyncio.to_thread(load_slice, path, dtype=torch_dtype(dtype), device=device,
+                                            quant=quant)
             loaded = LoadedModel(key, model, model.config, _param_bytes(model), refs=1)
             self._models[key] = loaded
             fut.set_result(loaded)
@@ -104,7 +106,7 @@ class ModelCache:
             del self._models[loaded.key]
             log.info("unloaded %s", loaded.path)
 
-    def loaded(self) -> Mapping[tuple[str, str, str], LoadedModel]:
+    def loaded(self) -> Mapping[tuple[str, str, str, str], LoadedModel]:
         return dict(self._models)
 
 
@@ -126,7 +128,7 @@ def default_device() -> str:
 def describe(loaded: LoadedModel) -> dict[str, Any]:
     c = loaded.config
     return {"path": loaded.path, "layers": c.num_layers, "vocab": c.vocab_size,
-            "dtype": loaded.key[1], "device": loaded.key[2]}
+            "dtype": loaded.key[1], "device": loaded.key[2], "quant": loaded.key[3]}
 
 
 # The daemon process's shared models (roles of every job on this node use it).

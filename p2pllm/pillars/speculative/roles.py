@@ -1,6 +1,7 @@
 """The two roles of speculative decoding: ``drafter`` and ``verifier``.
 
-ASSIGN params of both: ``{"model": name or path, "dtype": "float32"|"bfloat16"|"float16"}``;
+ASSIGN params of both: ``{"model": name or path, "dtype": "float32"|"bfloat16"|"float16",
+"quant": "none"|"int8"|"int4"}`` (quant: weight-only quantized linears, engine/quant.py);
 the verifier also takes ``"session_timeout"`` (seconds a session may stay idle, default 120).
 Weights are shared by every role of this daemon that loads the same checkpoint
 (:mod:`.models`), and one verifier engine serves the sessions of every job on one target: the
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler
 from p2pllm.engine.errors import ModelError
+from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.pillars.speculative.drafter import SessionMetrics, SpecSession
 from p2pllm.pillars.speculative.messages import SPEC_CLOSE, DraftRun, OpenRequest, VerifyWindow
 from p2pllm.pillars.speculative.models import (
@@ -42,26 +44,30 @@ log = logging.getLogger(__name__)
 REPORT_EVERY = 0.5  # seconds between metric reports to the state
 
 
-def _model_param(params: Mapping[str, Any]) -> tuple[str, str]:
+def _model_param(params: Mapping[str, Any]) -> tuple[str, str, str]:
     model, dtype = params.get("model"), params.get("dtype", "float32")
+    quant = params.get("quant") or "none"
     if not isinstance(model, str) or not model:
         raise Refused("params need 'model' (a model name or a checkpoint path)")
     if dtype not in COMPUTE_DTYPES:
         raise Refused(f"dtype {dtype!r} is not supported; choose one of {sorted(COMPUTE_DTYPES)}")
-    return model, str(dtype)
+    if quant not in QUANT_MODES:
+        raise Refused(f"quant {quant!r} is not supported; choose one of {list(QUANT_MODES)}")
+    return model, str(dtype), str(quant)
 
 
 def _refuse_model(config: DaemonConfig, caps: Mapping[str, Any], params: Mapping[str, Any],
                   role: str) -> str | None:
     try:
-        model, dtype = _model_param(params)
+        model, dtype, quant = _model_param(params)
     except Refused as exc:
         return exc.message
     path = find_local_model(model, config.models_dir)
     if path is None:
         return f"model {model!r} is not on this host (not a readable checkpoint directory " \
                f"nor a model under --models-dir {config.models_dir})"
-    if any(key[0] == str(path) and key[1] == dtype for key in MODELS.loaded()):
+    if any(key[0] == str(path) and key[1] == dtype and key[3] == quant
+           for key in MODELS.loaded()):
         return None  # already loaded here: shared, no new memory
     need = model_bytes(path)
     free = int(caps.get("mem_budget", 0)) - int(caps.get("mem_used_by_roles", 0))
@@ -85,7 +91,7 @@ class _ModelRole(Role):
 
     def __init__(self, ctx: RoleContext, params: Mapping[str, Any]) -> None:
         super().__init__(ctx, params)
-        self.model_name, self.dtype = _model_param(params)
+        self.model_name, self.dtype, self.quant = _model_param(params)
         self.path: Path | None = None
         self._reported = 0.0
 
@@ -124,7 +130,8 @@ class VerifierRole(_ModelRole):
     async def on_start(self) -> None:
         self.path = self._resolve()
         try:
-            self.engine = await acquire_engine(self.path, self.dtype, default_device())
+            self.engine = await acquire_engine(self.path, self.dtype, default_device(),
+                                               self.quant)
         except ModelError as exc:
             raise Refused(f"cannot load the target {self.model_name}: {exc}") from exc
         self.use_worker(self.engine.worker)  # shared with the other jobs on this target
@@ -224,7 +231,8 @@ class DrafterRole(_ModelRole):
     async def on_start(self) -> None:
         self.path = self._resolve()
         try:
-            self.loaded = await MODELS.acquire(self.path, self.dtype, default_device())
+            self.loaded = await MODELS.acquire(self.path, self.dtype, default_device(),
+                                               self.quant)
         except ModelError as exc:
             raise Refused(f"cannot load the draft {self.model_name}: {exc}") from exc
         self._report(force=True)

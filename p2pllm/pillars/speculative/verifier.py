@@ -440,15 +440,16 @@ class VerifierEngine:
 # One engine per loaded target on this daemon
 # ---------------------------------------------------------------------------------------------
 
-_ENGINES: dict[tuple[str, str, str], VerifierEngine] = {}
+_ENGINES: dict[tuple[str, str, str, str], VerifierEngine] = {}
 
 
-async def acquire_engine(path: Path, dtype: str, device: str) -> VerifierEngine:
+async def acquire_engine(path: Path, dtype: str, device: str,
+                         quant: str = "none") -> VerifierEngine:
     """The engine of this target (started on first use); pair with :func:`release_engine`."""
-    key = (str(path), dtype, device)  # path: resolved, as find_local_model gives
+    key = (str(path), dtype, device, quant)  # path: resolved, as find_local_model gives
     engine = _ENGINES.get(key)
     if engine is None:
-        loaded = await MODELS.acquire(path, dtype, device)
+        loaded = await MODELS.acquire(path, dtype, device, quant)
         engine = _ENGINES.get(key)  # another role may have made it meanwhile
         if engine is None:
             engine = VerifierEngine(loaded)

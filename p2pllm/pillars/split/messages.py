@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.pillars.messages import JOB, RID, SAMPLING, TOKEN, sampling_from_values
+from p2pllm.pillars.messages import JOB, MAX_TOKEN, RID, SAMPLING, TOKEN, sampling_from_values
 from p2pllm.pillars.messages import sampling_to_meta as _sampling_to_meta
 from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, Str, Tensor
 from p2pllm.wire.tensors import COMPUTE_DTYPES
@@ -21,12 +22,14 @@ __all__ = [
     "MAX_SESSION_ID",
     "SHARD_CLOSE",
     "SHARD_FORWARD",
+    "SHARD_RESULT",
     "Hop",
     "OpenSession",
     "ShardParams",
     "forward_meta",
     "parse_close",
     "parse_forward",
+    "parse_result",
     "sampling_from_meta",
     "sampling_to_meta",
 ]
@@ -57,6 +60,7 @@ ASSIGN_SHARD = Body("ASSIGN shard", [
     Int("index", 0, default=0, doc="k"),
     Int("count", 1, 4096, default=1, doc="K"),
     Enum("dtype", COMPUTE_DTYPES, default="float32", doc="weights and KV cache"),
+    Enum("quant", QUANT_MODES, default="none", doc="weight-only quantized linears (engine/quant.py)"),
     Enum("wire_dtype", COMPUTE_DTYPES, default="float32", doc="hidden states between shards"),
     Map("next", HOP, default=None, doc="the next shard (nil only on the last)"),
     Map("first", HOP, default=None, doc="the last shard only: where sampled tokens go"),
@@ -93,7 +97,18 @@ SHARD_FORWARD = Body("SHARD_FORWARD", [
     Tensor("hidden", COMPUTE_DTYPES, ("T", "H"), required=False, doc="to shard k > 0"),
 ])
 
+SHARD_RESULT = Body("SHARD_RESULT", [
+    _session(),
+    Int("token", 0, MAX_TOKEN, doc="the sampled token"),
+    Int("step", 0, doc="tokens the session has generated"),
+], doc="a partial answer of the last shard's SHARD_OPEN stream")
+
 SHARD_CLOSE = Body("SHARD_CLOSE", [JOB(), RID(), _session()])
+
+
+def parse_result(m: Mapping[str, Any]) -> int:
+    """The token of a SHARD_RESULT."""
+    return int(SHARD_RESULT.parse(m)["token"])
 
 
 def parse_close(m: Mapping[str, Any]) -> str:
@@ -132,6 +147,7 @@ class ShardParams:
     index: int = 0
     count: int = 1
     dtype: str = "float32"  # compute dtype of the weights and KV cache
+    quant: str = "none"  # weight-only quantized linears: "none" | "int8" | "int4"
     wire_dtype: str = "float32"  # dtype of hidden states between shards
     next: Hop | None = None  # the next shard (None on the last one)
     first: Hop | None = None  # the last shard sends sampled tokens back here (the ring)

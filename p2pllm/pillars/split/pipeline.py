@@ -50,8 +50,9 @@ from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
+from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.pillars.split.messages import Hop, OpenSession, ShardParams
+from p2pllm.pillars.split.messages import Hop, OpenSession, ShardParams, parse_result
 from p2pllm.plan.layers import free_bytes, kv_bytes_per_token_layer, model_stage_cost, plan_stages
 from p2pllm.plan.partition import NodeBudget, PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
@@ -110,6 +111,7 @@ class SplitRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     dtype: str = "float32"
     wire_dtype: str = "float32"
+    quant: str = "none"  # weight-only quantized linears of every shard
     shards: int | None = None
     layers: str | None = None
     keep_alive: float = DEFAULT_KEEP_ALIVE
@@ -138,6 +140,9 @@ class SplitRequest:
             if v not in COMPUTE_DTYPES:
                 raise _bad(f"{key} must be one of {', '.join(COMPUTE_DTYPES)}, got {v!r}")
             dtypes[key] = v
+        quant = m.get("quant") or "none"
+        if quant not in QUANT_MODES:
+            raise _bad(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
         layers = m.get("layers")
         if layers is not None and (not isinstance(layers, str) or not layers.strip()):
             raise _bad("layers must be ranges such as '0-7,7-16'")
@@ -162,6 +167,7 @@ class SplitRequest:
             sampling=sampling,
             dtype=dtypes["dtype"],
             wire_dtype=dtypes["wire_dtype"],
+            quant=quant,
             shards=_opt_int(m, "shards", 1, 4096, None),
             layers=layers.strip() if isinstance(layers, str) else None,
             keep_alive=float(keep),
@@ -386,7 +392,8 @@ class Pipeline:
         c = self.model.config
         return ShardParams(
             model=stage.model_ref, start=stage.start, end=stage.end, num_layers=c.num_layers,
-            index=stage.index, count=n, dtype=self.req.dtype, wire_dtype=self.req.wire_dtype,
+            index=stage.index, count=n, dtype=self.req.dtype, quant=self.req.quant,
+            wire_dtype=self.req.wire_dtype,
             next=Hop(nxt.node_id, nxt.rid) if nxt else None,
             first=Hop(first.node_id, first.rid) if stage is last else None,
             max_sessions=self.req.max_sessions, max_len=self.model.max_len,
@@ -394,7 +401,7 @@ class Pipeline:
             hidden_size=c.hidden_size, vocab_size=c.vocab_size)
 
     def job_params(self) -> dict[str, Any]:
-        return {"model": self.model.ref, "dtype": self.req.dtype,
+        return {"model": self.model.ref, "dtype": self.req.dtype, "quant": self.req.quant,
                 "wire_dtype": self.req.wire_dtype, "batch_decode": self.req.batch_decode,
                 "layers": ",".join(f"{s.start}-{s.end}" for s in self.stages),
                 "nodes": [s.name for s in self.stages]}
@@ -540,9 +547,11 @@ class Pipeline:
             while True:
                 idx, item = await self._next(events, tokens)
                 if idx == last and item.msg_type == MsgType.SHARD_RESULT and item.is_partial:
-                    token = item.meta.get("token")
-                    if not isinstance(token, int):
-                        raise SessionError(ErrorCode.INTERNAL, "the last shard sent no token")
+                    try:
+                        token = parse_result(item.meta)
+                    except ProtocolError as exc:
+                        raise SessionError(ErrorCode.INTERNAL,
+                                           f"the last shard sent no token: {exc.message}") from exc
                     last_token = time.monotonic()
                     first_token = first_token or last_token
                     tokens.append(token)
@@ -648,7 +657,7 @@ class PipelineRegistry:
 
     async def acquire(self, req: SplitRequest, model: LocalModel) -> tuple[Pipeline, bool]:
         """A ready pipeline for this request (reused or new); the caller must release() it."""
-        key = (str(model.path), req.dtype, req.wire_dtype, req.shards, req.layers,
+        key = (str(model.path), req.dtype, req.quant, req.wire_dtype, req.shards, req.layers,
                req.batch_decode, req.max_sessions)
         nodes = self.host.cluster.nodes()
         up = {str(n["node_id"]) for n in nodes}
@@ -787,6 +796,7 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
         "retries": attempt,
         "total_s": round(time.monotonic() - t0, 6),
         "dtype": r.dtype,
+        "quant": r.quant,
         "wire_dtype": r.wire_dtype,
         "shards": [s.describe() | {"params": pipe.params_loaded.get(s.index),
                                    **outcome.shard_stats.get(s.index, {})}

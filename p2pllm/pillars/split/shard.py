@@ -145,7 +145,8 @@ class ShardRole(Role):
                               f"not the same model")
         self.model_name = path.name
         load = functools.partial(load_slice, path, layers=(p.start, p.end), embed=p.is_first,
-                                 head=p.is_last, dtype=torch_dtype(p.dtype), device=_device())
+                                 head=p.is_last, dtype=torch_dtype(p.dtype), device=_device(),
+                                 quant=p.quant)
         try:
             model = await self.worker.run(load)
         except ModelError as exc:
