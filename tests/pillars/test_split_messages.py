@@ -14,6 +14,7 @@ from p2pllm.pillars.split.messages import (
     forward_meta,
     parse_close,
     parse_forward,
+    parse_result,
     sampling_from_meta,
     sampling_to_meta,
 )
@@ -104,6 +105,9 @@ def test_forward_close_and_sampling_helpers() -> None:
     assert parse_forward(through_wire(meta)) == ("s1", 5, True)
     refused(lambda: parse_forward({**meta, "pos": -1}), "SHARD_FORWARD: pos")
     refused(lambda: parse_forward({**meta, "sample": 1}), "sample must be a boolean")
+    assert parse_result(through_wire({"session": "s1", "token": 432, "step": 1})) == 432
+    refused(lambda: parse_result({"session": "s1", "token": "a", "step": 1}), "SHARD_RESULT: token")
+    refused(lambda: parse_result({"session": "s1", "step": 1}), "token is required")
     assert parse_close({"job": "j", "session": "s1"}) == "s1"
     refused(lambda: parse_close({"job": "j"}), "SHARD_CLOSE: session is required")
     assert sampling_from_meta(None) == SamplingParams()
