@@ -120,6 +120,7 @@ def test_generate_chat_and_ignore_eos(smol_dir: Path, capsys: pytest.CaptureFixt
     assert "--mode local only" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(900)  # two daemons load SmolLM2 halves; three turns
 def test_chat_split_over_two_daemons(smol_dir: Path, tmp_path: Path) -> None:
     """`p2pllm chat --mode split`: the template is applied here, each turn is a GENERATE job
     over 2 shards on real daemons, and the replies stop at <|im_end|> (from the GGUF config)."""
