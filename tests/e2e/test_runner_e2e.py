@@ -33,6 +33,8 @@ from tests.conftest import DaemonProc, shared_model, wait_for
 
 FAST = ("--no-mdns", "--keepalive-timeout", "2")
 PROMPT_IDS = [1, 403, 407, 261, 378]
+# Long generations (up to the model's 512 positions), killed after 10 tokens: the kill lands
+# while the session runs.
 GB = 1 << 30
 
 
@@ -118,7 +120,7 @@ async def split(d: DaemonProc, *, kill_at: int = 0, kill: Any = None,
 async def test_split_re_plans_when_a_shard_refuses_then_a_lost_shard_is_named(
         daemons: Any, tmp_path: Path) -> None:
     model = shared_model("stories-260k")
-    want = generate_ids(load_slice(model), PROMPT_IDS, max_tokens=300).token_ids
+    want = generate_ids(load_slice(model), PROMPT_IDS, max_tokens=500).token_ids
     a, b, c = start_three(daemons, tmp_path, model)
     await meshed([a, b, c])
     # b advertises the model (scanned at start) but no longer has it: ASSIGN is refused
@@ -136,7 +138,7 @@ async def test_split_re_plans_when_a_shard_refuses_then_a_lost_shard_is_named(
         c.kill()
 
     with pytest.raises(RemoteError) as err:
-        await split(a, shards=2, max_tokens=300, retries=0, kill_at=20, kill=kill_c)
+        await split(a, shards=2, max_tokens=500, retries=0, kill_at=10, kill=kill_c)
     assert err.value.code == ErrorCode.PEER_DOWN
     assert "shard 1 (layers" in err.value.message and "on c" in err.value.message
     failed = [j for j in await jobs_of(a, "split") if j["state"] == "failed"]
@@ -147,7 +149,7 @@ async def test_split_re_plans_when_a_shard_refuses_then_a_lost_shard_is_named(
 async def test_three_shards_one_killed_the_two_survivors_finish_equal_to_local_greedy(
         daemons: Any, tmp_path: Path) -> None:
     model = shared_model("stories-260k")
-    want = generate_ids(load_slice(model), PROMPT_IDS, max_tokens=300).token_ids
+    want = generate_ids(load_slice(model), PROMPT_IDS, max_tokens=500).token_ids
     a, b, c = start_three(daemons, tmp_path, model)
     await meshed([a, b, c])
     victims: list[str] = []
@@ -158,7 +160,7 @@ async def test_three_shards_one_killed_the_two_survivors_finish_equal_to_local_g
         victims.append(middle["node_id"])
         b.kill()
 
-    streamed, res = await split(a, shards=3, max_tokens=300, retries=1, kill_at=20,
+    streamed, res = await split(a, shards=3, max_tokens=500, retries=1, kill_at=10,
                                 kill=kill_middle)
     assert victims == [b.node_id]
     assert streamed == res["token_ids"] == want
