@@ -127,6 +127,7 @@ class Request:
 
 
 Handler = Callable[["Connection", Request], Awaitable[Reply | None]]
+_ACK = Reply()  # what a handler that returns None answers (read, never changed)
 _Waiter = asyncio.Future[Frame] | asyncio.Queue[Frame | BaseException]
 
 
@@ -415,14 +416,25 @@ class Connection(FrameSink):
         task = asyncio.current_task()
         assert task is not None
         idle = self._idle
+        handler = self._handler
         while True:
             rid = frame.request_id
             try:
-                await self._handle(frame)
+                reply = await handler(self, Request(self, frame))
+                if not self._is_closed:
+                    if reply is None:
+                        reply = _ACK
+                    self._write(reply.msg_type, reply.meta, reply.payload, _RESPONSE, rid)
+                    if self._paused_writing:
+                        await self._can_write.wait()
             except asyncio.CancelledError:
                 if self._is_closed:
                     raise
-                # Cancelled by CANCEL (or a coordinator stopping its job): that request is over.
+                if not task.cancelling():
+                    self._failed(frame, None)
+                # else cancelled by CANCEL (or a coordinator stopping its job): that request is over.
+            except Exception as exc:
+                self._failed(frame, exc)
             finally:
                 if self._handlers.get(rid) is task:
                     del self._handlers[rid]
@@ -475,38 +487,48 @@ class Connection(FrameSink):
             waiter.set_result(item)
 
     async def _handle(self, frame: Frame) -> None:
-        req = Request(self, frame)
+        """Run the handler for one frame (the one-way pump's path; requests take _serve's)."""
         try:
-            reply = await self._handler(self, req)
+            reply = await self._handler(self, Request(self, frame))
             if frame.request_id and not frame.flags & _ONEWAY and not self._is_closed:
                 if reply is None:
-                    reply = Reply()
+                    reply = _ACK
                 self._write(reply.msg_type, reply.meta, reply.payload, _RESPONSE, frame.request_id)
                 if self._paused_writing:
                     await self._can_write.wait()
-        except ProtocolError as exc:
-            if req.wants_reply:
-                self._write_error(frame.request_id, exc.code, exc.message)
-            if exc.fatal:
-                self.close(exc.message)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise  # really cancelled: by CANCEL, a closing connection or shutdown
-            # A CancelledError that escaped a handler without anyone cancelling it.
-            log.warning("%s: handler for %s raised a stray CancelledError", self, frame.msg_type.name)
-            if req.wants_reply and not self._is_closed:
-                self._write_error(frame.request_id, ErrorCode.INTERNAL, "handler was cancelled")
-        except ConnectionClosed as exc:
+                raise  # really cancelled: a closing connection or shutdown
+            self._failed(frame, None)
+        except Exception as exc:
+            self._failed(frame, exc)
+
+    def _failed(self, frame: Frame, exc: Exception | None) -> None:
+        """A handler raised `exc` (None: a CancelledError nobody asked for): answer the request
+        with the matching ERROR and log it."""
+        wants_reply = frame.request_id != 0 and not frame.flags & _ONEWAY
+        name = frame.msg_type.name
+        rid = frame.request_id
+        if isinstance(exc, ProtocolError):
+            if wants_reply:
+                self._write_error(rid, exc.code, exc.message)
+            if exc.fatal:
+                self.close(exc.message)
+        elif exc is None:
+            log.warning("%s: handler for %s raised a stray CancelledError", self, name)
+            if wants_reply:
+                self._write_error(rid, ErrorCode.INTERNAL, "handler was cancelled")
+        elif isinstance(exc, ConnectionClosed):
             # Either this connection closed (nothing can be sent) or one the handler used
             # to reach another peer did: tell our caller which peer went away.
-            log.debug("%s: connection closed while handling %s: %s", self, frame.msg_type.name, exc)
-            if req.wants_reply and not self._is_closed:
-                self._write_error(frame.request_id, ErrorCode.PEER_DOWN, str(exc))
-        except Exception as exc:
-            log.warning("%s: handler for %s failed", self, frame.msg_type.name, exc_info=True)
-            if req.wants_reply:
-                self._write_error(frame.request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            log.debug("%s: connection closed while handling %s: %s", self, name, exc)
+            if wants_reply:
+                self._write_error(rid, ErrorCode.PEER_DOWN, str(exc))
+        else:
+            log.warning("%s: handler for %s failed", self, name, exc_info=exc)
+            if wants_reply:
+                self._write_error(rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     # -- keepalive ----------------------------------------------------------------------------
 
