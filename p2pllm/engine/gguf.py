@@ -20,7 +20,7 @@ API (what :mod:`p2pllm.engine.loader` and :mod:`p2pllm.engine.quant` use):
   keeping Q8_0/Q4_0/Q4_1 quantized. ``shape`` is in torch order ``(out_features,
   in_features)``; ``blocks`` a C-contiguous ``uint8`` numpy array ``(rows, bytes_per_row)``
   (a copy, not a view of the map), whose rows are in the engine's order: llama.cpp's q/k row
-  permutation is already undone (it moves whole rows, so blocks are untouched). Block layouts
+  permutation (llama files only) is already undone (it moves whole rows, blocks untouched). Block layouts
   (32 elements per block along a row, little-endian):
   Q8_0 34 bytes = f16 scale d, 32 x int8 q; x = d * q.
   Q4_0 18 bytes = f16 d, 16 bytes; element j < 16 is the low nibble of byte j, element j + 16
@@ -32,7 +32,8 @@ API (what :mod:`p2pllm.engine.loader` and :mod:`p2pllm.engine.quant` use):
 - ``load_tokenizer(path)``: a transformers fast tokenizer from the vocabulary, merges, special
   tokens and chat template in the metadata (transformers' own GGUF converter).
 
-Anything else (another tensor type, another architecture, a corrupt or truncated file) raises a
+Architectures: llama (Mistral files say llama too), qwen2, qwen3. Anything else (another
+tensor type, another architecture, a corrupt or truncated file) raises a
 :class:`~p2pllm.engine.errors.ModelError` naming the file, and the tensor and type where one is
 at fault.
 """
@@ -70,7 +71,9 @@ __all__ = [
 T = GGMLQuantizationType
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0,
                                                      T.Q4_1)
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")  # mistral files say llama
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 _VERSIONS = (2, 3)
 # metadata value type id -> (struct format, width); 8 is a string, 9 an array
 _SCALARS: dict[int, tuple[str, int]] = {0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2),
@@ -441,8 +444,8 @@ def hf_config(path: str | Path, file: GGUFFile | None = None) -> tuple[dict[str,
     tokens = md.get("tokenizer.ggml.tokens")
     vocab = int(md.get(f"{arch}.vocab_size") or embed.shape[0])
     raw: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_HF_CLASSES[arch]],
+        "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
@@ -455,7 +458,7 @@ def hf_config(path: str | Path, file: GGUFFile | None = None) -> tuple[dict[str,
         "max_position_embeddings": int(key("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in file.tensors,
         "attention_bias": "blk.0.attn_q.bias" in file.tensors,
-        "mlp_bias": "blk.0.ffn_up.bias" in file.tensors,
+        "mlp_bias": arch == "llama" and "blk.0.ffn_up.bias" in file.tensors,
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }

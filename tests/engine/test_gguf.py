@@ -51,12 +51,18 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
         w.shape)
 
 
-def tiny_state(seed: int = 0, tied: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Random weights of a tiny llama, by HF name, large enough that a wrong mapping shows."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def tiny_state(seed: int = 0, tied: bool = False, arch: str = "llama",
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Random weights of a tiny model (llama, qwen2: q/k/v biases, qwen3: q/k norms), by
+    HF name, large enough that a wrong mapping shows."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, tie_word_embeddings=tied))
+    # head_dim 128 != 64 / 4: GGUF key_length (transformers takes Qwen3Config's default, 128)
+    extra = {"head_dim": 128} if arch == "qwen3" else {}
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](
+        **TINY, **extra, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(config)
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in model.state_dict().items():
@@ -64,7 +70,7 @@ def tiny_state(seed: int = 0, tied: bool = False) -> tuple[dict[str, torch.Tenso
         state[name] = 1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.15 * noise
     if tied:
         state.pop("lm_head.weight", None)
-    return state, dict(TINY, tie_word_embeddings=tied)
+    return state, dict(TINY, **extra, tie_word_embeddings=tied)
 
 
 def write_gguf(path: Path, state: dict[str, torch.Tensor], cfg: dict[str, Any],
@@ -83,7 +89,11 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], cfg: dict[str, Any],
     w.add_head_count_kv(kv)
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    head_dim = cfg.get("head_dim", cfg["hidden_size"] // heads)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg["hidden_size"] // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
     w.add_token_merges([])
@@ -92,9 +102,9 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], cfg: dict[str, Any],
     for hf, t in state.items():
         name = gguf_name(hf)
         a = t.float().numpy()
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
             a = _permute(a, heads)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
             a = _permute(a, kv)
         q = (types or {}).get(name, qtype if a.ndim == 2 else T.F32)
         if q == T.F32:
@@ -186,6 +196,26 @@ def test_tiny_gguf_equals_transformers(tmp_path: Path, qtype: T) -> None:
     want = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
                        pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert got == want
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_tiny_qwen_gguf_equals_transformers(tmp_path: Path, arch: str) -> None:
+    state, cfg = tiny_state(seed=9, tied=arch == "qwen2", arch=arch)
+    path = write_gguf(tmp_path / arch / f"{arch}.gguf", state, cfg, T.Q8_0, arch=arch)
+    ours = load_slice(path, pack=False)
+    assert ours.config.model_type == arch
+    hf = _hf_gguf_model(path)
+    assert hf.config.model_type == arch
+    ref = hf.state_dict()
+    mine = ours.hf_state_dict()
+    assert set(mine) == {k for k in ref if not (arch == "qwen2" and k == "lm_head.weight")}
+    for name, t in mine.items():
+        torch.testing.assert_close(t, ref[name], rtol=0, atol=1e-6, msg=name)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 4, 12]])
+    with torch.inference_mode():
+        logits = ours(ids, torch.arange(ids.shape[1]).unsqueeze(0))
+        ref_logits = hf(ids).logits
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shards", [((0, 2), (2, 3)), ((0, 1), (1, 2), (2, 3))],
