@@ -315,8 +315,11 @@ class GGUFFile:
     def close(self) -> None:
         m = getattr(self, "_map", None)
         if m is not None:
-            m.close()
             self._map = None
+            try:
+                m.close()
+            except BufferError:  # a view is still alive (an exception's frame): the GC unmaps
+                pass
 
     def __enter__(self) -> GGUFFile:
         return self
