@@ -128,6 +128,7 @@ class Request:
 
 Handler = Callable[["Connection", Request], Awaitable[Reply | None]]
 _ACK = Reply()  # what a handler that returns None answers (read, never changed)
+_Future = asyncio.Future
 _Waiter = asyncio.Future[Frame] | asyncio.Queue[Frame | BaseException]
 
 
@@ -467,6 +468,11 @@ class Connection(FrameSink):
 
     def _resolve(self, rid: int, item: Frame | BaseException) -> None:
         waiter = self._pending.get(rid)
+        if type(waiter) is _Future and type(item) is Frame and not item.flags & _STREAM:
+            del self._pending[rid]  # the common case: the final answer to a plain request
+            if not waiter.done():
+                waiter.set_result(item)
+            return
         if waiter is None:
             log.debug("%s: dropping late response to request %d", self, rid)
             return
