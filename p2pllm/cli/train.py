@@ -168,7 +168,7 @@ def run_local(args: argparse.Namespace) -> int:
 
     from p2pllm.engine.errors import ModelError
     from p2pllm.engine.loader import resolve_model
-    from p2pllm.pillars.splittrain.compute import LoraSpec, OptimConfig
+    from p2pllm.pillars.splittrain.compute import OptimConfig, lora_spec
     from p2pllm.pillars.splittrain.data import DataError, load_blocks
     from p2pllm.pillars.splittrain.trainer import save_trained, train_local
 
@@ -178,9 +178,9 @@ def run_local(args: argparse.Namespace) -> int:
         path = resolve_model(args.model)
         optim = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
                             decay=args.decay, min_lr=args.min_lr, grad_clip=args.grad_clip)
-        lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha,
-                        targets=tuple(t.strip() for t in args.lora_targets.split(",")
-                                      if t.strip())) if args.lora else None
+        lora = lora_spec(r=args.lora_r, alpha=args.lora_alpha,
+                         targets=tuple(t.strip() for t in args.lora_targets.split(",")
+                                       if t.strip())) if args.lora else None
         blocks = load_blocks(args.data, args.seq_len, path)
 
         def show(rec: dict[str, float]) -> None:

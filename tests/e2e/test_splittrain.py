@@ -3,7 +3,7 @@
 - 2 and 3 stages, GPipe and 1F1B, full and LoRA: per-step losses and final parameters equal
   the single-process trainer with the same init, data order and optimizer (fp32, rtol 1e-5,
   atol 4e-5);
-- `p2pllm train split --json` on real text (tinystories-656k) lowers the loss, and the saved
+- `p2pllm train split --json` on real text (tinystories-656k, or the bundled shakespeare-draft) lowers the loss, and the saved
   checkpoint generates text with `p2pllm generate`;
 - bad input: a dataset missing on the first stage, mismatched tensors from a neighbour ->
   typed errors, and the daemon keeps serving;
@@ -23,13 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from p2pllm.pillars.splittrain.compute import LoraSpec, OptimConfig
+from p2pllm.pillars.splittrain.compute import OptimConfig, lora_spec
 from p2pllm.pillars.splittrain.data import load_blocks
 from p2pllm.pillars.splittrain.trainer import train_local
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta
-from tests.conftest import REPO, shared_model, wait_for
+from tests.conftest import REPO, real_model, wait_for
 from tests.pillars.test_splittrain_trainer import ATOL, RTOL, STORY, make_tiny_llama
 
 FAST = ("--no-mdns", "--keepalive-timeout", "2")
@@ -104,7 +104,7 @@ async def test_split_training_equals_single_process_training(daemons, ctl, tmp_p
             meta["stages"] = stages
         # Execute: across the daemons, and in this process.
         partials, result = await train(conn, meta)
-        spec = LoraSpec(r=4, alpha=8) if extra.get("lora") else None
+        spec = lora_spec(r=4, alpha=8) if extra.get("lora") else None
         optim = OptimConfig(lr=5e-3, weight_decay=extra.get("weight_decay", 0.0),
                             grad_clip=extra.get("grad_clip"),
                             warmup_steps=extra.get("warmup_steps", 0),
@@ -152,7 +152,7 @@ async def test_split_training_equals_single_process_training(daemons, ctl, tmp_p
 
 
 async def test_cli_trains_real_text_and_the_checkpoint_generates(daemons, ctl, tmp_path: Path) -> None:
-    model = shared_model("tinystories-656k")
+    model = real_model("tinystories-656k")
     a, b = start_cluster(daemons, 2)
     await all_up(ctl, [a, b])
     (tmp_path / "story.txt").write_text(STORY)

@@ -24,11 +24,13 @@ from p2pllm.pillars.splittrain.compute import (
     StageModel,
     build_slice,
     clip_scale,
+    lora_from_meta,
+    lora_spec,
     lora_state_dict,
 )
 from p2pllm.pillars.splittrain.data import batch_rows, load_blocks, micro_rows, split_batch
 from p2pllm.pillars.splittrain.trainer import evaluate, save_trained, train_local
-from tests.conftest import shared_model
+from tests.conftest import real_model
 
 RTOL, ATOL = 1e-5, 4e-5  # torch.distributed.pipelining's tolerance for fp32
 
@@ -131,7 +133,7 @@ def _stage_by_stage(model_dir: Path, ranges: list[tuple[int, int]], blocks: torc
     return losses, stages
 
 
-@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))])
+@pytest.mark.parametrize("lora", [None, lora_spec(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))])
 def test_slices_trained_stage_by_stage_equal_the_whole_model(tmp_path: Path, lora: LoraSpec | None) -> None:
     model_dir = make_tiny_llama(tmp_path / "m")
     blocks = random_blocks(10, 8, 96, seed=1)
@@ -161,8 +163,8 @@ def test_slices_trained_stage_by_stage_equal_the_whole_model(tmp_path: Path, lor
 
 def test_init_depends_on_names_only_so_a_slice_starts_like_the_whole(tmp_path: Path) -> None:
     cfg = ModelConfig.from_dir(make_tiny_llama(tmp_path / "m", layers=4, tie=False))
-    whole = build_slice(cfg, init="random", seed=11, lora=LoraSpec(r=2, alpha=4))
-    part = build_slice(cfg, (1, 4), init="random", seed=11, lora=LoraSpec(r=2, alpha=4))
+    whole = build_slice(cfg, init="random", seed=11, lora=lora_spec(r=2, alpha=4))
+    part = build_slice(cfg, (1, 4), init="random", seed=11, lora=lora_spec(r=2, alpha=4))
     other = build_slice(cfg, (1, 4), init="random", seed=12)
     w = dict(whole.named_parameters())
     for name, p in part.named_parameters():
@@ -196,7 +198,7 @@ def test_lr_schedule_and_clipping() -> None:
             OptimConfig.from_meta(bad)
     for bad_lora in ({"r": 0}, {"targets": ["embed_tokens"]}, {"alpha": 0}):
         with pytest.raises(ValueError):
-            LoraSpec.from_meta(bad_lora)
+            lora_from_meta(bad_lora)
 
 
 def test_saved_checkpoint_and_adapter_load_back(tmp_path: Path) -> None:
@@ -211,7 +213,7 @@ def test_saved_checkpoint_and_adapter_load_back(tmp_path: Path) -> None:
     out = save_trained(full.model, tmp_path / "full", tokenizer_src=model_dir)
     with torch.no_grad():
         assert_close(load_slice(out)(x, pos), full.model(x, pos), "reloaded checkpoint")
-    spec = LoraSpec(r=4, alpha=8)
+    spec = lora_spec(r=4, alpha=8)
     ad = train_local(model_dir, blocks, steps=2, batch_size=4, optim=OptimConfig(lr=1e-2),
                      lora=spec)
     adir = save_trained(ad.model, tmp_path / "adapter", lora=spec, base_model=str(model_dir))
@@ -224,7 +226,7 @@ def test_saved_checkpoint_and_adapter_load_back(tmp_path: Path) -> None:
 
 
 def test_loss_decreases_on_real_text_and_evaluate_matches(tmp_path: Path) -> None:
-    model = shared_model("tinystories-656k")
+    model = real_model("tinystories-656k")
     (tmp_path / "story.txt").write_text(STORY)
     blocks = load_blocks(tmp_path / "story.txt", 32, model)
     run = train_local(model, blocks, steps=6, batch_size=4, optim=OptimConfig(lr=3e-3))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from torch import nn
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.model import ModelSlice, shadow_attributes
+from p2pllm.pillars.training import DEFAULT_TARGETS, LoraSpec
 
 __all__ = [
     "IGNORE_INDEX",
@@ -38,6 +39,9 @@ __all__ = [
     "build_slice",
     "clip_scale",
     "init_weights",
+    "lora_from_meta",
+    "lora_meta",
+    "lora_spec",
     "lora_state_dict",
     "save_adapter",
 ]
@@ -118,50 +122,37 @@ class OptimConfig:
             raise ValueError(f"bad optimizer config: {e}") from e
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    """LoRA adapters (peft) on the named linear layers of every decoder layer; dropout 0."""
+def lora_spec(r: int = 8, alpha: int = 16,
+              targets: Sequence[str] = DEFAULT_TARGETS) -> LoraSpec:
+    """Split training's LoRA (the shared :class:`LoraSpec`): adapters on the named linear layers
+    of every decoder layer (among LORA_TARGETS), an int alpha, and no dropout, so that training
+    stage by stage equals the one-process reference."""
+    targets = tuple(targets)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank must be an int >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 1:
+        raise ValueError(f"LoRA alpha must be an int >= 1, got {alpha!r}")
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if not targets or bad:
+        raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, "
+                         f"got {list(targets)}")
+    return LoraSpec(rank=r, alpha=alpha, dropout=0.0, target_modules=targets)
 
-    r: int = 8
-    alpha: int = 16
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank must be an int >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha < 1:
-            raise ValueError(f"LoRA alpha must be an int >= 1, got {self.alpha!r}")
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if not self.targets or bad:
-            raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, "
-                             f"got {list(self.targets)}")
+def lora_meta(spec: LoraSpec) -> dict[str, Any]:
+    """Split training's wire form of a spec: ``{r, alpha, targets}`` (ASSIGN train-stage)."""
+    return {"r": spec.rank, "alpha": spec.alpha, "targets": list(spec.target_modules)}
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.alpha, "targets": list(self.targets)}
 
-    @classmethod
-    def from_meta(cls, d: Mapping[str, Any]) -> LoraSpec:
-        if not isinstance(d, Mapping):
-            raise ValueError("LoRA config must be a map")
-        try:
-            return cls(r=d.get("r", 8), alpha=d.get("alpha", 16),
-                       targets=tuple(d.get("targets", ("q_proj", "v_proj"))))
-        except TypeError as e:
-            raise ValueError(f"bad LoRA config: {e}") from e
-
-    def peft_config_dict(self, base_model: str = "") -> dict[str, Any]:
-        """adapter_config.json of an adapter with this spec."""
-        from peft import LoraConfig
-
-        cfg = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(self.targets),
-                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                         base_model_name_or_path=base_model or None)
-        d = cfg.to_dict()
-        for k, v in list(d.items()):
-            if isinstance(v, set):
-                d[k] = sorted(v)
-        return d
+def lora_from_meta(d: Mapping[str, Any]) -> LoraSpec:
+    """:func:`lora_meta`'s inverse; ValueError (with the reason) for anything malformed."""
+    if not isinstance(d, Mapping):
+        raise ValueError("LoRA config must be a map")
+    try:
+        return lora_spec(r=d.get("r", 8), alpha=d.get("alpha", 16),
+                         targets=tuple(d.get("targets", DEFAULT_TARGETS)))
+    except TypeError as e:
+        raise ValueError(f"bad LoRA config: {e}") from e
 
 
 # -- initialisation ----------------------------------------------------------------------------
@@ -196,8 +187,10 @@ def apply_lora(model: ModelSlice, spec: LoraSpec, seed: int) -> ModelSlice:
     peft's default (kaiming-uniform, bound 1/sqrt(fan_in)) but from (seed, name), B = 0."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                     lora_dropout=0.0, bias="none")
+    if spec.dropout:
+        raise ValueError(f"split training's LoRA has no dropout, got {spec.dropout} (lora_spec)")
+    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                     target_modules=list(spec.target_modules), lora_dropout=0.0, bias="none")
     inject_adapter_in_model(cfg, model)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -38,6 +38,7 @@ from p2pllm.pillars.splittrain.compute import (
     IGNORE_INDEX,
     StageModel,
     build_slice,
+    lora_meta,
 )
 from p2pllm.pillars.splittrain.data import (
     DataError,
@@ -547,7 +548,7 @@ class TrainStageRole(Role):
         if self.p.first:
             files = await self._run(self._tokenizer_files)
         meta = {"step": self.step, "config": self.compute.config.source or {},
-                "files": sorted(files), "lora": self.p.lora.to_meta() if self.p.lora else None}
+                "files": sorted(files), "lora": lora_meta(self.p.lora) if self.p.lora else None}
         body, payload = tensor_meta(files, meta)
         return Reply(MsgType.TRAIN_SAVE, body, payload)
 
