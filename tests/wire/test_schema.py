@@ -251,8 +251,48 @@ def test_wildcard_tensors_and_rank_bounds() -> None:
 def test_the_pillars_define_their_bodies() -> None:
     for name in ("SPEC_OPEN", "SPEC_VERIFY", "SPEC_DRAFT_RUN", "SHARD_OPEN", "SHARD_FORWARD",
                  "ASSIGN shard", "FL_RUN", "FL_TRAIN", "ASSIGN fl-client", "TRAIN_FORWARD",
-                 "TRAIN_STEP", "TRAIN_RUN", "ASSIGN train-stage", "sampling"):
+                 "TRAIN_STEP", "TRAIN_RUN", "ASSIGN train-stage", "sampling", "GENERATE spec",
+                 "GENERATE split"):
         assert name in BODIES
+
+
+def test_generate_bodies_check_across_fields_and_give_the_coordinators_their_values() -> None:
+    from p2pllm.pillars.speculative.messages import GENERATE_SPEC
+    from p2pllm.pillars.speculative.messages import parse_generate as spec
+    from p2pllm.pillars.split.messages import GENERATE_SPLIT
+    from p2pllm.pillars.split.messages import parse_generate as split
+
+    v = spec({"mode": "spec", "model": "t", "draft_model": "d", "prompt": "hi", "seed": 7,
+              "temperature": 0.5, "draft_tokens": 3, "overlap": "auto", "dtype": "bfloat16"})
+    assert (v["window"], v["overlap"], v["draft_dtype"], v["seed"]) == (3, None, "bfloat16", 7)
+    assert (v["params"].temperature, v["params"].seed) == (0.5, 7) and "temperature" not in v
+    assert spec({"model": "t", "draft_model": "d", "prompt_ids": [1, 2]})["window"] is None
+    bad(GENERATE_SPEC, {"model": "t", "prompt": "hi"}, "draft_model is required")
+    for meta, words in (({}, ("needs a prompt or prompt_ids",)),
+                        ({"prompt": "x", "min_window": 5, "max_window": 4},
+                         ("max_window must be at least min_window (5), got 4",)),
+                        ({"prompt": "x", "top_p": 0.0}, ("top_p must be",))):
+        with pytest.raises(ProtocolError) as err:
+            spec({"model": "t", "draft_model": "d", **meta})
+        assert err.value.code == ErrorCode.BAD_REQUEST
+        assert err.value.message.startswith("GENERATE spec: ")
+        assert all(w in err.value.message for w in words), err.value.message
+
+    r = split({"mode": "split", "model": "m", "prompt": "hi", "layers": " 0-1,1-4 ",
+               "dtype": "auto", "seed": 3, "repetition_penalty": 1.2})
+    assert (r["layers"], r["dtype"], r["wire_dtype"], r["retries"]) == ("0-1,1-4", "float32",
+                                                                          "float32", 1)
+    assert (r["sampling"].seed, r["sampling"].repetition_penalty) == (3, 1.2) and "seed" not in r
+    for meta, words in (({}, ("split generation needs a prompt",)),
+                        ({"prompt": "x", "layers": "  "}, ("layers must be ranges",)),
+                        ({"prompt_ids": []}, ("prompt_ids must be a list of 1..",)),
+                        ({"prompt": "x", "batch_decode": 1}, ("batch_decode must be a boolean",))):
+        with pytest.raises(ProtocolError) as err:
+            split({"model": "m", **meta})
+        assert err.value.code == ErrorCode.BAD_REQUEST
+        assert err.value.message.startswith("GENERATE split: ")
+        assert all(w in err.value.message for w in words), err.value.message
+    assert GENERATE_SPLIT.parse({"model": "m"})["prompt"] is None
 
 
 @pytest.mark.parametrize("name", sorted(BODIES))

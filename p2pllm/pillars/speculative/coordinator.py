@@ -31,14 +31,11 @@ from p2pllm.daemon.runner import Exclusions, JobRunner, MemberLost, Slot
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import JSON_FIELDS, TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
-from p2pllm.engine.quant import QUANT_MODES as QUANTS
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.pillars.speculative.messages import (
-    MAX_PROMPT,
-    MAX_WINDOW,
     DraftRun,
     error_code,
-    params_from_meta,
+    parse_generate,
 )
 from p2pllm.pillars.speculative.models import find_local_model, model_bytes
 from p2pllm.pillars.speculative.placement import Candidate, rank_drafters, rank_verifiers
@@ -46,14 +43,10 @@ from p2pllm.plan.partition import PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
-from p2pllm.wire.tensors import COMPUTE_DTYPES
 
 __all__ = ["GenerateSpec", "coordinate"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOKENS = 128
-
 
 def _bad(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, message)
@@ -86,82 +79,8 @@ class GenerateSpec:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> GenerateSpec:
-        model, draft = meta.get("model"), meta.get("draft_model")
-        if not isinstance(model, str) or not model:
-            raise _bad("--mode spec needs --model TARGET")
-        if not isinstance(draft, str) or not draft:
-            raise _bad("--mode spec needs --draft-model DRAFT")
-        prompt = meta.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise _bad("'prompt' must be a string")
-        ids = meta.get("prompt_ids")
-        prompt_ids: tuple[int, ...] | None = None
-        if ids is not None:
-            if (not isinstance(ids, list) or not 1 <= len(ids) <= MAX_PROMPT
-                    or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
-                raise _bad("'prompt_ids' must be a non-empty list of token ids")
-            prompt_ids = tuple(ids)
-        elif not prompt:
-            raise _bad("empty prompt")
-        window = _window(meta.get("draft_tokens", "auto"))
-        max_tokens = meta.get("max_tokens", DEFAULT_MAX_TOKENS)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1 << 20:
-            raise _bad(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-        seed = meta.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not 0 <= seed < 2**63):
-            raise _bad(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        raw = {k: meta[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")
-               if meta.get(k) is not None}
-        params = params_from_meta(raw, seed)
-        dtype = meta.get("dtype") or "float32"
-        draft_dtype = meta.get("draft_dtype") or dtype
-        for d in (dtype, draft_dtype):
-            if d not in COMPUTE_DTYPES:
-                raise _bad(f"dtype {d!r} is not supported; choose one of {sorted(COMPUTE_DTYPES)}")
-        quant = meta.get("quant") or "none"
-        draft_quant = meta.get("draft_quant") or "none"
-        for q in (quant, draft_quant):
-            if q not in QUANTS:
-                raise _bad(f"quant {q!r} is not supported; choose one of {list(QUANTS)}")
-        pins = {k: meta.get(k) for k in ("verifier", "drafter")}
-        for k, v in pins.items():
-            if v is not None and (not isinstance(v, str) or not v):
-                raise _bad(f"--{k} must name a node")
-        q_top_k = meta.get("q_top_k", 256)
-        if isinstance(q_top_k, bool) or not isinstance(q_top_k, int) or not 0 <= q_top_k <= 1 << 16:
-            raise _bad("q_top_k must be an integer in [0, 65536]")
-        q_mass = meta.get("q_mass", 0.999)
-        if isinstance(q_mass, bool) or not isinstance(q_mass, int | float) or not 0 < q_mass <= 1:
-            raise _bad("q_mass must be a number in (0, 1]")
-        overlap = meta.get("overlap", "auto")
-        if overlap == "auto" or overlap is None:
-            overlap = None
-        elif not isinstance(overlap, bool):
-            raise _bad("overlap must be a boolean or \"auto\"")
-        lo, hi = meta.get("min_window", 1), meta.get("max_window", 16)
-        if (isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int)
-                or not isinstance(hi, int) or not 1 <= lo <= hi <= MAX_WINDOW):
-            raise _bad(f"need 1 <= min_window <= max_window <= {MAX_WINDOW}")
-        timeout = meta.get("session_timeout", 120.0)
-        if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
-            raise _bad("session_timeout must be a number of seconds in (0, 86400]")
-        return cls(prompt=prompt, prompt_ids=prompt_ids, model=model, draft_model=draft,
-                   window=window, max_tokens=max_tokens, params=params, seed=seed, dtype=dtype,
-                   draft_dtype=draft_dtype, quant=quant, draft_quant=draft_quant,
-                   verifier=pins["verifier"], drafter=pins["drafter"],
-                   q_top_k=q_top_k, q_mass=float(q_mass), overlap=overlap, min_window=lo, max_window=hi,
-                   session_timeout=float(timeout))
-
-
-def _window(raw: Any) -> int | None:
-    if raw is None or raw == "auto":
-        return None
-    if isinstance(raw, str) and raw.isdigit():
-        raw = int(raw)
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_WINDOW:
-        raise _bad(f"--draft-tokens must be 'auto' or an integer in [0, {MAX_WINDOW}], got {raw!r}")
-    return raw
+        """The GENERATE_SPEC body (messages.py), checked; BAD_REQUEST naming the field."""
+        return cls(**parse_generate(meta))
 
 
 @functools.lru_cache(maxsize=8)

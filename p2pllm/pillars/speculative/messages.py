@@ -38,6 +38,7 @@ from p2pllm.wire.tensors import COMPUTE_DTYPES, tensor_meta, unpack_tensors
 
 __all__ = [
     "ASSIGN_SPEC",
+    "GENERATE_SPEC",
     "MAX_PROMPT",
     "MAX_WINDOW",
     "SPEC_CLOSE",
@@ -49,6 +50,7 @@ __all__ = [
     "error_code",
     "params_from_meta",
     "params_to_meta",
+    "parse_generate",
 ]
 
 MAX_WINDOW = 64  # drafted tokens per round, at most
@@ -136,6 +138,55 @@ SPEC_DRAFT_RUN = Body("SPEC_DRAFT_RUN", [
     Int("min_window", 1, MAX_WINDOW, default=1, doc="adaptive window bounds"),
     Int("max_window", 1, MAX_WINDOW, default=16, doc="at least min_window (default max(16, min_window))"),
 ])
+
+MAX_PROMPT_TEXT = 1 << 20  # characters of a prompt string (the metadata limit, protocol.md 3)
+
+GENERATE_SPEC = Body("GENERATE spec", [
+    Enum("mode", ("spec",), default="spec", doc="the daemon dispatches on it (section 12)"),
+    Str("model", 1, doc="the target: a name, a bundled model's name or a checkpoint directory"),
+    Str("draft_model", 1, doc="the draft, as model"),
+    Str("prompt", max_len=MAX_PROMPT_TEXT, default="",
+        doc="text, encoded with the target's tokenizer; needed without prompt_ids"),
+    List("prompt_ids", TOKEN, 1, MAX_PROMPT, default=None, doc="token ids (prompt is then ignored)"),
+    OneOf("draft_tokens", (Int("", 0, MAX_WINDOW), AUTO), default="auto",
+          doc="a fixed draft window, or adaptive"),
+    Int("max_tokens", 1, MAX_TOKENS, default=128, doc="tokens to generate, at most"),
+    *(SAMPLING.by_name[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")),
+    Int("seed", 0, SEED, default=None, doc="nil: a random one (the result names it)"),
+    Enum("dtype", COMPUTE_DTYPES, default="float32", doc="target weights"),
+    Enum("draft_dtype", COMPUTE_DTYPES, default=None, doc="draft weights; nil: dtype"),
+    Enum("quant", QUANT_MODES, default="none", doc="the target's linears (engine/quant.py)"),
+    Enum("draft_quant", QUANT_MODES, default="none", doc="the draft's linears"),
+    Str("verifier", 1, 256, default=None, doc="pin the verifier: a node name or id prefix"),
+    Str("drafter", 1, 256, default=None, doc="pin the drafter: same"),
+    Int("q_top_k", 0, MAX_Q_ENTRIES, default=256, doc="as in SPEC_DRAFT_RUN"),
+    Float("q_mass", 0.0, 1.0, lo_open=True, default=0.999, doc="as in SPEC_DRAFT_RUN"),
+    OneOf("overlap", (Bool(""), AUTO), default="auto", doc="the look-ahead (8.2)"),
+    Int("min_window", 1, MAX_WINDOW, default=1, doc="adaptive window bounds"),
+    Int("max_window", 1, MAX_WINDOW, default=16, doc="at least min_window"),
+    Float("session_timeout", 0.0, 86400.0, lo_open=True, default=120.0,
+          doc="the verifier's idle limit per session"),
+], doc="GENERATE in mode spec (8.5)")
+
+
+def parse_generate(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """GENERATE_SPEC's values checked across fields (a prompt or prompt_ids, min_window ≤
+    max_window), as the coordinator's GenerateSpec takes them: ``params`` the SamplingParams
+    (with the seed), ``window`` and ``overlap`` None for "auto", ``draft_dtype`` filled in;
+    ProtocolError(BAD_REQUEST) naming the field."""
+    v = GENERATE_SPEC.parse(meta)
+    if v["prompt_ids"] is None and not v["prompt"]:
+        raise GENERATE_SPEC.error("", "needs a prompt or prompt_ids (the prompt is empty)")
+    lo, hi = v["min_window"], v["max_window"]
+    if lo > hi:
+        raise GENERATE_SPEC.error("max_window", f"must be at least min_window ({lo}), got {hi}")
+    params = sampling_from_values({**v, "seed": None}, v["seed"], GENERATE_SPEC)
+    window, overlap = v.pop("draft_tokens"), v["overlap"]
+    for key in ("mode", "temperature", "top_k", "top_p", "repetition_penalty"):
+        del v[key]
+    return {**v, "params": params, "window": None if window == "auto" else window,
+            "overlap": None if overlap == "auto" else overlap,
+            "draft_dtype": v["draft_dtype"] or v["dtype"]}
 
 
 # ---------------------------------------------------------------------------------------------

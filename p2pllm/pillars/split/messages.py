@@ -19,6 +19,7 @@ from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, Str, Ten
 from p2pllm.wire.tensors import COMPUTE_DTYPES
 
 __all__ = [
+    "GENERATE_SPLIT",
     "MAX_SESSION_ID",
     "SHARD_CLOSE",
     "SHARD_FORWARD",
@@ -29,6 +30,7 @@ __all__ = [
     "forward_meta",
     "parse_close",
     "parse_forward",
+    "parse_generate",
     "parse_result",
     "sampling_from_meta",
     "sampling_to_meta",
@@ -104,6 +106,52 @@ SHARD_RESULT = Body("SHARD_RESULT", [
 ], doc="a partial answer of the last shard's SHARD_OPEN stream")
 
 SHARD_CLOSE = Body("SHARD_CLOSE", [JOB(), RID(), _session()])
+
+DEFAULT_KEEP_ALIVE = 30.0  # seconds an idle pipeline keeps its shards loaded
+DEFAULT_MAX_SESSIONS = 8  # sessions in flight on one pipeline (KV cache rows per shard)
+PREFILL_CHUNK = 512  # prompt tokens per SHARD_FORWARD
+MAX_PROMPT_TEXT = 1 << 20  # characters of a prompt string (the metadata limit, protocol.md 3)
+
+GENERATE_SPLIT = Body("GENERATE split", [
+    Enum("mode", ("split",), default="split", doc="the daemon dispatches on it (section 12)"),
+    Str("model", 1, doc="name or path; the coordinator reads its config and tokenizer"),
+    Str("prompt", 1, MAX_PROMPT_TEXT, default=None, doc="text; needed without prompt_ids"),
+    List("prompt_ids", TOKEN, 1, MAX_LEN, default=None, doc="token ids (prompt is then ignored)"),
+    Int("max_tokens", 1, MAX_LEN, default=128, doc="tokens to generate, at most"),
+    *(SAMPLING.by_name[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                    "seed")),
+    Enum("dtype", (*COMPUTE_DTYPES, "auto"), default="float32",
+         doc='weights and KV cache ("auto": float32)'),
+    Enum("wire_dtype", (*COMPUTE_DTYPES, "auto"), default="float32",
+         doc='hidden states between shards ("auto": float32)'),
+    Enum("quant", QUANT_MODES, default="none", doc="every shard's linears (engine/quant.py)"),
+    Int("shards", 1, 4096, default=None, doc="nil: every candidate, at most one per layer"),
+    Str("layers", 1, default=None, doc='half-open ranges in pipeline order, "0-7,7-16"'),
+    Float("keep_alive", 0.0, 86400.0, default=DEFAULT_KEEP_ALIVE,
+          doc="seconds an idle pipeline stays loaded (0: release at once)"),
+    Bool("batch_decode", default=False, doc="decode several sessions in one forward"),
+    Int("retries", 0, 16, default=1, doc="replays after a lost shard"),
+    Int("max_sessions", 1, MAX_SESSIONS, default=DEFAULT_MAX_SESSIONS,
+        doc="sessions in flight on the pipeline"),
+    Int("prefill_chunk", 1, 1 << 16, default=PREFILL_CHUNK, doc="prompt tokens per SHARD_FORWARD"),
+], doc="GENERATE in mode split (9.5)")
+
+
+def parse_generate(m: Mapping[str, Any]) -> dict[str, Any]:
+    """GENERATE_SPLIT's values checked across fields (a prompt or prompt_ids, non-blank
+    layers), as the coordinator's SplitRequest takes them: ``sampling`` the SamplingParams,
+    "auto" dtypes as float32; ProtocolError(BAD_REQUEST) naming the field."""
+    v = GENERATE_SPLIT.parse(m)
+    if v["prompt_ids"] is None and v["prompt"] is None:
+        raise GENERATE_SPLIT.error("", "split generation needs a prompt (prompt or prompt_ids)")
+    layers = v["layers"]
+    if layers is not None and not layers.strip():
+        raise GENERATE_SPLIT.error("layers", "must be ranges such as '0-7,7-16'")
+    sampling = sampling_from_values(v, body=GENERATE_SPLIT)
+    for key in ("mode", *SAMPLING.by_name):
+        del v[key]
+    return {**v, "sampling": sampling, "layers": None if layers is None else layers.strip(),
+            **{k: "float32" if v[k] == "auto" else v[k] for k in ("dtype", "wire_dtype")}}
 
 
 def parse_result(m: Mapping[str, Any]) -> int:

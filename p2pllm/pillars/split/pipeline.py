@@ -50,25 +50,30 @@ from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
-from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.pillars.split.messages import Hop, OpenSession, ShardParams, parse_result
+from p2pllm.pillars.split.messages import (
+    DEFAULT_KEEP_ALIVE,
+    DEFAULT_MAX_SESSIONS,
+    PREFILL_CHUNK,
+    Hop,
+    OpenSession,
+    ShardParams,
+    parse_generate,
+    parse_result,
+)
 from p2pllm.plan.layers import free_bytes, kv_bytes_per_token_layer, model_stage_cost, plan_stages
 from p2pllm.plan.partition import NodeBudget, PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import Frame, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
-from p2pllm.wire.tensors import COMPUTE_DTYPES, tensor_meta
+from p2pllm.wire.tensors import tensor_meta
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SplitRequest", "coordinate"]
 
-DEFAULT_KEEP_ALIVE = 30.0  # seconds an idle pipeline keeps its shards loaded
-DEFAULT_MAX_SESSIONS = 8  # sessions in flight on one pipeline (KV cache rows per shard)
 MAX_CONTEXT = 8192  # positions per session a shard reserves (address space, not memory)
 KV_RESERVE_TOKENS = 2048  # KV cache the planner charges each layer, in tokens
-PREFILL_CHUNK = 512  # prompt tokens per SHARD_FORWARD
 STEP_TIMEOUT = 600.0  # no news from the shards for this long: the session is abandoned
 CLOSE_TIMEOUT = 10.0
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -89,15 +94,6 @@ class SessionError(ProtocolError):
 
 def _bad(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, message)
-
-
-def _opt_int(m: Mapping[str, Any], key: str, lo: int, hi: int, default: int | None) -> int | None:
-    v = m.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise _bad(f"{key} must be an integer in [{lo}, {hi}], got {v!r}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -122,61 +118,8 @@ class SplitRequest:
 
     @classmethod
     def from_meta(cls, m: Mapping[str, Any]) -> SplitRequest:
-        model = m.get("model")
-        if not isinstance(model, str) or not model:
-            raise _bad("split generation needs a model (--model NAME or PATH)")
-        prompt, ids = m.get("prompt"), m.get("prompt_ids")
-        if ids is not None:
-            if not isinstance(ids, list) or not ids or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise _bad("prompt_ids must be a non-empty list of token ids")
-        elif not isinstance(prompt, str) or not prompt:
-            raise _bad("split generation needs a prompt")
-        dtypes = {}
-        for key in ("dtype", "wire_dtype"):
-            v = m.get(key) or "float32"
-            if v == "auto":
-                v = "float32"
-            if v not in COMPUTE_DTYPES:
-                raise _bad(f"{key} must be one of {', '.join(COMPUTE_DTYPES)}, got {v!r}")
-            dtypes[key] = v
-        quant = m.get("quant") or "none"
-        if quant not in QUANT_MODES:
-            raise _bad(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
-        layers = m.get("layers")
-        if layers is not None and (not isinstance(layers, str) or not layers.strip()):
-            raise _bad("layers must be ranges such as '0-7,7-16'")
-        keep = m.get("keep_alive", DEFAULT_KEEP_ALIVE)
-        if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 <= keep <= 86400:
-            raise _bad(f"keep_alive must be seconds in [0, 86400], got {keep!r}")
-        try:
-            sampling = SamplingParams(
-                temperature=float(m.get("temperature") or 0.0),
-                top_k=int(m.get("top_k") or 0),
-                top_p=float(m["top_p"]) if m.get("top_p") is not None else 1.0,
-                repetition_penalty=float(m.get("repetition_penalty") or 1.0),
-                seed=m.get("seed"),
-            )
-        except (TypeError, ValueError) as exc:
-            raise _bad(f"bad sampling parameters: {exc}") from None
-        return cls(
-            model=model,
-            prompt=prompt if isinstance(prompt, str) else None,
-            prompt_ids=tuple(ids) if ids is not None else None,
-            max_tokens=_opt_int(m, "max_tokens", 1, 1 << 20, 128) or 128,
-            sampling=sampling,
-            dtype=dtypes["dtype"],
-            wire_dtype=dtypes["wire_dtype"],
-            quant=quant,
-            shards=_opt_int(m, "shards", 1, 4096, None),
-            layers=layers.strip() if isinstance(layers, str) else None,
-            keep_alive=float(keep),
-            batch_decode=bool(m.get("batch_decode", False)),
-            retries=_opt_int(m, "retries", 0, 16, 1) or 0,
-            max_sessions=_opt_int(m, "max_sessions", 1, 256, DEFAULT_MAX_SESSIONS)
-            or DEFAULT_MAX_SESSIONS,
-            prefill_chunk=_opt_int(m, "prefill_chunk", 1, 1 << 16, PREFILL_CHUNK) or PREFILL_CHUNK,
-        )
+        """The GENERATE_SPLIT body (messages.py), checked; BAD_REQUEST naming the field."""
+        return cls(**parse_generate(m))
 
 
 # -- models and plans -----------------------------------------------------------------------------
