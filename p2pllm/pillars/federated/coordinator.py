@@ -245,6 +245,12 @@ class FLRun:
         try:
             if self.state.done < cfg.rounds:
                 await self._wait_for_clients()
+            if initial is not None and any(n.get("self") for n in eligible_nodes(self.cluster.nodes())):
+                # This node is a client too: its fl-client would load the base model while the
+                # adapter is built, two model builds at once in one process (transformers' lazy
+                # imports and init_empty_weights are process-wide): build the adapter first.
+                self.global_adapter = await initial
+                self.initial = initial = None
             self.runner = JobRunner(job, self, what=f"FL run {cfg.name}")
             result: Reply = await self.runner.run()
             return result
