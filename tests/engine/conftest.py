@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / ".." / "shared" / "models"
+from tests.conftest import SHARED_MODELS, SHARED_SKIP
 
 _COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -93,8 +93,8 @@ def shared_model() -> Any:
     def get(name: str) -> Path:
         path = (SHARED_MODELS / name).resolve()
         if not (path / "config.json").is_file():
-            pytest.skip(f"real model {name} not found at {path} (../shared/models next to the "
-                        f"repository)")
+            pytest.skip(f"{SHARED_SKIP}: real model {name} not found at {path} "
+                        f"(../shared/models next to the repository, or $P2PLLM_SHARED/models)")
         return path
 
     return get

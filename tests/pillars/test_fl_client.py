@@ -20,7 +20,7 @@ from p2pllm.wire.connection import Request
 from p2pllm.wire.frame import Frame, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta, unpack_tensors
-from tests.conftest import shared_model
+from tests.conftest import real_model
 
 torch.set_num_threads(1)
 
@@ -28,7 +28,7 @@ CAPS = {"device": "cpu", "fl_data": {"present": True}}
 
 
 def make_role(tmp_path: Path, text: str | None = "Sam the cat sat on a mat. " * 60, **extra: Any) -> FLClientRole:
-    model = shared_model("tinystories-656k")
+    model = real_model("tinystories-656k")
     data = tmp_path / "data"
     data.mkdir(parents=True, exist_ok=True)
     if text is not None:
@@ -70,7 +70,7 @@ async def test_train_and_eval_answer_with_adapter_tensors_and_numbers_only(tmp_p
     role = make_role(tmp_path)
     await role.start()
     try:
-        glob = lora_mod.initial_adapter(shared_model("tinystories-656k"), LoraSpec(), seed=0)
+        glob = lora_mod.initial_adapter(real_model("tinystories-656k"), LoraSpec(), seed=0)
         reply = await role.on_train(request(MsgType.FL_TRAIN, glob, **ROUND))
         assert reply.msg_type == MsgType.FL_TRAIN
         assert set(reply.meta) == {"round", "num_examples", "train_loss", "eval_loss", "steps", "seconds", "tensors"}
@@ -89,7 +89,7 @@ async def test_train_and_eval_answer_with_adapter_tensors_and_numbers_only(tmp_p
 async def test_bad_input_gets_typed_errors(tmp_path: Path) -> None:
     role = make_role(tmp_path)
     await role.start()
-    glob = lora_mod.initial_adapter(shared_model("tinystories-656k"), LoraSpec(), seed=0)
+    glob = lora_mod.initial_adapter(real_model("tinystories-656k"), LoraSpec(), seed=0)
     cases = [
         (request(MsgType.FL_TRAIN, {k: torch.zeros(3, 3) for k in glob}, **ROUND), ErrorCode.BAD_TENSOR, "expected"),
         (request(MsgType.FL_TRAIN, {**glob, "extra.weight": torch.zeros(1)}, **ROUND), ErrorCode.BAD_TENSOR, "unexpected"),
@@ -116,7 +116,7 @@ async def test_a_cancelled_round_stops_its_thread(tmp_path: Path) -> None:
     role = make_role(tmp_path)
     await role.start()
     try:
-        glob = lora_mod.initial_adapter(shared_model("tinystories-656k"), LoraSpec(), seed=0)
+        glob = lora_mod.initial_adapter(real_model("tinystories-656k"), LoraSpec(), seed=0)
         long_round = {**ROUND, "local_steps": 1_000_000}
         task = asyncio.create_task(role.on_train(request(MsgType.FL_TRAIN, glob, **long_round)))
         await asyncio.sleep(0.5)

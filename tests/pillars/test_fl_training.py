@@ -14,7 +14,7 @@ from p2pllm.pillars.federated.lora import LoraSpec
 from p2pllm.pillars.federated.messages import ClientParams, RoundConfig
 from p2pllm.pillars.federated.plot import MISSING, plot_eval_loss
 from p2pllm.pillars.federated.training import Cancelled, LocalTrainer
-from tests.conftest import shared_model
+from tests.conftest import real_model, shared_model
 
 torch.set_num_threads(1)
 
@@ -28,7 +28,7 @@ TEXT = " ".join(
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    return shared_model("tinystories-656k")
+    return real_model("tinystories-656k")
 
 
 @pytest.fixture
@@ -94,12 +94,16 @@ def test_cancel_stops_a_round_and_bad_layouts_are_refused(model_dir: Path, data_
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecations inside peft
-def test_saved_adapter_loads_in_peft_and_in_the_engine(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_saved_adapter_loads_in_peft_and_in_the_engine(data_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     from p2pllm.engine.loader import load_slice
 
+    # Shared-only: a float32 checkpoint. On the bundled bf16 pair the engine rounds the merged
+    # weight to bf16 before computing in float32 (adapter.merge returns the stored dtype), and
+    # the logits differ from peft's by ~6e-3.
+    model_dir = shared_model("tinystories-656k")
     t = LocalTrainer.load(model_dir, params(model_dir), data_dir, "cpu")
     glob = lora_mod.initial_adapter(model_dir, LoraSpec(), seed=0)
     trained = t.train_round(glob, RoundConfig(1, 8, 3e-3, 4, 0)).tensors

@@ -20,7 +20,7 @@ from p2pllm.pillars.splittrain.data import (
     read_texts,
     split_batch,
 )
-from tests.conftest import shared_model
+from tests.conftest import real_model
 
 
 def test_blocks_overlap_by_one_token_so_labels_are_the_next_tokens() -> None:
@@ -87,7 +87,7 @@ def test_pretokenized_safetensors(tmp_path: Path) -> None:
 
 
 def test_text_is_tokenized_per_document_with_eos(tmp_path: Path) -> None:
-    model = shared_model("tinystories-656k")
+    model = real_model("tinystories-656k")
     from p2pllm.engine.loader import load_tokenizer
 
     tok = load_tokenizer(model)
