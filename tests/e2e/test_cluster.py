@@ -2,6 +2,8 @@
 
 Daemons a and b have both real models in their models dir; c has only stories-260k, so it
 must never get a role that needs tinystories-656k. b and c have federated-learning data.
+Without the shared checkout stand-ins made of the bundled model take their places, under
+their names (see _model_files).
 """
 
 from __future__ import annotations
@@ -17,11 +19,28 @@ from typing import Any
 
 import pytest
 
+from p2pllm.engine.generate import generate
+from p2pllm.engine.loader import load_slice, load_tokenizer
+from p2pllm.pillars.speculative.drafts import truncate
 from p2pllm.wire.messages import MsgType
-from tests.conftest import REPO, shared_model, wait_for
+from tests.conftest import BUNDLED, REPO, has_shared_model, real_model, wait_for
 
 TINY = "tinystories-656k"
 SMALL = "stories-260k"
+# name -> the model's files (set by the autouse fixture below).
+PATHS: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_files(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The shared models; without the shared checkout, stand-ins under their names: SMALL is
+    the bundled shakespeare, TINY the first 2 of its 4 layers. TINY must not be bundled: the
+    bundled pair is on every daemon, and these tests need daemons that lack TINY."""
+    PATHS[SMALL] = real_model(SMALL)
+    if has_shared_model(TINY):
+        PATHS[TINY] = real_model(TINY)
+    elif TINY not in PATHS:
+        PATHS[TINY] = truncate(BUNDLED, tmp_path_factory.mktemp("stand-in") / TINY, layers=2)
 
 STORY = (
     "Once upon a time, there was a little girl named {n}. She liked to play in the park with "
@@ -35,8 +54,17 @@ def models_dir(root: Path, names: list[str]) -> Path:
     d = root / ("models-" + "-".join(names))
     d.mkdir()
     for name in names:
-        os.symlink(shared_model(name), d / name)
+        os.symlink(PATHS[name], d / name)
     return d
+
+
+def tiny_reference(n: int) -> list[int]:
+    """TINY's greedy first n ids after "Once upon a time": the shared models README's; for the
+    bundled stand-in, the engine's own in this process."""
+    if has_shared_model(TINY):
+        return [313, 598, 303, 1049, 1468, 267, 628, 333, 94, 1210, 263, 251][:n]
+    path = PATHS[TINY]
+    return generate(load_slice(path), load_tokenizer(path), "Once upon a time", None, n).token_ids
 
 
 def data_dir(root: Path, name: str, kids: list[str]) -> Path:
@@ -112,7 +140,7 @@ async def test_all_four_pillars_with_role_auto(cluster, ctl, tmp_path) -> None:
     split = await run(cli, "generate", "--mode", "split", "--model", TINY, "--shards", "2",
                       "--max-tokens", "12", "Once upon a time", daemon=a.address)
     # The reference continuation of the shared model README (greedy).
-    assert split["token_ids"][:12] == [313, 598, 303, 1049, 1468, 267, 628, 333, 94, 1210, 263, 251]
+    assert split["token_ids"][:12] == tiny_reference(12)
     # 3. Federated LoRA: clients are the nodes with data (b and c), on stories-260k.
     fl = await run(cli, "fl", "run", "--model", SMALL, "--rounds", "1", "--local-steps", "2",
                    "--min-clients", "2", "--block-size", "32", "--batch-size", "2",
@@ -238,7 +266,7 @@ async def test_pinned_and_modelless_peers_are_planned_around(daemons, ctl, tmp_p
     # Planned freely, it runs on the one node that can take a shard.
     res = await asyncio.to_thread(cli, "generate", "--mode", "split", "--model", TINY,
                                   "--max-tokens", "4", "Once upon a time", daemon=a.address)
-    assert res["token_ids"] == [313, 598, 303, 1049]
+    assert res["token_ids"] == tiny_reference(4)
     listed = [j for j in await jobs(ctl, a.port) if j["pillar"] == "split" and j["members"]]
     assert listed and all(members(j) == {a.node_id} for j in listed)
     assert all(n.node_id not in members(j) and p.node_id not in members(j) for j in listed)

@@ -1,4 +1,5 @@
-"""Federated LoRA end to end: real p2pllmd processes on loopback, the real tinystories-656k.
+"""Federated LoRA end to end: real p2pllmd processes on loopback, the real tinystories-656k
+(without the shared checkout, its bundled stand-in shakespeare-draft).
 
 A coordinator daemon and three client daemons, each with different stories in its --data-dir.
 The clients reach the coordinator through recording TCP proxies, so the test sees every byte
@@ -30,7 +31,7 @@ from p2pllm.wire.connection import Connection, Reply, Request, connect
 from p2pllm.wire.frame import HEADER, HEADER_SIZE, MAGIC, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta, unpack_tensors
-from tests.conftest import REPO, DaemonProc, shared_model, wait_for
+from tests.conftest import REPO, DaemonProc, real_model, wait_for
 
 MODEL = "tinystories-656k"
 # Small and quick: ~70 blocks of 64 tokens per client, 10 local steps per round.
@@ -295,7 +296,7 @@ class Cluster:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.model = shared_model(MODEL)
+        self.model = real_model(MODEL)
         self.port = free_port()
         self.state = root / "coord-state"
         self.procs: list[DaemonProc] = []

@@ -30,7 +30,7 @@ from p2pllm.pillars.speculative.drafts import random_llama, truncate
 from p2pllm.pillars.speculative.messages import DraftRun
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
-from tests.conftest import REPO, DaemonProc, shared_model, wait_for
+from tests.conftest import REPO, DaemonProc, real_model, shared_model, wait_for
 
 TOKENIZER = "tinystories-656k"
 PROMPT = "Once upon a time"
@@ -39,7 +39,7 @@ PROMPT = "Once upon a time"
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """b: targets (the verifier's host); a: drafts only (the coordinator's and drafter's)."""
-    tok = shared_model(TOKENIZER)
+    tok = real_model(TOKENIZER)  # a real tokenizer (and model) of a 2048-token vocabulary
     root = tmp_path_factory.mktemp("spec-e2e")
     a, b = root / "a", root / "b"
     a.mkdir()
@@ -152,6 +152,7 @@ async def test_greedy_across_daemons_equals_the_target_alone(pair: Any, ctl: Any
 
 async def test_golden_tinystories_with_its_one_layer_draft(pair: Any, ctl: Any) -> None:
     """The trained model's reference continuation (models README), through spec decoding."""
+    shared_model(TOKENIZER)  # its reference ids: shared-only
     expected = [313, 598, 303, 1049, 1468, 267, 628, 333, 94, 1210, 263, 251, 604, 94, 1030, 94,
                 1030, 94, 436, 220, 1053, 615, 303, 328, 552, 319, 1269, 163, 1945, 897, 645,
                 1188, 108, 319, 135, 448, 563, 1799, 1380, 1067]

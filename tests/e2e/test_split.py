@@ -4,6 +4,9 @@ Greedy ids over 2, 3 and 5 shards equal the single-process engine and the README
 ids; random tiny models of every architecture; 8 concurrent sessions; bad input; a shard
 that dies mid-generation (clear error within the keepalive timeout, or a replay on the
 survivors).
+
+Without the shared checkout the cluster runs on the bundled stand-ins (tests/conftest.py:
+shakespeare for stories-260k); the tests of the shared models' reference ids then skip.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import torch
 
 from p2pllm.cli.client import open_daemon
 from p2pllm.engine.config import ModelConfig
+from p2pllm.engine.generate import generate as generate_text
 from p2pllm.engine.generate import generate_ids
-from p2pllm.engine.loader import load_slice, slice_tensor_names
+from p2pllm.engine.loader import load_slice, load_tokenizer, slice_tensor_names
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta
-from tests.conftest import REPO, SHARED_MODELS, DaemonProc, shared_model, wait_for
+from tests.conftest import REPO, DaemonProc, has_shared_model, real_model, shared_model, wait_for
 from tests.pillars.test_split_compute import ARCHS, tiny_model
 
 STORIES_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
@@ -43,6 +47,22 @@ TINYSTORIES_IDS = [313, 598, 303, 1049, 1468, 267, 628, 333, 94, 1210, 263, 251,
                    94, 1030, 94, 436, 220, 1053, 615, 303, 328, 552, 319, 1269, 163, 1945, 897,
                    645, 1188, 108, 319, 135, 448, 563, 1799, 1380, 1067]
 FAST = ("--no-mdns", "--keepalive-timeout", "2")
+SMODEL = "stories-260k"  # the model most tests split, by name (in the daemons' models dir)
+STORIES = real_model(SMODEL)  # its files: without ../shared, a bundled stand-in
+SCONFIG = ModelConfig.from_dir(STORIES)  # stories-260k: 5 layers of 64, a 512-token vocabulary
+PROMPT_IDS = [1, 403, 407, 261, 378]  # "Once upon a time" in stories-260k's vocabulary
+
+
+def reference_ids(prompt: str | None = None) -> list[int]:
+    """The greedy 40 tokens after PROMPT_IDS (or after ``prompt``, tokenized; "Once upon a time"
+    is PROMPT_IDS in stories-260k): the models README's reference for stories-260k; for the
+    stand-in, the single-process engine's own."""
+    if has_shared_model(SMODEL):
+        return STORIES_IDS
+    if prompt is not None:
+        tok = load_tokenizer(STORIES)
+        return generate_text(load_slice(STORIES), tok, prompt, None, 40).token_ids
+    return generate_ids(load_slice(STORIES), PROMPT_IDS, max_tokens=40).token_ids
 
 
 def free_ports(n: int) -> list[int]:
@@ -84,15 +104,15 @@ async def all_connected(procs: list[DaemonProc]) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Any:
     """Five daemons a..e; e's models dir holds a model nobody else has (and stories-260k)."""
-    shared_model("stories-260k")
     root = tmp_path_factory.mktemp("split")
-    e_models = root / "e-models"
-    e_models.mkdir()
-    for name in ("stories-260k", "tinystories-656k"):
-        (e_models / name).symlink_to(SHARED_MODELS / name)
+    models, e_models = root / "models", root / "e-models"
+    for d in (models, e_models):
+        d.mkdir()
+        for name in ("stories-260k", "tinystories-656k"):
+            (d / name).symlink_to(real_model(name))  # a stand-in under the shared name
     tiny_model(e_models, "llama", layers=4, seed=3).rename(e_models / "only-on-e")
     names = ["a", "b", "c", "d", "e"]
-    dirs = {n: SHARED_MODELS for n in names} | {"e": e_models}
+    dirs = {n: models for n in names} | {"e": e_models}
     procs = start_cluster(root, names, dirs)
     asyncio.run(all_connected(procs))
     yield {d.name: d for d in procs} | {"root": root}
@@ -138,7 +158,7 @@ def check_plan(result: dict[str, Any], num_layers: int, shards: int) -> None:
 
 
 async def test_stories_260k_over_2_3_and_5_shards_equals_the_reference_and_the_engine(cluster) -> None:
-    path = shared_model("stories-260k")
+    path = shared_model("stories-260k")  # its reference ids and 5 layers: shared-only
     local = generate_ids(load_slice(path), [1, 403, 407, 261, 378], max_tokens=40).token_ids
     assert local == STORIES_IDS
     for shards in (2, 3, 5):
@@ -187,8 +207,7 @@ async def test_random_tiny_models_of_every_architecture_equal_the_engine(cluster
 
 
 async def test_eight_concurrent_sessions_over_two_shards_each_equal_their_single_output(cluster) -> None:
-    path = shared_model("stories-260k")
-    model = load_slice(path)
+    model = load_slice(STORIES)
     prompts = [[1, 403, 407, 261, 378], [1, 300], [1, 261, 376, 298, 315, 421, 395],
                [1, 432], [1, 410, 408], [1, 266, 268, 388, 426, 300, 301, 302, 303], [1, 500],
                [1, 403, 407]]
@@ -198,7 +217,7 @@ async def test_eight_concurrent_sessions_over_two_shards_each_equal_their_single
     a = cluster["a"]
 
     async def one(p: list[int], sp: SamplingParams) -> dict[str, Any]:
-        _, res = await generate(a.port, model="stories-260k", prompt_ids=p, max_tokens=30,
+        _, res = await generate(a.port, model=SMODEL, prompt_ids=p, max_tokens=30,
                                 shards=2, keep_alive=30, temperature=sp.temperature,
                                 top_p=sp.top_p, seed=sp.seed)
         return res
@@ -249,13 +268,12 @@ async def _holds_no_role(d: DaemonProc, job: str) -> bool:
 
 
 async def test_batched_decode_runs_several_sessions_per_forward(cluster) -> None:
-    path = shared_model("stories-260k")
-    model = load_slice(path)
+    model = load_slice(STORIES)
     prompts = [[1, 403, 407, 261, 378], [1, 300], [1, 432], [1, 410, 408]]
     want = [generate_ids(model, p, max_tokens=30).token_ids for p in prompts]
 
     async def one(p: list[int]) -> dict[str, Any]:
-        return (await generate(cluster["b"].port, model="stories-260k", prompt_ids=p,
+        return (await generate(cluster["b"].port, model=SMODEL, prompt_ids=p,
                                max_tokens=30, shards=2, batch_decode=True, keep_alive=5))[1]
 
     await one(prompts[0])
@@ -283,20 +301,21 @@ async def test_bad_plans_and_requests_get_typed_errors(cluster) -> None:
     with pytest.raises(RemoteError, match="not on this node") as err:
         await generate(a.port, model="only-on-e", prompt_ids=[1, 2, 3])
     assert err.value.code == ErrorCode.NOT_FOUND
+    n = SCONFIG.num_layers  # 5 for stories-260k
     cases = [
-        (dict(layers="0-3,2-5"), "overlaps"),
-        (dict(layers="0-2,3-5"), "gap"),
+        (dict(layers=f"0-3,2-{n}"), "overlaps"),
+        (dict(layers=f"0-2,3-{n}"), "gap"),
         (dict(layers="0-2,2-9"), "out of range"),
-        (dict(layers="0-2;2-5"), "not START-END"),
-        (dict(layers="0-2,2-5", shards=3), "3 stages asked for"),
+        (dict(layers=f"0-2;2-{n}"), "not START-END"),
+        (dict(layers=f"0-2,2-{n}", shards=3), "3 stages asked for"),
         (dict(shards=6), "need as many nodes"),
         (dict(wire_dtype="int8"), "wire_dtype"),
         (dict(prompt=None), "needs a prompt"),
-        (dict(prompt_ids=[1, 999]), "vocabulary"),
+        (dict(prompt_ids=[1, SCONFIG.vocab_size + 487]), "vocabulary"),  # 999 for stories-260k
         (dict(max_tokens=0), "max_tokens"),
     ]
     for extra, match in cases:
-        meta = {"model": "stories-260k", "prompt": "Once", **extra}
+        meta = {"model": SMODEL, "prompt": "Once", **extra}
         with pytest.raises(RemoteError, match=match) as err:
             await generate(a.port, **meta)
         assert err.value.code in (ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND), extra
@@ -304,7 +323,7 @@ async def test_bad_plans_and_requests_get_typed_errors(cluster) -> None:
 
 async def test_hidden_states_of_the_wrong_shape_or_dtype_from_a_peer_are_typed_errors(cluster) -> None:
     procs = {d.node_id: d for d in cluster.values() if isinstance(d, DaemonProc)}
-    _, res = await generate(cluster["a"].port, model="stories-260k", prompt="Once", max_tokens=4,
+    _, res = await generate(cluster["a"].port, model=SMODEL, prompt="Once", max_tokens=4,
                             shards=2, keep_alive=60)
     job, second = res["job"], res["shards"][1]
     conn = await open_daemon(procs[second["node_id"]].address)
@@ -321,23 +340,24 @@ async def test_hidden_states_of_the_wrong_shape_or_dtype_from_a_peer_are_typed_e
                                                              "session": "bad-peer", "pos": pos, **kw})
             await conn.request(MsgType.SHARD_FORWARD, meta, payload, timeout=10)
 
-        for bad, code in ((torch.zeros(3, 63), ErrorCode.BAD_TENSOR),
-                          (torch.zeros(3, 64, dtype=torch.float16), ErrorCode.BAD_TENSOR),
-                          (torch.zeros(3, 64, dtype=torch.int64), ErrorCode.BAD_TENSOR),
-                          (torch.zeros(1, 3, 64), ErrorCode.BAD_TENSOR),
-                          (torch.zeros(20, 64), ErrorCode.BAD_REQUEST)):
+        h = SCONFIG.hidden_size  # 64 for stories-260k
+        for bad, code in ((torch.zeros(3, h - 1), ErrorCode.BAD_TENSOR),
+                          (torch.zeros(3, h, dtype=torch.float16), ErrorCode.BAD_TENSOR),
+                          (torch.zeros(3, h, dtype=torch.int64), ErrorCode.BAD_TENSOR),
+                          (torch.zeros(1, 3, h), ErrorCode.BAD_TENSOR),
+                          (torch.zeros(20, h), ErrorCode.BAD_REQUEST)):
             with pytest.raises(RemoteError) as err:
                 await forward(bad)
             assert err.value.code == code, bad.shape
         with pytest.raises(RemoteError) as err:
-            await forward(torch.zeros(3, 64), pos=5)  # not the next position
+            await forward(torch.zeros(3, h), pos=5)  # not the next position
         assert err.value.code == ErrorCode.BAD_REQUEST
         with pytest.raises(RemoteError) as err:
             await conn.request(MsgType.SHARD_FORWARD, {"job": job, "rid": second["rid"],
                                                        "session": "nope", "pos": 0}, timeout=10)
         assert err.value.code == ErrorCode.UNKNOWN_SESSION
         # sent one-way, as shards send to each other: the session fails with the typed error
-        meta, payload = tensor_meta({"hidden": torch.zeros(3, 64, dtype=torch.float16)},
+        meta, payload = tensor_meta({"hidden": torch.zeros(3, h, dtype=torch.float16)},
                                     {"job": job, "rid": second["rid"], "session": "bad-peer",
                                      "pos": 0})
         await conn.notify(MsgType.SHARD_FORWARD, meta, payload)
@@ -348,16 +368,17 @@ async def test_hidden_states_of_the_wrong_shape_or_dtype_from_a_peer_are_typed_e
     finally:
         conn.close()
     # the daemons keep serving, on the same pipeline
-    _, res2 = await generate(cluster["a"].port, model="stories-260k", prompt="Once upon a time",
+    _, res2 = await generate(cluster["a"].port, model=SMODEL, prompt_ids=PROMPT_IDS,
                              max_tokens=40, shards=2)
-    assert res2["token_ids"] == STORIES_IDS and res2["job"] == job
+    assert res2["token_ids"] == reference_ids() and res2["job"] == job
 
 
 async def test_a_shard_assigned_by_hand_refuses_frees_idle_sessions_and_limits_rows(cluster) -> None:
     d = cluster["d"]
     conn = await open_daemon(d.address)
     job = "split-byhand"
-    params = {"model": "stories-260k", "start": 0, "end": 5, "num_layers": 5,
+    n = SCONFIG.num_layers  # 5 for stories-260k
+    params = {"model": SMODEL, "start": 0, "end": n, "num_layers": n,
               "first": {"node": d.node_id, "rid": "shard0"}, "max_sessions": 1,
               "session_idle_s": 0.5}
     try:
@@ -368,7 +389,7 @@ async def test_a_shard_assigned_by_hand_refuses_frees_idle_sessions_and_limits_r
 
         for extra, match in (({"model": "no-such-model"}, "not on this node"),
                              ({"stage_bytes": 1 << 60}, "not enough memory"),
-                             ({"num_layers": 6, "end": 6}, "has num_layers 5"),
+                             ({"num_layers": n + 1, "end": n + 1}, f"has num_layers {n}"),
                              ({"first": None}, "needs 'first'")):
             with pytest.raises(RemoteError, match=match) as err:
                 await assign(**extra)
@@ -394,7 +415,7 @@ async def test_a_shard_assigned_by_hand_refuses_frees_idle_sessions_and_limits_r
         await conn.request(MsgType.SHARD_FORWARD, meta, payload, timeout=10)
         frames = [f async for f in s3]
         assert [f.meta["token"] for f in frames if f.is_partial] == generate_ids(
-            load_slice(shared_model("stories-260k")), [1, 403], max_tokens=4).token_ids
+            load_slice(STORIES), [1, 403], max_tokens=4).token_ids
         assert frames[-1].msg_type == MsgType.SHARD_CLOSE
         assert frames[-1].meta["reason"] == "max_tokens"
     finally:
@@ -404,18 +425,16 @@ async def test_a_shard_assigned_by_hand_refuses_frees_idle_sessions_and_limits_r
 
 
 async def test_cli_generate_split_end_to_end(cluster) -> None:
-    if not (REPO / "p2pllm" / "cli" / "generate.py").exists():
-        pytest.skip("p2pllm generate is not built yet")
     out = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "p2pllm.cli.main", "generate", "--mode", "split", "--model",
-         "stories-260k", "--max-tokens", "40", "--shards", "3", "--json",
+         SMODEL, "--max-tokens", "40", "--shards", "3", "--json",
          "--daemon", cluster["c"].address, "Once upon a time"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
-    assert res["token_ids"] == STORIES_IDS and len(res["shards"]) == 3
+    assert res["token_ids"] == reference_ids("Once upon a time") and len(res["shards"]) == 3
 
 
 # -- a shard that dies -------------------------------------------------------------------------
@@ -485,14 +504,13 @@ async def test_a_shard_that_stops_answering_fails_the_session_within_the_keepali
 
 async def test_a_killed_shard_is_replaced_and_the_session_replayed_on_the_survivors(cluster) -> None:
     # (runs last: it kills one daemon of the module's cluster)
-    path = shared_model("stories-260k")
     a = cluster["a"]
     procs = {d.node_id: d for d in cluster.values()
              if isinstance(d, DaemonProc) and d.proc.poll() is None}
-    want = generate_ids(load_slice(path), [1, 403, 407, 261, 378], max_tokens=400).token_ids
+    want = generate_ids(load_slice(STORIES), PROMPT_IDS, max_tokens=400).token_ids
     conn = await open_daemon(a.address)
     try:
-        body = {"mode": "split", "model": "stories-260k", "prompt": "Once upon a time",
+        body = {"mode": "split", "model": SMODEL, "prompt_ids": PROMPT_IDS,
                 "max_tokens": 400, "shards": 2, "keep_alive": 0, "retries": 1}
         streamed: list[int] = []
         killed = None
