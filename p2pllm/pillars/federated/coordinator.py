@@ -44,12 +44,18 @@ from p2pllm.pillars.federated.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from p2pllm.pillars.federated.messages import ClientParams, RoundConfig, RunConfig
+from p2pllm.pillars.federated.messages import (
+    FL_EVAL_REPLY,
+    FL_TRAIN_REPLY,
+    ClientParams,
+    RoundConfig,
+    RunConfig,
+)
 from p2pllm.pillars.federated.plot import plot_eval_loss
 from p2pllm.pillars.federated.strategy import ClientUpdate, screen, server_update, weighted_mean
 from p2pllm.plan.partition import PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
-from p2pllm.wire.frame import HEADER_SIZE, Buffer, ProtocolError, encode_meta
+from p2pllm.wire.frame import Buffer, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta, unpack_tensors
 
@@ -57,12 +63,6 @@ log = logging.getLogger(__name__)
 
 ROLE = "fl-client"
 POLL = 0.2
-
-
-def frame_bytes(meta: Mapping[str, Any], payload: Sequence[Buffer] | int = ()) -> int:
-    """Bytes of a frame on the wire: header, msgpack metadata, payload."""
-    n = payload if isinstance(payload, int) else sum(memoryview(b).nbytes for b in payload)
-    return HEADER_SIZE + len(encode_meta(meta)) + n
 
 
 def accepts_client_role(caps: Mapping[str, Any]) -> bool:
@@ -118,6 +118,7 @@ class Outcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    sent: bool = False  # the FL_TRAIN request was written (its link was up)
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -481,8 +482,14 @@ class FLRun:
             seed=cfg.seed, local_epochs=cfg.local_epochs,
         )
         meta, bufs = tensor_meta(self.global_adapter, {"job": self.job.id, "rid": ROLE, **round_cfg.to_meta()})
-        sent = frame_bytes(meta, bufs)
-        outcomes = list(await asyncio.gather(*(self._ask_train(c, meta, bufs, sent) for c in self._active())))
+        outcomes = list(await asyncio.gather(*(self._ask_train(c, meta, bufs) for c in self._active())))
+        # Byte counts are the connections' (0 to a client on this node). A client whose answer
+        # never came was still sent the frame, byte for byte the one the others got: it counts
+        # what their links measured (nothing when its link was already gone).
+        sent = max((o.bytes_sent for o in outcomes), default=0)
+        for o in outcomes:
+            if o.sent and not o.bytes_sent and o.client.node_id != self.cluster.node_id:
+                o.bytes_sent = sent
         # Screen the answers against the global adapter (pure): bad ones are rejected.
         answered = [o for o in outcomes if o.status == "ok"]
         verdict = screen(
@@ -496,9 +503,9 @@ class FLRun:
                 log.warning("FL round %d: rejected the update of %s: %s", rnd, o.client.name, o.reason)
         return outcomes
 
-    async def _ask_train(self, client: Client, meta: dict[str, Any], bufs: Sequence[Buffer], sent: int) -> Outcome:
+    async def _ask_train(self, client: Client, meta: dict[str, Any], bufs: Sequence[Buffer]) -> Outcome:
         t0 = time.monotonic()
-        out = Outcome(client, "dropped", bytes_sent=sent)
+        out = Outcome(client, "dropped", sent=True)
         try:
             frame = await self.cluster.request(
                 client.node_id, MsgType.FL_TRAIN, meta, bufs, timeout=self.cfg.round_timeout
@@ -507,13 +514,14 @@ class FLRun:
             out.reason = f"no answer within the round timeout ({self.cfg.round_timeout:g}s)"
         except ConnectionClosed as exc:
             client.assigned = False
+            out.sent = False
             out.reason = f"connection lost: {exc}"
         except RemoteError as exc:
             if exc.code in (ErrorCode.UNKNOWN_JOB, ErrorCode.SHUTTING_DOWN):
                 client.assigned = False
             out.reason = f"answered an error: {exc}"
         else:
-            out.bytes_received = frame_bytes(frame.meta, frame.payload.nbytes)
+            out.bytes_sent, out.bytes_received = frame.sent_bytes, frame.wire_bytes
             self._parse_train_answer(out, frame.meta, frame.payload)
         out.seconds = time.monotonic() - t0
         if out.status == "dropped":
@@ -522,40 +530,46 @@ class FLRun:
 
     @staticmethod
     def _parse_train_answer(out: Outcome, meta: Mapping[str, Any], payload: memoryview) -> None:
+        """An FL_TRAIN reply through FL_TRAIN_REPLY: a malformed one is rejected, with why."""
         try:
+            v = FL_TRAIN_REPLY.parse(meta)
+            FL_TRAIN_REPLY.check_tensors(meta, payload.nbytes)
             tensors = unpack_tensors(meta.get("tensors"), payload)
         except ProtocolError as exc:
-            out.status, out.reason = "rejected", f"bad tensors: {exc.message}"
+            what = "bad tensors" if exc.code == ErrorCode.BAD_TENSOR else "bad reply"
+            out.status, out.reason = "rejected", f"{what}: {exc.message}"
             return
-        n = meta.get("num_examples")
         out.status = "ok"
-        out.tensors = {k: v.clone() for k, v in tensors.items()}
-        out.num_examples = n if isinstance(n, int) and not isinstance(n, bool) else -1
+        out.tensors = {k: t.clone() for k, t in tensors.items()}
+        out.num_examples = v["num_examples"]
         for key in ("train_loss", "eval_loss"):
-            v = meta.get(key)
-            setattr(out, key, float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan)
+            setattr(out, key, math.nan if v[key] is None else v[key])
 
     async def _evaluate(self, rnd: int, clients: Sequence[Client] | None = None) -> tuple[float | None, int, int]:
         """FL_EVAL of the global adapter on the clients' eval blocks: (weighted loss, bytes out, in)."""
         targets = list(clients) if clients is not None else self._active()
         meta, bufs = tensor_meta(self.global_adapter, {"job": self.job.id, "rid": ROLE, "round": rnd})
-        sent = frame_bytes(meta, bufs)
 
-        async def ask(c: Client) -> tuple[float, int, int]:
+        async def ask(c: Client) -> tuple[float, int, int, int]:
             try:
                 f = await self.cluster.request(c.node_id, MsgType.FL_EVAL, meta, bufs, timeout=self.cfg.round_timeout)
             except (TimeoutError, ConnectionClosed, RemoteError) as exc:
                 log.warning("FL: %s did not evaluate round %d: %s", c.name, rnd, exc)
-                return math.nan, 0, 0
-            loss, n = f.meta.get("eval_loss"), f.meta.get("num_eval_examples")
-            if not isinstance(loss, int | float) or not isinstance(n, int) or n <= 0:
+                return math.nan, 0, 0, 0
+            try:
+                v = FL_EVAL_REPLY.parse(f.meta)
+            except ProtocolError as exc:
+                log.warning("FL: %s answered FL_EVAL badly: %s", c.name, exc.message)
+                return math.nan, 0, f.sent_bytes, f.wire_bytes
+            loss, n = v["eval_loss"], v["num_eval_examples"]
+            if loss is None or n <= 0:
                 log.warning("FL: %s answered FL_EVAL without a loss and a count", c.name)
-                return math.nan, 0, 0
-            return float(loss), n, frame_bytes(f.meta, f.payload.nbytes)
+                return math.nan, 0, f.sent_bytes, f.wire_bytes
+            return float(loss), n, f.sent_bytes, f.wire_bytes
 
         results = await asyncio.gather(*(ask(c) for c in targets))
         loss = weighted_mean([r[0] for r in results], [r[1] for r in results])
-        return loss, sent * len(targets), sum(r[2] for r in results)
+        return loss, sum(r[2] for r in results), sum(r[3] for r in results)
 
     def _checkpoint(self) -> None:
         save_checkpoint(

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from p2pllm.daemon.jobs import Job
+from p2pllm.pillars.messages import error_code
 from p2pllm.pillars.splittrain.checkpoint import write_checkpoint
 from p2pllm.pillars.splittrain.compute import clip_scale
-from p2pllm.pillars.splittrain.messages import RunSpec
+from p2pllm.pillars.splittrain.messages import TRAIN_BATCH_REPLY, RunSpec
 from p2pllm.pillars.splittrain.planner import Stage
 from p2pllm.pillars.splittrain.schedule import bubble_fraction, measured_bubble
 from p2pllm.plan.layers import StageCost
@@ -44,6 +45,18 @@ class StageFailed(Exception):
         self.stage = stage
         self.code = code
         self.message = message
+
+
+def _batch_reply(st: Stage, meta: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """A stage's TRAIN_BATCH answer through TRAIN_BATCH_REPLY; a malformed one fails that stage."""
+    try:
+        v = TRAIN_BATCH_REPLY.parse(meta)
+    except ProtocolError as e:
+        raise StageFailed(st, e.code, f"bad TRAIN_BATCH answer: {e.message}") from e
+    if v["step"] != step:
+        raise StageFailed(st, ErrorCode.BAD_REQUEST,
+                          f"bad TRAIN_BATCH answer: step {v['step']}, asked for step {step}")
+    return v
 
 
 class StepDriver:
@@ -107,8 +120,7 @@ class StepDriver:
             return await self._run()
         except StageFailed as e:
             log.warning("split training %s failed: %s", self.job.id, e)
-            code = e.code if e.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
-            raise ProtocolError(ErrorCode(code), f"split training stopped: {e}") from e
+            raise ProtocolError(error_code(e.code), f"split training stopped: {e}") from e
 
     async def _run(self) -> Reply:
         s = self.spec
@@ -141,11 +153,11 @@ class StepDriver:
         t0 = time.perf_counter()
         frames = await self._gather([self._call(st, MsgType.TRAIN_BATCH, {"step": step})
                                      for st in self.stages])
-        replies = [f.meta for f in frames]
-        loss = replies[-1].get("loss")
-        if not isinstance(loss, int | float):
+        replies = [_batch_reply(st, f.meta, step) for st, f in zip(self.stages, frames, strict=True)]
+        loss = replies[-1]["loss"]
+        if loss is None:
             raise StageFailed(self.stages[-1], ErrorCode.INTERNAL, "the last stage sent no loss")
-        total_sq = sum(float(r.get("grad_sq", 0.0)) for r in replies)
+        total_sq = sum(r["grad_sq"] for r in replies)
         lr = self.spec.optim.lr_at(step, self.spec.steps)
         scale = clip_scale(total_sq, self.spec.optim.grad_clip)
         await self._gather([self._call(st, MsgType.TRAIN_STEP,
@@ -154,22 +166,22 @@ class StepDriver:
         seconds = time.perf_counter() - t0
         for tot, r in zip(self.stage_totals, replies, strict=True):
             for key in ("forward_s", "backward_s", "idle_s"):
-                tot[key] += float(r.get(key, 0.0))
+                tot[key] += r[key]
             tot["busy_window_s"] += seconds
         # the measured bubble: each stage's worker busy time against the step's pipeline time
-        busy = [float(r.get("busy_s", 0.0)) for r in replies]
-        windows = [float(r.get("window_s", 0.0)) for r in replies]
+        busy = [r["busy_s"] for r in replies]
+        windows = [r["window_s"] for r in replies]
         bubbles = measured_bubble(busy, windows)
         for tot, b in zip(self.stage_totals, busy, strict=True):
             tot["busy_s"] += b
             tot["pipeline_s"] += max(windows)
         return {
-            "step": step, "loss": float(loss), "seconds": seconds,
-            "bytes_forward": sum(int(r.get("bytes_forward", 0)) for r in replies),
-            "bytes_backward": sum(int(r.get("bytes_backward", 0)) for r in replies),
+            "step": step, "loss": loss, "seconds": seconds,
+            "bytes_forward": sum(r["bytes_forward"] for r in replies),
+            "bytes_backward": sum(r["bytes_backward"] for r in replies),
             "lr": lr, "grad_norm": math.sqrt(total_sq),
             "bubble": sum(bubbles) / len(bubbles),
-            "stages": [{**{k: r.get(k) for k in ("forward_s", "backward_s", "idle_s", "busy_s",
+            "stages": [{**{k: r[k] for k in ("forward_s", "backward_s", "idle_s", "busy_s",
                                                  "window_s")}, "bubble": b}
                        for r, b in zip(replies, bubbles, strict=True)],
         }

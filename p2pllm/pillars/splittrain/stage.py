@@ -34,6 +34,7 @@ import torch
 from p2pllm.daemon.roles import Role, RoleHandler
 from p2pllm.daemon.worker import Span
 from p2pllm.engine.errors import ModelError, ModelNotFoundError
+from p2pllm.pillars.messages import error_code
 from p2pllm.pillars.splittrain.compute import (
     IGNORE_INDEX,
     StageModel,
@@ -386,7 +387,7 @@ class TrainStageRole(Role):
             return await self.ctx.cluster.request(to.node_id, msg_type, body, payload,
                                                   timeout=SEND_TIMEOUT)
         except RemoteError as e:
-            code = _code(e.code)
+            code = error_code(e.code)
             raise ProtocolError(code, f"{to.describe(index)} rejected {msg_type.name} from "
                                       f"{self.where}: {e.message}") from e
         except (ConnectionClosed, TimeoutError) as e:
@@ -563,13 +564,6 @@ class TrainStageRole(Role):
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _code(code: int) -> ErrorCode:
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.INTERNAL
 
 
 def _unwrap(group: BaseExceptionGroup) -> BaseException:
