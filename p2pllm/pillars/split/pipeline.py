@@ -51,6 +51,7 @@ from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import TextStream, continuation_text
 from p2pllm.engine.loader import load_tokenizer
 from p2pllm.engine.sampling import SamplingParams
+from p2pllm.pillars.messages import error_code
 from p2pllm.pillars.split.messages import (
     DEFAULT_KEEP_ALIVE,
     DEFAULT_MAX_SESSIONS,
@@ -545,10 +546,7 @@ class Pipeline:
     def _error(self, idx: int, exc: BaseException, tokens: list[int]) -> SessionError:
         stage = self.stages[idx]
         if isinstance(exc, RemoteError):
-            try:
-                code = ErrorCode(exc.code)
-            except ValueError:
-                code = ErrorCode.INTERNAL
+            code = error_code(exc.code)
             # A member that lost the role (it restarted, or released it while shutting down)
             # is as gone as a dead one, unless this job is being stopped on purpose.
             stopping = self.job is not None and self.job.stopped
