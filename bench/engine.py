@@ -293,10 +293,15 @@ def llama_bench(gguf: Path, threads: int, n: int, prompt: int, reps: int
     cmd = [str(exe), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(n),
            "-r", str(reps), "-o", "json"]
     env = dict(os.environ, LD_LIBRARY_PATH=str(LLAMACPP / "bin"))
+    hwm = 0  # VmHWM polled while it runs: ru_maxrss would carry this big process's own peak
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, StopIteration, ValueError):
+                with open(f"/proc/{proc.pid}/status") as f:
+                    hwm = max(hwm, next(int(line.split()[1]) for line in f
+                                        if line.startswith("VmHWM")))
+            time.sleep(0.02)
         out.seek(0)
         text = out.read().decode()
     if proc.returncode != 0:
@@ -306,7 +311,7 @@ def llama_bench(gguf: Path, threads: int, n: int, prompt: int, reps: int
     for row in json.loads(text):
         key = "decode" if row.get("n_gen", 0) > 0 else "prefill"
         res[key] = round(float(row["avg_ts"]), 1)
-    return res, round(usage.ru_maxrss / 1024, 1)
+    return res, round(hwm / 1024, 1)
 
 
 def smol_rss(path: Path, dtype: str, quant: str) -> float | None:
@@ -383,20 +388,21 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
             if lc is not None and lc.get("prefill"):
                 row["prefill_ratio_vs_llama_cpp"] = round(pre["ours"] / lc["prefill"], 2)
             rows.append(row)
-            print(f"# smollm2 {fmt} threads={th}: decode {dec} prefill {pre}", file=sys.stderr,
-                  flush=True)
+            print(f"# smollm2 {json.dumps(row)}", file=sys.stderr, flush=True)
         if with_rss:
             peak = smol_rss(src, dtype if quant == "none" else "float32", quant)
             for r in rows:
                 if r["format"] == fmt:
                     r["ours_peak_rss_mb"] = peak
+            print(f"# smollm2 {fmt} ours peak RSS {peak} MB", file=sys.stderr, flush=True)
         del ours, packed, hf
     return {"command_note": "ours: generate_ids on a 64-token random prompt, decode = "
                             "(n-1)/time after the first token; transformers: manual "
                             "past_key_values loop on its GGUF (dequantized) load; llama.cpp: "
                             "llama-bench -p 64 -n N (tg from an empty context); peak RSS: "
                             "VmHWM of a fresh process (ours, 1 thread, load + 64-token "
-                            "prefill) and ru_maxrss of llama-bench",
+                            "prefill; absolute, imports included) and llama-bench's VmHWM "
+                            "(polled every 20 ms while it runs)",
             "llama_cpp": str(LLAMACPP), "rows": rows}
 
 

@@ -17,6 +17,12 @@ Prints one JSON object; "goals" compares against the issue's targets.
 
     python bench/split.py                       # ~110M model, 48 tokens, sessions 1,4,8
     python bench/split.py --hidden 256 --layers 4 --vocab 2048 --tokens 16   # a quick look
+    python bench/split.py --smollm2 --pin --tokens 32 --reps 2   # SmolLM2-135M rows only
+
+``--smollm2``: SmolLM2-135M-Instruct from ../shared's GGUF (a models dir folder holding it):
+per ``--quants`` (none = float32, int8, int4) the per-token decode latency of 2 shards (one
+core each with --pin) against the local engine on one core, and whether their greedy ids
+agree; the goal is <= 1.05x local latency.
 """
 
 from __future__ import annotations
@@ -117,13 +123,13 @@ class Local:
     """The local engine in this process. Its timings are taken between the shards' runs, so
     both see the same machine load; while it runs, this process is pinned like a shard."""
 
-    def __init__(self, path: Path, tokens: int) -> None:
+    def __init__(self, path: Path, tokens: int, quant: str = "none") -> None:
         import torch
 
         from p2pllm.engine.loader import load_slice
 
         self.torch = torch
-        self.model = load_slice(path)
+        self.model = load_slice(path, quant=quant)
         self.tokens = tokens
         self.all_cores = os.sched_getaffinity(0)
 
@@ -336,6 +342,49 @@ def balanced_layers(args: argparse.Namespace) -> str:
     return f"0-{k},{k}-{args.layers}"
 
 
+# -- SmolLM2 ------------------------------------------------------------------------------------
+
+SMOLLM2_GGUF = REPO.parent / "shared" / "models" / "smollm2-135m-instruct" / \
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+async def smol_rows(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """2 shards vs local on SmolLM2, per quant mode, in one run (fresh daemons per mode)."""
+    folder = tmp / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
+    make_model(tmp / "models" / "warm", 64, 3, 256)
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
+    ps = prompts(2, args.prompt, 49152)
+    rows: dict[str, Any] = {}
+    for quant in args.quants.split(","):
+        local = Local(folder, args.tokens, quant)
+        ds = await start_daemons(2, args.threads, tmp / "models", logs)
+        try:
+            r = await split_phase(ds, local, folder, ps, args.tokens, args.reps, 2,
+                                  args.threads, [], {"quant": quant})
+        finally:
+            for d in ds:
+                d.stop()
+        ms = r["ms_per_token"]
+        rows[quant] = {"plan": r["plan"], "local_ms_per_token": round(ms["local"], 2),
+                       "split_ms_per_token": round(ms["split"], 2),
+                       "ratio": round(ms["split"] / ms["local"], 3),
+                       "shard_compute_ms_per_step": r["shard_compute_ms_per_step"],
+                       "ids_equal_local": r["ids_equal_local"],
+                       "ttft_ms": {k: round(v, 1) for k, v in r["ttft_ms"].items()},
+                       "goal_le_1.05x_local": ms["split"] / ms["local"] <= 1.05}
+        del local
+    return {"model": str(SMOLLM2_GGUF.name), "tokens": args.tokens, "prompt": args.prompt,
+            "threads_per_process": args.threads, "pinned": PIN,
+            "machine_load_avg_at_end": os.getloadavg(),
+            "method": "median gap between consecutive streamed tokens; local runs (pinned "
+                      "like shard 0) alternate with split runs; 'shard_compute_ms_per_step' "
+                      "is each shard's forward time per step (the rest is hops/scheduling)",
+            "rows": rows}
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -378,12 +427,20 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,4,8")
     parser.add_argument("--pin", action="store_true",
                         help="pin each process to its own core(s) (a quiet machine only)")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="only the SmolLM2-135M rows (needs ../shared)")
+    parser.add_argument("--quants", default="none,int4",
+                        help="--smollm2: quant modes to compare (none,int8,int4)")
     parser.add_argument("--local-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global PIN
     PIN = args.pin
     if args.local_worker:
         print(json.dumps(local_worker(json.loads(args.local_worker))))
+        return
+    if args.smollm2:
+        tmp = Path(tempfile.mkdtemp(prefix="p2pllm-bench-split-"))
+        print(json.dumps({"smollm2": asyncio.run(smol_rows(args, tmp))}, indent=2))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="p2pllm-bench-split-"))
