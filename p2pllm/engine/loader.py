@@ -13,7 +13,9 @@ import logging
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ __all__ = [
     "load_config",
     "load_slice",
     "load_tokenizer",
+    "model_build",
     "resolve_model",
     "save_hf_checkpoint",
     "slice_tensor_names",
@@ -59,6 +62,23 @@ _CHUNK_BYTES = 16 << 20
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                     "special_tokens_map.json", "vocab.json", "merges.txt",
                     "generation_config.json", "added_tokens.json")
+
+
+# Building a model patches process-wide state: transformers' from_pretrained sets torch's
+# default dtype and swaps torch.nn.init / torch.linspace for its own while it builds (restoring
+# what it saw on entry: two overlapping builds can leave the patches in place), peft builds its
+# layers under that default dtype, and transformers' lazy imports are not safe across threads.
+# One lock, re-entrant, held by every model build in the process (engine slices, the training
+# pillars' transformers + peft models): two roles starting at once on one daemon take turns.
+_BUILD_LOCK = threading.RLock()
+
+
+@contextmanager
+def model_build() -> Iterator[None]:
+    """Hold the process-wide model-build lock (re-entrant) for the block: wrap any code that
+    builds a model (engine, transformers, peft) or imports transformers' model classes."""
+    with _BUILD_LOCK:
+        yield
 
 
 # -- finding models ---------------------------------------------------------------------------
@@ -182,16 +202,17 @@ def load_config(path: str | Path) -> ModelConfig:
 def load_tokenizer(path: str | Path) -> Any:
     """The checkpoint's tokenizer (transformers AutoTokenizer, local files only; a GGUF
     model's from its metadata)."""
-    if find_gguf(path) is not None:
-        from p2pllm.engine import gguf
+    with model_build():  # transformers' lazy imports
+        if find_gguf(path) is not None:
+            from p2pllm.engine import gguf
 
-        return gguf.load_tokenizer(path)
-    try:
-        from transformers import AutoTokenizer
+            return gguf.load_tokenizer(path)
+        try:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise ModelError(f"cannot load a tokenizer from {path}: {e}") from e
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:
+            raise ModelError(f"cannot load a tokenizer from {path}: {e}") from e
 
 
 # -- reading checkpoints ----------------------------------------------------------------------
@@ -350,7 +371,14 @@ def load_slice(path: str | Path, layers: tuple[int, int] | None = None,
     ``pack``: prepack linear weights for oneDNN (default: when it speeds up ``dtype`` here;
     see :mod:`p2pllm.engine.layout`). ``quant``: "int8" or "int4" weight-only quantized
     linears (:mod:`p2pllm.engine.quant`; GGUF Q8_0/Q4_x blocks kept as stored), for
-    inference only; None or "none": float weights of ``dtype``."""
+    inference only; None or "none": float weights of ``dtype``. Holds :func:`model_build`."""
+    with model_build():
+        return _load_slice(path, layers, embed, head, dtype, adapter, device, pack, quant)
+
+
+def _load_slice(path: str | Path, layers: tuple[int, int] | None, embed: bool | None,
+                head: bool | None, dtype: torch.dtype, adapter: str | Path | None,
+                device: torch.device | str, pack: bool | None, quant: str | None) -> ModelSlice:
     quant = check_quant(quant)
     path = Path(path)
     if not path.is_dir() and path.suffix.lower() != ".gguf":

@@ -45,14 +45,22 @@ def quantize_refusal(quantize: str | None, device: str) -> str | None:
 
 
 def load_base_model(path: str | Path, *, device: str = "cpu", quantize: str | None = None) -> Any:
-    """The base causal LM, frozen, on ``device`` (4-bit NF4 via bitsandbytes when asked)."""
+    """The base causal LM, frozen, on ``device`` (4-bit NF4 via bitsandbytes when asked).
+    Built under the process-wide model-build lock (:func:`p2pllm.engine.loader.model_build`)."""
+    from p2pllm.engine.loader import model_build
+
+    reason = quantize_refusal(quantize, device)
+    if reason:
+        raise ValueError(reason)
+    with model_build():
+        return _load_base_model(path, device, quantize)
+
+
+def _load_base_model(path: str | Path, device: str, quantize: str | None) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no tqdm bars in daemon logs
-    reason = quantize_refusal(quantize, device)
-    if reason:
-        raise ValueError(reason)
     if quantize == "4bit":
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
@@ -75,10 +83,13 @@ def load_base_model(path: str | Path, *, device: str = "cpu", quantize: str | No
 
 
 def wrap(model: Any, spec: LoraSpec, seed: int, base_model_path: str | None = None) -> Any:
-    """peft-wrap ``model`` with the spec; the LoRA A matrices are drawn from ``seed``."""
-    from peft import get_peft_model
+    """peft-wrap ``model`` with the spec; the LoRA A matrices are drawn from ``seed``
+    (under the process-wide model-build lock)."""
+    from p2pllm.engine.loader import model_build
 
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with model_build(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        from peft import get_peft_model
+
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations peft trips
         torch.manual_seed(seed)
         return get_peft_model(model, spec.peft_config(base_model_path))

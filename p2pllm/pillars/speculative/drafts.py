@@ -72,21 +72,26 @@ def random_llama(out: str | Path, *, vocab_size: int, hidden_size: int = 64, lay
                  max_positions: int = 2048, init_std: float = 0.02, seed: int = 0,
                  tie_embeddings: bool = False, tokenizer_from: str | Path | None = None,
                  eos_token_id: int | None = 2, **extra: Any) -> Path:
-    """A randomly initialised Llama checkpoint (transformers' own init, seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised Llama checkpoint (transformers' own init, seeded; built under
+    the process-wide model-build lock, :func:`p2pllm.engine.loader.model_build`)."""
+    from p2pllm.engine.loader import model_build
 
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        max_position_embeddings=max_positions, initializer_range=init_std,
-        tie_word_embeddings=tie_embeddings, bos_token_id=1, eos_token_id=eos_token_id, **extra)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
+    with model_build():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads,
+            intermediate_size=intermediate_size or 2 * hidden_size,
+            max_position_embeddings=max_positions, initializer_range=init_std,
+            tie_word_embeddings=tie_embeddings, bos_token_id=1, eos_token_id=eos_token_id,
+            **extra)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.random.set_rng_state(state)
     dst = Path(out)
     model.save_pretrained(dst)
     if tokenizer_from is not None:

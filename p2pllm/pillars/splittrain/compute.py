@@ -185,13 +185,16 @@ def init_weights(model: ModelSlice, seed: int, std: float = 0.02) -> None:
 def apply_lora(model: ModelSlice, spec: LoraSpec, seed: int) -> ModelSlice:
     """Wrap the target linears with peft LoRA (only the adapters train); A is drawn like
     peft's default (kaiming-uniform, bound 1/sqrt(fan_in)) but from (seed, name), B = 0."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from p2pllm.engine.loader import model_build
 
     if spec.dropout:
         raise ValueError(f"split training's LoRA has no dropout, got {spec.dropout} (lora_spec)")
-    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha,  # type: ignore[arg-type]
-                     target_modules=list(spec.target_modules), lora_dropout=0.0, bias="none")
-    inject_adapter_in_model(cfg, model)
+    with model_build():  # peft's layers: transformers' imports and torch's default dtype
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                         target_modules=list(spec.target_modules), lora_dropout=0.0, bias="none")
+        inject_adapter_in_model(cfg, model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_A." in name:
@@ -238,7 +241,7 @@ def build_slice(source: str | Path | ModelConfig, layers: tuple[int, int] | None
     """A float32 slice ready to train: layers ``[a, b)`` (all when None) of a checkpoint
     (``init="checkpoint"``) or freshly initialised from a config or a checkpoint's config
     (``init="random"``, :func:`init_weights`), with LoRA adapters if ``lora``."""
-    from p2pllm.engine.loader import load_slice, resolve_model
+    from p2pllm.engine.loader import load_slice, model_build, resolve_model
 
     if init not in ("checkpoint", "random"):
         raise ModelError(f"init must be 'checkpoint' or 'random', got {init!r}")
@@ -251,17 +254,18 @@ def build_slice(source: str | Path | ModelConfig, layers: tuple[int, int] | None
         path = resolve_model(source, models_dir)
         config = ModelConfig.from_dir(path)
     start, end = layers if layers is not None else (0, config.num_layers)
-    if init == "checkpoint":
-        assert path is not None
-        model = load_slice(path, layers=(start, end), dtype=torch.float32, pack=False)
-    else:
-        model = ModelSlice(config, start, end)
-        init_weights(model, seed)
-    if lora is not None:
-        apply_lora(model, lora, seed)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    with model_build():  # one model build at a time in the process (engine.loader)
+        if init == "checkpoint":
+            assert path is not None
+            model = load_slice(path, layers=(start, end), dtype=torch.float32, pack=False)
+        else:
+            model = ModelSlice(config, start, end)
+            init_weights(model, seed)
+        if lora is not None:
+            apply_lora(model, lora, seed)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
     model.train()
     return model
 
