@@ -85,13 +85,20 @@ class Job:
         self.host.emit(ev.JobMember(self.id, node_id, rid, role, summary))
         return rid
 
-    async def release(self, member: Member) -> None:
-        with contextlib.suppress(ConnectionClosed, RemoteError, TimeoutError):
-            await self.cluster.request(
-                member.node_id, MsgType.RELEASE, {"job": self.id, "rid": member.rid}, timeout=30
-            )
+    async def release(self, member: Member, reason: str = "released") -> None:
+        try:
+            with contextlib.suppress(ConnectionClosed, RemoteError, TimeoutError):
+                await self.cluster.request(
+                    member.node_id, MsgType.RELEASE, {"job": self.id, "rid": member.rid},
+                    timeout=30)
+        finally:
+            self.forget(member, reason)
+
+    def forget(self, member: Member, reason: str) -> None:
+        """``member`` left the job ("released" or "lost"): off the live member list."""
         if member in self.members:
             self.members.remove(member)
+            self.host.emit(ev.JobMemberLeft(self.id, member.node_id, member.rid, reason))
 
     async def release_all(self) -> None:
         await asyncio.gather(*(self.release(m) for m in list(self.members)))

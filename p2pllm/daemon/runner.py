@@ -314,7 +314,7 @@ class JobRunner:
         gone = [h for h in self.held.values() if h.slot.node_id == slot.node_id]
         for h in gone:
             del self.held[h.slot.key]
-        await asyncio.gather(*(_release_quietly(self.job, h.member) for h in gone))
+        await asyncio.gather(*(_release_quietly(self.job, h.member, "lost") for h in gone))
         self._publish()
         return lost
 
@@ -324,8 +324,7 @@ class JobRunner:
         held = self.held.pop((node_id, rid), None)
         if held is None:
             return None
-        if held.member in self.job.members:
-            self.job.members.remove(held.member)
+        self.job.forget(held.member, "lost")
         return held.slot
 
     def _publish(self) -> None:
@@ -351,11 +350,10 @@ def _code(exc: AssignRefused) -> ErrorCode:
     return ErrorCode.REFUSED
 
 
-async def _release_quietly(job: Job, member: Member) -> None:
+async def _release_quietly(job: Job, member: Member, reason: str) -> None:
     """RELEASE a lost member's role, without waiting long for a node that may be frozen."""
     try:
         async with asyncio.timeout(2.0):
-            await job.release(member)
+            await job.release(member, reason)
     except TimeoutError:
-        if member in job.members:
-            job.members.remove(member)
+        job.forget(member, reason)

@@ -102,6 +102,17 @@ class JobMember:
 
 
 @dataclass(frozen=True)
+class JobMemberLeft:
+    """A member no longer holds its role: ``reason`` "released" (RELEASE sent: re-placed or
+    the job ended) or "lost" (its node failed mid-job)."""
+
+    job: str
+    node_id: str
+    rid: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class JobUpdated:
     job: str
     metrics: dict[str, Any]
@@ -131,6 +142,7 @@ Event = (
     | RoleMetrics
     | JobStarted
     | JobMember
+    | JobMemberLeft
     | JobUpdated
     | JobEnded
     | NodeUpdated
@@ -232,7 +244,8 @@ def apply(state: State, event: Event) -> State:
                 "state": "running",
                 "started": event.at,
                 "ended": None,
-                "members": [],
+                "members": [],  # live: each holds its role now
+                "left": [],  # members that left, oldest first, each with its "reason"
                 "metrics": {},
                 "params": event.params,
                 "error": None,
@@ -254,6 +267,18 @@ def apply(state: State, event: Event) -> State:
                 "summary": event.summary,
             }
             job = {**old, "members": [*old["members"], member]}
+            return replace(state, jobs=_with(state.jobs, event.job, job))
+        case JobMemberLeft():
+            old = state.jobs.get(event.job)
+            if old is None:
+                return state
+            members = list(old["members"])
+            at = next((i for i, m in enumerate(members)
+                       if m["node_id"] == event.node_id and m["rid"] == event.rid), None)
+            if at is None:
+                return state
+            gone = {**members.pop(at), "reason": event.reason}
+            job = {**old, "members": members, "left": [*old.get("left", []), gone]}
             return replace(state, jobs=_with(state.jobs, event.job, job))
         case JobUpdated():
             old = state.jobs.get(event.job)

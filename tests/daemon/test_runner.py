@@ -213,11 +213,19 @@ async def test_a_lost_member_is_replayed_on_the_survivors_one_taking_two_parts()
         got = await runner.run()
         # (b is dead: it cannot be released, and holds nothing once it restarts)
         assert c.holding() == {"n-a": {"part0", "part1"}, "n-b": {"part1"}, "n-c": {"part2"}}
+        # the dead member left the job's live list (ctl jobs / the dashboard), noted as lost;
+        # part0, re-placed with a new slot, was released and assigned again
+        record = job_record(state)
+        assert sorted((m["node_id"], m["rid"]) for m in record["members"]) == [
+            ("n-a", "part0"), ("n-a", "part1"), ("n-c", "part2")]
+        assert [(m["node_id"], m["rid"], m["reason"]) for m in record["left"]] == [
+            ("n-b", "part1", "lost"), ("n-a", "part0", "released")]
     assert pillar.plans == [["a", "b", "c"], ["a", "a", "c"]]
     assert got == ["part0@n-a", "part1@n-a", "part2@n-c"] and runner.replays == 1
     lost = job_record(state)["metrics"]["runner"]["lost"]
     assert [(x["name"], x["rid"]) for x in lost] == [("b", "part1")]
     assert c.holding() == {"n-b": {"part1"}}
+    assert job_record(state)["members"] == []  # all released when the job ended
 
 
 async def test_a_lost_member_without_replay_fails_naming_it() -> None:
