@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pllm.config import ROLE_KINDS
 from p2pllm.daemon import state as ev
+from p2pllm.daemon.messages import ASSIGN, RELEASE
 from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler, role_registry
 from p2pllm.wire.connection import Connection, Reply, Request
 from p2pllm.wire.frame import ProtocolError
@@ -64,11 +65,9 @@ class RoleHost:
 
     async def on_assign(self, conn: Connection, req: Request) -> Reply:
         d = self.d
-        m = req.meta
-        job, kind, params = m.get("job"), m.get("role"), m.get("params", {})
-        rid = m.get("rid", kind)
-        if not isinstance(job, str) or not isinstance(kind, str) or not isinstance(rid, str) or not isinstance(params, dict):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "ASSIGN needs job, role (str), rid (str), params (map)")
+        m = ASSIGN.parse(req.meta)  # BAD_REQUEST naming the field (protocol.md 4.3)
+        job, kind, params = m["job"], m["role"], dict(m["params"])
+        rid = m["rid"] or kind
         if kind in ROLE_KINDS and not d.config.accepts(kind):
             raise Refused(f"role {kind} is pinned elsewhere: {d.name} accepts only {', '.join(d.config.roles)}")
         cls = self.registry.get(kind)
@@ -122,10 +121,8 @@ class RoleHost:
         return role
 
     async def on_release(self, conn: Connection, req: Request) -> Reply:
-        job, rid = req.meta.get("job"), req.meta.get("rid")
-        if not isinstance(job, str) or (rid is not None and not isinstance(rid, str)):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "RELEASE needs job (str) and optional rid (str)")
-        released = await self.release(job, rid, "released by coordinator")
+        m = RELEASE.parse(req.meta)
+        released = await self.release(m["job"], m["rid"], "released by coordinator")
         return Reply(MsgType.ACK, {"released": released})
 
     async def release(self, job: str, rid: str | None, reason: str) -> list[str]:

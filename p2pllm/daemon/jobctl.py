@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from p2pllm.daemon.messages import JOB_STOP
 from p2pllm.daemon.peers import PeerLink
 from p2pllm.wire.connection import Connection, ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import ProtocolError
@@ -49,19 +50,18 @@ class JobControl:
 
     async def on_job_stop(self, conn: Connection, req: Request) -> Reply:
         d = self.d
-        job = req.meta.get("job")
-        if not isinstance(job, str):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "JOB_STOP needs a job id")
+        m = JOB_STOP.parse(req.meta)  # BAD_REQUEST naming the field (protocol.md 4.3)
+        job, forwarded = m["job"], m["forwarded"]
         if d.jobs.stop(job):
             return Reply(MsgType.ACK, {"stopped": job, "where": "coordinator"})
         if job in d.hosting.roles:
             for coord in d.hosting.coordinators(job):
-                if coord != d.node_id and req.meta.get("forwarded") is None:
+                if coord != d.node_id and not forwarded:
                     with contextlib.suppress(ConnectionClosed, RemoteError, TimeoutError):
                         await d.request(coord, MsgType.JOB_STOP, {"job": job, "forwarded": True}, timeout=10)
             await d.hosting.release(job, None, "stopped by operator")
             return Reply(MsgType.ACK, {"stopped": job, "where": "member"})
-        if req.meta.get("forwarded") is None:
+        if not forwarded:
             # Not ours: find the coordinator among the peers and ask it.
             for peer_jobs in await self._peer_jobs():
                 for j in peer_jobs:

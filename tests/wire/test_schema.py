@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-# The pillars' messages modules define (and register) every body.
+# The daemon's and the pillars' messages modules define (and register) every body.
+import p2pllm.daemon.messages
 import p2pllm.pillars.federated.messages
 import p2pllm.pillars.messages
 import p2pllm.pillars.speculative.messages
@@ -252,7 +253,7 @@ def test_the_pillars_define_their_bodies() -> None:
     for name in ("SPEC_OPEN", "SPEC_VERIFY", "SPEC_DRAFT_RUN", "SHARD_OPEN", "SHARD_FORWARD",
                  "ASSIGN shard", "FL_RUN", "FL_TRAIN", "ASSIGN fl-client", "TRAIN_FORWARD",
                  "TRAIN_STEP", "TRAIN_RUN", "ASSIGN train-stage", "sampling", "GENERATE spec",
-                 "GENERATE split"):
+                 "GENERATE split", "ASSIGN", "RELEASE", "JOB_STOP"):
         assert name in BODIES
 
 
