@@ -236,9 +236,14 @@ class TrainStageRole(Role):
         }
 
     def summary(self) -> str:
-        return f"stage {self.p.index}/{self.p.num_stages} layers {self.p.start}-{self.p.end}"
+        p: StageParams | None = getattr(self, "p", None)
+        if p is None:  # asked while start() has not parsed the params (or is failing on them)
+            return "stage (not started)"
+        return f"stage {p.index}/{p.num_stages} layers {p.start}-{p.end}"
 
     def role_metrics(self) -> dict[str, Any]:
+        if getattr(self, "totals", None) is None:  # before on_start set its figures up
+            return {}
         t = self.totals
         out: dict[str, Any] = {
             "stage": self.p.index, "layers": [self.p.start, self.p.end], "step": self.step,
