@@ -67,7 +67,8 @@ def test_fl_eval_replies_that_do_not_parse_are_left_out_of_the_weighted_loss() -
 
     class Cluster:
         async def request(self, node: str, *args: Any, **kw: Any) -> Any:
-            return SimpleNamespace(meta=answers[node], payload=memoryview(b""))
+            return SimpleNamespace(meta=answers[node], payload=memoryview(b""), sent_bytes=100,
+                                   wire_bytes=50)  # the connection's byte counts
 
     run = object.__new__(FLRun)
     run.cfg = SimpleNamespace(round_timeout=5.0)  # type: ignore[assignment]
@@ -76,7 +77,7 @@ def test_fl_eval_replies_that_do_not_parse_are_left_out_of_the_weighted_loss() -
     run.cluster = Cluster()
     loss, sent, received = asyncio.run(run._evaluate(1, [Client(n, n) for n in answers]))
     assert loss == pytest.approx((2.0 * 4 + 8.0 * 12) / 16)
-    assert sent > 0 and received > 0
+    assert (sent, received) == (5 * 100, 5 * 50)  # every answer counts, used or not
 
 
 STAGE = Stage(1, "node-b-0123", "b", 2, 4)
