@@ -251,8 +251,9 @@ class Daemon:
 
     async def notify(
         self, node_id: str, msg_type: MsgType, meta: dict[str, Any], payload: Sequence[Buffer] = ()
-    ) -> None:
-        await self.connection(node_id).notify(msg_type, meta, payload)
+    ) -> int:
+        """A one-way message; returns the bytes it took on the wire (0 to this node itself)."""
+        return await self.connection(node_id).notify(msg_type, meta, payload)
 
     # -- dispatch -------------------------------------------------------------------------
 

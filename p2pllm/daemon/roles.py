@@ -43,8 +43,10 @@ class Refused(ProtocolError):
 class Cluster(Protocol):
     """What roles and coordinators may do with the rest of the cluster (the daemon implements it).
 
-    Node ids name peers; the local node's own id works too (the request goes through the
-    daemon's own listening socket, the same code path as a remote peer).
+    Node ids name peers; the local node's own id works too: the request is handed over
+    in-process (:class:`~p2pllm.wire.local.LocalConnection`, no socket), through the same
+    dispatch as a remote peer's. Byte counts are bytes on the wire: a response's
+    `wire_bytes`/`sent_bytes` and `notify`'s return value, all 0 in-process.
     """
 
     node_id: str
@@ -76,7 +78,9 @@ class Cluster(Protocol):
 
     async def notify(
         self, node_id: str, msg_type: MsgType, meta: dict[str, Any], payload: Sequence[Buffer] = ()
-    ) -> None: ...
+    ) -> int:
+        """A one-way message; returns the bytes it took on the wire (0 in-process)."""
+        ...
 
 
 @dataclass(frozen=True)

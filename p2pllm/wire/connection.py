@@ -541,18 +541,37 @@ class Connection(FrameSink):
     def start_keepalive(
         self, interval: float, timeout: float, on_rtt: Callable[[float], None] | None = None
     ) -> None:
-        """PING every `interval`; close if nothing was received for `timeout` seconds."""
+        """PING every `interval`; close if nothing was received for `timeout` seconds.
+
+        Silence is counted in time the event loop ran: when this loop itself was stalled (a
+        synchronous call that overran), the stall is not the peer's silence. A stall shows as
+        this task waking late from its sleep; that lateness is left out until the next frame
+        arrives. And before closing it lets the loop run the reads that may already wait on
+        the socket (after a stall the timer can run ahead of them), then looks again."""
         if self._keepalive is None:
             self._keepalive = self._loop.create_task(self._keepalive_loop(interval, timeout, on_rtt))
 
     async def _keepalive_loop(
         self, interval: float, timeout: float, on_rtt: Callable[[float], None] | None
     ) -> None:
+        stalls: list[tuple[float, float]] = []  # (due, woke): the late wake-ups of this task
         while not self._is_closed:
-            silent = time.monotonic() - self.last_recv
-            if silent > timeout:
-                self.close(f"no traffic for {silent:.1f}s (keepalive timeout {timeout}s)")
-                return
+            last = self.last_recv
+            if stalls and stalls[0][1] <= last:
+                stalls = [st for st in stalls if st[1] > last]
+            stalled = sum(woke - max(due, last) for due, woke in stalls)  # of them, after `last`
+            silent = time.monotonic() - last
+            if silent - stalled > timeout:
+                # Two loop turns: one polls the socket, the next runs its read callbacks.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                if self._is_closed:
+                    return
+                if self.last_recv == last:
+                    stall = f", {stalled:.1f}s of it a stall of this loop" if stalled >= 0.05 else ""
+                    self.close(f"no traffic for {silent:.1f}s{stall} (keepalive timeout {timeout}s)")
+                    return
+                continue
             try:
                 t0 = time.perf_counter()
                 await self.request(MsgType.PING, {"t": time.time()}, timeout=timeout)
@@ -563,7 +582,11 @@ class Connection(FrameSink):
                 pass
             except ConnectionClosed:
                 return
+            due = time.monotonic() + interval
             await asyncio.sleep(interval)
+            woke = time.monotonic()
+            if woke > due:  # the loop did not come back to this task from `due` until now
+                stalls.append((due, woke))
 
     # -- closing ------------------------------------------------------------------------------
 

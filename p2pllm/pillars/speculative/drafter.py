@@ -46,7 +46,7 @@ from p2pllm.pillars.speculative.messages import (
 )
 from p2pllm.pillars.speculative.models import LoadedModel
 from p2pllm.wire.connection import ConnectionClosed, RemoteError
-from p2pllm.wire.frame import HEADER_SIZE, ProtocolError, encode_meta, payload_nbytes
+from p2pllm.wire.frame import Frame, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
 
 __all__ = ["Draft", "DraftState", "SessionMetrics", "SpecSession", "position_seed", "sparse_q"]
@@ -273,10 +273,6 @@ class SessionMetrics:
         }
 
 
-def frame_bytes(meta: dict[str, Any], payload: Sequence[Any] = ()) -> int:
-    return HEADER_SIZE + len(encode_meta(meta)) + payload_nbytes(payload)
-
-
 Emit = Callable[[list[int], SessionMetrics], Awaitable[None]]
 
 
@@ -307,7 +303,7 @@ class SpecSession:
     # -- talking to the verifier ----------------------------------------------------------------
 
     async def _call(self, msg_type: MsgType, meta: dict[str, Any], payload: Sequence[Any],
-                    timeout: float) -> dict[str, Any]:
+                    timeout: float) -> Frame:
         try:
             frame = await self.cluster.request(self.run.verifier, msg_type, meta, payload,
                                                timeout=timeout)
@@ -319,12 +315,12 @@ class SpecSession:
         except TimeoutError as exc:
             raise ProtocolError(ErrorCode.TIMEOUT,
                                 f"the {self.peer} did not answer {msg_type.name} in {timeout:.0f}s") from exc
-        return dict(frame.meta)
+        return frame
 
     async def _open(self) -> OpenReply:
         r = self.run
         meta, payload = OpenRequest(r.prompt, r.max_tokens, r.params, r.seed).to_meta(self.job)
-        reply = OpenReply.from_meta(await self._call(MsgType.SPEC_OPEN, meta, payload, OPEN_TIMEOUT))
+        reply = OpenReply.from_meta((await self._call(MsgType.SPEC_OPEN, meta, payload, OPEN_TIMEOUT)).meta)
         self.session = reply.session
         self.metrics.prefill_s = reply.prefill_s
         return reply
@@ -334,13 +330,13 @@ class SpecSession:
         t0 = time.perf_counter()
         answer = await self._call(MsgType.SPEC_VERIFY, meta, payload, VERIFY_TIMEOUT)
         rtt = time.perf_counter() - t0
-        reply = VerifyReply.from_meta(answer)
+        reply = VerifyReply.from_meta(answer.meta)
         if reply.accepted > len(window.tokens):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"the {self.peer} accepted {reply.accepted} of {len(window.tokens)} tokens")
         m = self.metrics
-        m.bytes_out += frame_bytes(meta, payload)
-        m.bytes_in += frame_bytes(answer)
+        m.bytes_out += answer.sent_bytes  # as the connection counted them (0 in-process)
+        m.bytes_in += answer.wire_bytes
         m.verify_s += reply.seconds
         m.forward_s += reply.forward_s / reply.batch
         m.network_s += max(0.0, rtt - reply.seconds)

@@ -47,7 +47,7 @@ from p2pllm.pillars.split.messages import (
 )
 from p2pllm.plan.layers import free_bytes
 from p2pllm.wire.connection import ConnectionClosed, Reply, Request
-from p2pllm.wire.frame import HEADER_SIZE, ProtocolError, encode_meta
+from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta, torch_dtype, unpack_tensors
 
@@ -281,7 +281,7 @@ class ShardRole(Role):
             self._fail(s, exc.code, f"shard {self.p.index} (layers {self.p.layers}) got a bad "
                        f"step: {exc.message}")
             return None
-        nbytes = HEADER_SIZE + len(encode_meta(req.meta)) + req.frame.payload.nbytes
+        nbytes = req.wire_bytes  # what the step took on the wire: 0 from a shard on this node
         s.bytes_in += nbytes
         self._counters["bytes_in"] += nbytes
         self._counters["frames_in"] += 1
@@ -440,9 +440,8 @@ class ShardRole(Role):
     async def _send(self, s: _Session, hop: Hop, pos: int, sample: bool,
                     tensors: dict[str, torch.Tensor]) -> None:
         meta, payload = tensor_meta(tensors, forward_meta(self.ctx.job, hop, s.id, pos, sample))
-        nbytes = HEADER_SIZE + len(encode_meta(meta)) + sum(memoryview(b).nbytes for b in payload)
         try:
-            await self.ctx.cluster.notify(hop.node, MsgType.SHARD_FORWARD, meta, payload)
+            nbytes = await self.ctx.cluster.notify(hop.node, MsgType.SHARD_FORWARD, meta, payload)
         except (ConnectionClosed, OSError) as exc:
             self._fail(s, ErrorCode.PEER_DOWN, f"shard {self.p.index} cannot reach node "
                        f"{hop.node[:8]} ({hop.rid}): {exc}")
