@@ -31,11 +31,12 @@ from p2pllm.engine.quant import (
     QuantWeight,
     check_quant,
     gguf_dequantize,
+    quantized_nbytes,
     repack_gguf,
 )
 
 __all__ = ["can_pack", "fuse_projections", "pack_linears", "preallocate_fused",
-           "quantizable_weights", "quantize_linears", "unpack_linears"]
+           "quantizable_weights", "quantize_linears", "unpack_linears", "weight_nbytes"]
 
 
 def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
@@ -240,6 +241,53 @@ def quantize_linears(model: nn.Module, mode: str,
             n += 1
     shadow_attributes(model)
     return n
+
+
+def weight_nbytes(model: nn.Module, dtype: torch.dtype, quant: str | None = None,
+                  packed: bool = False) -> int:
+    """Bytes of weights ``model`` (a ModelSlice, on the meta device will do) holds once it is
+    loaded as ``dtype`` and quantized as :func:`quantize_linears` does it with ``quant``: its
+    linears' codes and scales (q/k/v and gate/up fused, the head int8, a tied head a quantized
+    copy of the embedding), every other parameter (embedding, norms, biases) in ``dtype``.
+    ``packed``: float linears packed by :func:`pack_linears` (a tied head its own copy)."""
+    mode = check_quant(quant)
+    if packed and mode == "none":
+        head = getattr(model, "lm_head", None)
+        embed = getattr(model, "embed_tokens", None)
+        if head is not None and embed is not None and head.weight is embed.weight:
+            return weight_nbytes(model, dtype) + head.weight.numel() * dtype.itemsize
+    quantized: set[int] = set()
+    total = 0
+    if mode != "none":
+        grouped: set[int] = set()
+        for owner in model.modules():
+            attrs = _GROUP_NAMES.get(type(owner))
+            mods = [getattr(owner, a) for a in attrs] if attrs else []
+            if not mods or not all(type(m) is Linear for m in mods):
+                continue
+            has_bias = [m.bias is not None for m in mods]
+            if any(has_bias) and not all(has_bias):
+                continue
+            total += quantized_nbytes(sum(m.out_features for m in mods), mods[0].in_features,
+                                      mode)
+            grouped.update(id(m) for m in mods)
+        for name, m in model.named_modules():
+            if type(m) is not Linear:
+                continue
+            if id(m) not in grouped:
+                total += quantized_nbytes(m.out_features, m.in_features,
+                                          "int8" if name == "lm_head" else mode)
+            quantized.add(id(m.weight))
+        embed = getattr(model, "embed_tokens", None)
+        if embed is not None:  # a tied head's weight is the embedding, which stays float
+            quantized.discard(id(embed.weight))
+    seen: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or id(p) in quantized:
+            continue
+        seen.add(id(p))
+        total += p.numel() * dtype.itemsize
+    return total
 
 
 def quantizable_weights(model: nn.Module) -> set[str]:

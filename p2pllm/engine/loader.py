@@ -34,6 +34,7 @@ from p2pllm.engine.layout import (
     preallocate_fused,
     quantizable_weights,
     quantize_linears,
+    weight_nbytes,
 )
 from p2pllm.engine.model import ModelSlice
 from p2pllm.engine.quant import GGUF_QUANT_TYPES, check_quant
@@ -50,6 +51,7 @@ __all__ = [
     "resolve_model",
     "save_hf_checkpoint",
     "slice_tensor_names",
+    "weight_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,7 @@ class ModelInfo:
     path: Path
     model_type: str
     num_layers: int
-    param_bytes: int  # bytes of all stored tensors, in the checkpoint's dtype
+    param_bytes: int  # bytes the engine holds loading it as float32 (weight_bytes)
     format: str = "hf"  # "hf" (config.json + safetensors) or "gguf"
 
 
@@ -185,7 +187,7 @@ def list_models(models_dir: str | Path | None, include_bundled: bool = True,
                 if gguf is None and not (d / "config.json").is_file():
                     continue
                 cfg = ModelConfig.from_dir(d)
-                nbytes = sum(_reader(d).nbytes.values())
+                nbytes = weight_bytes(d)
             except ModelError as e:
                 log.warning("skipping %s: %s", d, e)
                 continue
@@ -355,6 +357,27 @@ def _meta_slice(config: ModelConfig, start: int, end: int, embed: bool,
                 head: bool) -> ModelSlice:
     with torch.device("meta"):
         return ModelSlice(config, start, end, embed, head)
+
+
+def weight_bytes(path: str | Path, dtype: torch.dtype = torch.float32,
+                 quant: str | None = None, layers: tuple[int, int] | None = None,
+                 device: torch.device | str = "cpu", pack: bool | None = None) -> int:
+    """Bytes of weights the engine holds once it loads ``path`` (layers ``[a, b)``, all when
+    None) as :func:`load_slice` does with ``dtype``, ``quant`` and ``pack``: the parameter count of the
+    model's shape (a GGUF model's from its metadata and tensor shapes, whatever its blocks
+    take on disk) times ``dtype``'s size, quantized linears at their codes and scales. The
+    one memory estimate of a model: what the daemon advertises (``param_bytes``, float32),
+    and what roles and planners check a load against."""
+    path = Path(path)
+    if not path.is_dir() and path.suffix.lower() != ".gguf":
+        path = resolve_model(str(path))
+    config = ModelConfig.from_dir(path)
+    start, end = layers if layers is not None else (0, config.num_layers)
+    model = _meta_slice(config, start, end, start == 0, end == config.num_layers)
+    model.tie_weights()
+    if pack is None:
+        pack = can_pack(dtype, device)
+    return weight_nbytes(model, dtype, quant, packed=pack)
 
 
 # -- loading ----------------------------------------------------------------------------------

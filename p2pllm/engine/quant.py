@@ -33,7 +33,7 @@ from torch import nn
 
 __all__ = ["GGUF_QUANT_TYPES", "GROUP", "QUANT_MODES", "QuantFused", "QuantLinear", "QuantWeight",
            "check_quant", "dequantize_int4", "dequantize_int8", "quantize_int4",
-           "quantize_int8", "repack_gguf"]
+           "quantize_int8", "quantized_nbytes", "repack_gguf"]
 
 QUANT_MODES = ("none", "int8", "int4")
 GROUP = 32
@@ -155,6 +155,18 @@ def gguf_dequantize(ggml_type: int, shape: tuple[int, int], blocks: torch.Tensor
 
 
 # -- the kernels' layouts ---------------------------------------------------------------------
+
+
+def quantized_nbytes(n: int, k: int, mode: str, group: int = GROUP) -> int:
+    """Bytes a quantized (N, K) weight takes (:meth:`QuantWeight.nbytes` without building it):
+    int4 N*K/2 codes and a bfloat16 scale and zero per group, when the kernel takes the shape
+    (as :meth:`QuantWeight.from_float` and :func:`repack_gguf` decide), else int8 N*K codes
+    and a bfloat16 scale per row."""
+    if mode == "int4" and k % group == 0 and n % 16 == 0:
+        return n * k // 2 + (k // group) * n * 2 * _KERNEL_DTYPE.itemsize
+    if mode not in ("int4", "int8"):
+        raise ValueError(f"quant mode {mode!r} is not int8 or int4")
+    return n * k + n * _KERNEL_DTYPE.itemsize
 
 
 class QuantWeight:

@@ -4,6 +4,7 @@ gguf.GGUFWriter against transformers' GGUF load, slices, errors, and SmolLM2-135
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -260,8 +261,8 @@ def test_models_dir_lists_and_resolves_a_gguf_folder(tmp_path: Path) -> None:
     assert list(infos) == ["tiny-q8"]
     info = infos["tiny-q8"]
     assert info.format == "gguf" and info.num_layers == 3 and info.model_type == "llama"
-    assert info.param_bytes == sum(i.nbytes for i in GGUFFile(
-        info.path / "Tiny.Q8_0.gguf").tensors.values())
+    assert info.param_bytes == 4 * sum(  # float32 bytes the engine holds (weight_bytes)
+        math.prod(i.shape) for i in GGUFFile(info.path / "Tiny.Q8_0.gguf").tensors.values())
     assert resolve_model("tiny-q8", tmp_path / "models") == info.path
     assert find_gguf(info.path) == (info.path / "Tiny.Q8_0.gguf").resolve()
     assert load_slice(resolve_model("tiny-q8", tmp_path / "models")).config.vocab_size == 96

@@ -150,11 +150,13 @@ class SpecPillar:
             self.t_plan = time.perf_counter()
         verifier = _best(rank_verifiers(
             nodes, spec.model, local_path=str(tp) if tp else None, local_has=tp is not None,
-            size_hint=model_bytes(tp) if tp else None, pin=spec.verifier),
+            size_hint=model_bytes(tp, spec.dtype, spec.quant) if tp else None,
+            pin=spec.verifier),
             excluded, "verifier", spec.model)
         drafter = _best(rank_drafters(
             nodes, spec.draft_model, verifier.node_id, local_path=str(dp) if dp else None,
-            local_has=dp is not None, size_hint=model_bytes(dp) if dp else None,
+            local_has=dp is not None,
+            size_hint=model_bytes(dp, spec.draft_dtype, spec.draft_quant) if dp else None,
             pin=spec.drafter), excluded, "drafter", spec.draft_model)
         self.verifier, self.drafter = verifier, drafter
         return [

@@ -21,7 +21,7 @@ import torch
 from p2pllm.daemon.cluster import resolve_model_ref
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
-from p2pllm.engine.loader import load_slice
+from p2pllm.engine.loader import load_slice, weight_bytes
 from p2pllm.engine.model import ModelSlice
 from p2pllm.wire.tensors import COMPUTE_DTYPES, torch_dtype
 
@@ -36,9 +36,11 @@ def find_local_model(name: str, models_dir: str | None) -> Path | None:
     return resolve_model_ref(name, models_dir)
 
 
-def model_bytes(path: Path) -> int:
-    """Bytes of the checkpoint's weights files (an estimate of the memory a load takes)."""
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+def model_bytes(path: Path, dtype: str = "float32", quant: str | None = None,
+                device: str = "cpu") -> int:
+    """Bytes of weights a load of ``path`` as ``dtype`` / ``quant`` holds (the engine's one
+    estimate, :func:`p2pllm.engine.loader.weight_bytes`; GGUF models included)."""
+    return weight_bytes(path, torch_dtype(dtype), quant, device=device)
 
 
 @dataclass(eq=False)
@@ -111,6 +113,8 @@ class ModelCache:
 
 
 def _param_bytes(model: ModelSlice) -> int:
+    """Bytes the loaded model's weights take: its parameters, and its quantized linears'
+    codes and scales (not parameters)."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -118,7 +122,8 @@ def _param_bytes(model: ModelSlice) -> int:
             continue
         seen.add(id(p))
         total += p.numel() * p.element_size()
-    return total
+    qweights = {id(q): q for m in model.modules() if (q := getattr(m, "qweight", None)) is not None}
+    return total + sum(q.nbytes() for q in qweights.values())
 
 
 def default_device() -> str:

@@ -62,7 +62,9 @@ def _candidates(nodes: Sequence[Mapping[str, Any]], model: str, local_path: str 
         if refusal is not None:
             why.append(f"{n['name']}: {refusal}")
             continue
-        need = size if size is not None else size_hint
+        # size_hint: the coordinator's own estimate for the requested dtype / quant (exact);
+        # else what the node advertises (float32 weights: an upper bound)
+        need = size_hint if size_hint is not None else size
         fits = need is None or need <= free_bytes(caps)
         if need is not None and not fits and not pin:
             why.append(f"{n['name']}: not enough memory for {model} ({need / 1e6:.0f} MB "

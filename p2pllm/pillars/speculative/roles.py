@@ -69,7 +69,7 @@ def _refuse_model(config: DaemonConfig, caps: Mapping[str, Any], params: Mapping
     if any(key[0] == str(path) and key[1] == dtype and key[3] == quant
            for key in MODELS.loaded()):
         return None  # already loaded here: shared, no new memory
-    need = model_bytes(path)
+    need = model_bytes(path, dtype, quant)
     free = int(caps.get("mem_budget", 0)) - int(caps.get("mem_used_by_roles", 0))
     if need > free:
         return f"not enough memory for the {role} model {model}: needs {need / 1e6:.0f} MB, " \
