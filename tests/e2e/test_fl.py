@@ -1,5 +1,5 @@
 """Federated LoRA end to end: real p2pllmd processes on loopback, the real tinystories-656k
-(without the shared checkout, its bundled stand-in shakespeare-draft).
+(without the shared checkout, the bundled shakespeare).
 
 A coordinator daemon and three client daemons, each with different stories in its --data-dir.
 The clients reach the coordinator through recording TCP proxies, so the test sees every byte
@@ -31,7 +31,7 @@ from p2pllm.wire.connection import Connection, Reply, Request, connect
 from p2pllm.wire.frame import HEADER, HEADER_SIZE, MAGIC, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta, unpack_tensors
-from tests.conftest import REPO, DaemonProc, real_model, wait_for
+from tests.conftest import BUNDLED, REPO, DaemonProc, has_shared_model, real_model, wait_for
 
 MODEL = "tinystories-656k"
 # Small and quick: ~70 blocks of 64 tokens per client, 10 local steps per round.
@@ -296,7 +296,9 @@ class Cluster:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.model = real_model(MODEL)
+        # Without ../shared: the bundled target, not the draft stand-in, so that the model is
+        # large enough for the "adapter far below the model" check (bf16 draft: 39x, not 50x).
+        self.model = real_model(MODEL) if has_shared_model(MODEL) else BUNDLED
         self.port = free_port()
         self.state = root / "coord-state"
         self.procs: list[DaemonProc] = []
