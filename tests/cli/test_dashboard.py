@@ -98,3 +98,47 @@ def test_measured_bubble_with_the_theory_beside_it_and_role_worker_busy() -> Non
     out = " ".join(console.export_text().split())
     assert "bubble 62% (theory 50%)" in out
     assert "shard[layers 0-1] busy 37%" in out
+
+
+async def test_split_shard_busy_from_the_pipeline_reaches_the_jobs_table() -> None:
+    """The figures the split coordinator publishes (each shard's reported worker busy
+    fraction) land in the job's metrics through the state reducer and render live; before
+    any shard reported one there is no busy figure (and no empty one)."""
+    from types import SimpleNamespace
+
+    from p2pllm.daemon import state as ev
+    from p2pllm.pillars.split.pipeline import Pipeline, SplitRequest, Stage
+
+    s = ev.apply(ev.State(node=ev.NodeInfo("alpha", "a1" * 16, "", {})),
+                 ev.JobStarted("split-9", "split", "a1" * 16, 1.0))
+
+    class Job:
+        id = "split-9"
+
+        def update(self, **metrics: object) -> None:
+            nonlocal s
+            s = ev.apply(s, ev.JobUpdated(self.id, metrics))
+
+    stages = [Stage(i, "a1" * 16, "alpha", f"shard-{i}", 2 * i, 2 * i + 2, 0, "m") for i in (0, 1)]
+    pipe = Pipeline(SimpleNamespace(host=None), ("k",), None, stages,  # type: ignore[arg-type]
+                    SplitRequest(model="m"))
+    pipe.job = Job()  # type: ignore[assignment]
+
+    def busy_text() -> str:
+        snap = {**SNAP, "jobs": ev.snapshot(s, 2.0)["jobs"]}
+        console = Console(record=True, width=160, height=24, color_system=None)
+        console.print(render(snap, History(), 160))
+        line = next(x for x in console.export_text().splitlines() if "split-9" in x)
+        return " ".join(line.split())
+
+    pipe.publish()
+    assert "shard_busy" not in s.jobs["split-9"]["metrics"] and "busy" not in busy_text()
+    pipe.note_busy(0, {"session": "x", "busy": 0.4267})  # shard 0 opening a session
+    pipe.note_busy(1, {"busy": True})  # not a fraction: ignored
+    pipe.publish()
+    assert s.jobs["split-9"]["metrics"]["shard_busy"] == {"shard-0": 0.4267}
+    assert "busy shard-0:43%" in busy_text()
+    pipe.note_busy(1, {"steps": 30, "busy": 1.0})  # shard 1's stats closing it
+    pipe.note_busy(0, {"steps": 30, "busy": 0.05})
+    pipe.publish()
+    assert "busy shard-0:5% shard-1:100%" in busy_text()

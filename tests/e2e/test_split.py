@@ -255,6 +255,10 @@ async def test_eight_concurrent_sessions_over_two_shards_each_equal_their_single
         (j,) = [j for j in jobs if j["job"] == job]
         assert j["state"] == "running" and j["metrics"]["sessions_done"] >= 9
         assert j["metrics"]["recent_sessions"][-1]["tokens_per_s"] > 0
+        # and each shard's worker busy fraction, as the shards reported it (the dashboard's)
+        busy = j["metrics"]["shard_busy"]
+        assert sorted(busy) == sorted(s["rid"] for s in results[0]["shards"])
+        assert all(0 < b <= 1 for b in busy.values()), busy
         await conn.request(MsgType.JOB_STOP, {"job": job}, timeout=30)
     finally:
         conn.close()

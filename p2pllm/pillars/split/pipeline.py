@@ -290,6 +290,9 @@ class Pipeline:
         self.sessions_failed = 0
         self.tokens_total = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=8)
+        # rid -> the shard's worker busy fraction (RoleWorker, its recent window), as the
+        # shard last reported it: opening a session and closing it (protocol.md 9.2)
+        self.shard_busy: dict[str, float] = {}
 
     @property
     def cluster(self) -> Any:
@@ -383,7 +386,16 @@ class Pipeline:
             sessions_active=self.active, sessions_done=self.sessions_done,
             sessions_failed=self.sessions_failed, tokens=self.tokens_total,
             recent_sessions=list(self.recent),
-            setup_s=round(self.ready_at - self.created, 3) if self.ready_at else None)
+            setup_s=round(self.ready_at - self.created, 3) if self.ready_at else None,
+            **({"shard_busy": busy} if (busy := {
+                s.rid: self.shard_busy[s.rid] for s in self.stages if s.rid in self.shard_busy})
+               else {}))
+
+    def note_busy(self, idx: int, meta: Mapping[str, Any] | None) -> None:
+        """Record a shard's reported worker busy fraction (``busy`` in ``meta``), if any."""
+        busy = (meta or {}).get("busy")
+        if isinstance(busy, (int, float)) and not isinstance(busy, bool) and 0 <= busy <= 1:
+            self.shard_busy[self.stages[idx].rid] = float(busy)
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -470,10 +482,12 @@ class Pipeline:
                     ready.add(idx)
                     if isinstance(item.meta.get("params"), int):
                         self.params_loaded[idx] = item.meta["params"]
+                    self.note_busy(idx, item.meta)
                 else:
                     raise SessionError(ErrorCode.INTERNAL, f"{self.stages[idx].label} answered "
                                        f"{item.msg_type.name} before opening the session")
             ready_at = time.monotonic()
+            self.publish()  # the shards' busy figures as they opened the session
             # 2. the prompt, in chunks, to the first shard
             first = self.stages[0]
             chunk = self.req.prefill_chunk
@@ -502,6 +516,7 @@ class Pipeline:
                     await on_token(token)
                 elif idx == last and not item.is_partial:
                     stats[last] = dict(item.meta.get("stats") or {})
+                    self.note_busy(last, stats[last])
                     reason = str(item.meta.get("reason", "max_tokens"))
                     break
                 else:
@@ -517,6 +532,7 @@ class Pipeline:
             for s, ack in zip(self.stages[:last], acks, strict=True):
                 if isinstance(ack, Frame):
                     stats[s.index] = dict(ack.meta.get("stats") or {})
+                    self.note_busy(s.index, stats[s.index])
             closed_ok = True
         finally:
             # Cancelling a watcher whose stream is still open sends CANCEL: the shard frees

@@ -209,6 +209,10 @@ class ShardRole(Role):
             "avg_batch": round(c["steps"] / c["batches"], 3) if c["batches"] else 0.0,
         }
 
+    def _busy(self) -> float:
+        """The fraction of its recent window this shard's worker computed (RoleWorker)."""
+        return round(self.worker.busy_fraction(), 4)
+
     def memory_bytes(self) -> int:
         engine = getattr(self, "engine", None)
         if engine is None:
@@ -239,15 +243,15 @@ class ShardRole(Role):
         try:
             await req.partial(MsgType.SHARD_OPEN, {
                 "session": s.id, "shard": self.p.index, "layers": [self.p.start, self.p.end],
-                "params": self.params_loaded})
+                "params": self.params_loaded, "busy": self._busy()})
             while True:
                 ev = await s.events.get()
                 if ev.kind == "token":
                     await req.partial(MsgType.SHARD_RESULT,
                                       {"session": s.id, "token": ev.token, "step": ev.step})
                 elif ev.kind == "end":
-                    return Reply(MsgType.SHARD_CLOSE,
-                                 {"session": s.id, "reason": ev.reason, "stats": s.stats()})
+                    return Reply(MsgType.SHARD_CLOSE, {"session": s.id, "reason": ev.reason,
+                                                       "stats": {**s.stats(), "busy": self._busy()}})
                 else:
                     raise ProtocolError(ev.code, ev.reason)
         finally:
@@ -294,7 +298,7 @@ class ShardRole(Role):
         if s is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION,
                                 f"no session {sid} on shard {self.p.index}")
-        stats = s.stats()
+        stats = {**s.stats(), "busy": self._busy()}
         s.events.put_nowait(_Event("end", reason="closed"))
         self._drop(s)
         return Reply(MsgType.ACK, {"session": sid, "stats": stats})
