@@ -75,10 +75,41 @@ def _load_base_model(path: str | Path, device: str, quantize: str | None) -> Any
             str(path), quantization_config=bnb, device_map={"": 0}, local_files_only=True
         )
         return prepare_model_for_kbit_training(qmodel, use_gradient_checkpointing=False)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    from p2pllm.engine.gguf import find_gguf
+
+    gguf = find_gguf(path)
+    model: Any = (_gguf_base_model(gguf) if gguf is not None else AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, local_files_only=True))
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def _gguf_base_model(file: Path) -> Any:
+    """A float32 transformers model of a GGUF file: the config its metadata amounts to, the
+    tensors dequantized by the engine's reader (q/k un-permuted), tied weights tied. The same
+    weights as ``from_pretrained(dir, gguf_file=...)`` loads, in a fraction of its time."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+
+    from p2pllm.engine.gguf import GGUFCheckpoint, hf_config
+
+    raw, _ = hf_config(file)
+    with no_init_weights():  # every weight is overwritten below
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw), dtype=torch.float32)
+    ckpt = GGUFCheckpoint(file)
+    result = model.load_state_dict(dict(ckpt.tensors(ckpt.names)), strict=False)
+    tied = {"lm_head.weight"} if raw.get("tie_word_embeddings") else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise ValueError(f"{file}: GGUF tensors do not fit the model: missing "
+                         f"{sorted(set(result.missing_keys) - tied)[:4]}, unexpected "
+                         f"{sorted(result.unexpected_keys)[:4]}")
+    model.tie_weights()
     return model
 
 
