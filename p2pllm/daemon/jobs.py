@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ASSIGN_TIMEOUT = 300.0  # loading a model can take a while
+ENDED = "job ended"  # the release reason of every member still held when a job ends
 
 
 class AssignRefused(Exception):
@@ -95,13 +96,18 @@ class Job:
             self.forget(member, reason)
 
     def forget(self, member: Member, reason: str) -> None:
-        """``member`` left the job ("released" or "lost"): off the live member list."""
+        """``member`` left the job ("released" or "lost"): off the live member list.
+
+        Members released because the job ended (reason ``ENDED``) stay in the job's record:
+        a finished job lists who held its roles.
+        """
         if member in self.members:
             self.members.remove(member)
-            self.host.emit(ev.JobMemberLeft(self.id, member.node_id, member.rid, reason))
+            if reason != ENDED:
+                self.host.emit(ev.JobMemberLeft(self.id, member.node_id, member.rid, reason))
 
     async def release_all(self) -> None:
-        await asyncio.gather(*(self.release(m) for m in list(self.members)))
+        await asyncio.gather(*(self.release(m, ENDED) for m in list(self.members)))
 
     def update(self, **metrics: Any) -> None:
         self.host.emit(ev.JobUpdated(self.id, metrics))

@@ -225,7 +225,10 @@ async def test_a_lost_member_is_replayed_on_the_survivors_one_taking_two_parts()
     lost = job_record(state)["metrics"]["runner"]["lost"]
     assert [(x["name"], x["rid"]) for x in lost] == [("b", "part1")]
     assert c.holding() == {"n-b": {"part1"}}
-    assert job_record(state)["members"] == []  # all released when the job ended
+    # all released when the job ended; the finished job's record keeps who held its roles
+    assert sorted((m["node_id"], m["rid"]) for m in job_record(state)["members"]) == [
+        ("n-a", "part0"), ("n-a", "part1"), ("n-c", "part2")]
+    assert [m["rid"] for m in job_record(state)["left"]] == ["part1", "part0"]
 
 
 async def test_a_lost_member_without_replay_fails_naming_it() -> None:
