@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from p2pllm.cli.generate import QUANTS, _positive_int
+from p2pllm.cli.generate import QUANTS, _positive_int, add_sampling_arguments
 from p2pllm.wire.tensors import COMPUTE_DTYPES
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
@@ -36,13 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--max-tokens", type=_positive_int, default=512,
                    help="at most this many tokens per reply (default 512)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="penalise tokens already present (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_sampling_arguments(p)
     p.add_argument("--mode", choices=("local", "spec", "split"), default="local",
                    help="local: in this process; spec / split: each turn runs as a GENERATE job "
                         "on the daemon (default local)")

@@ -39,6 +39,17 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampling flags every generating command takes (generate, chat)."""
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="penalise tokens already present (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--mode", choices=("local", "spec", "split"), default="local",
@@ -62,13 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for local mode (default: torch's choice)")
     p.add_argument("--max-tokens", type=_positive_int, default=128,
                    help="stop after this many new tokens (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="penalise tokens already present (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_sampling_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the text, token ids and timings")
     p.add_argument("--chat", action="store_true",
