@@ -90,3 +90,5 @@ class ErrorCode(IntEnum):
     NOT_FOUND = 17
     DUPLICATE = 18
     SHUTTING_DOWN = 19
+    FORBIDDEN = 20  # not allowed: a path outside the roots, a sender that is not the job's coordinator
+    OVER_LIMIT = 21  # over a resource cap (sessions, tokens, bytes, subscriptions)
