@@ -49,7 +49,16 @@ class DaemonConfig:
     keepalive_timeout: float = 5.0
     peer_remove_after: float = 15.0
     max_meta: int = 1 << 20
-    max_payload: int = 1 << 30
+    # Resource caps (issue 12, C; SECURITY.md "Resource caps"): past one, a request gets
+    # ProtocolError(OVER_LIMIT, "... over the cap N (config key KEY)"), the rest is served.
+    max_payload: int = 256 << 20  # bytes of one frame's payload after the handshake
+    max_sessions_per_role: int = 32  # sessions one verifier, shard or drafter role serves at once
+    max_session_tokens: int = 0  # prompt + generated tokens of a session; 0 = the model's context
+    max_train_tokens: int = 65536  # batch x sequence of a training step (train-stage, FL_TRAIN)
+    max_subscriptions_per_conn: int = 4  # SUBSCRIBE streams open at once on one connection
+    max_subscriptions: int = 64  # SUBSCRIBE streams open at once on this daemon
+    max_probe_bytes: int = 1 << 20  # LINK_PROBE echo payload (peers send 128 KiB)
+    max_probe_rate: float = 10.0  # LINK_PROBE requests per second per connection (burst: as many)
     memory_budget: int = 0  # bytes roles may use; 0 = the free memory measured at start
     compute_bench_seconds: float = 0.2
     dashboard: bool = False
@@ -66,6 +75,25 @@ class DaemonConfig:
             raise ConfigError("keepalive interval and timeout must be positive")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        self._check_caps()
+
+    def _check_caps(self) -> None:
+        """The resource caps (C): whole numbers >= 1 (max_session_tokens: 0 = the model's)."""
+        for key in ("max_payload", "max_sessions_per_role", "max_train_tokens",
+                    "max_subscriptions_per_conn", "max_subscriptions", "max_probe_bytes"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{key} must be a whole number >= 1, got {v!r}")
+        if self.max_payload >= 2**64:
+            raise ConfigError(f"max_payload must be under 2**64, got {self.max_payload}")
+        t = self.max_session_tokens
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ConfigError(f"max_session_tokens must be a whole number >= 0 (0 = the model's "
+                              f"context), got {t!r}")
+        r = self.max_probe_rate
+        if not isinstance(r, int | float) or isinstance(r, bool) or not 0 < r <= 1e6:
+            raise ConfigError(f"max_probe_rate must be a number of probes per second in "
+                              f"(0, 1e6], got {r!r}")
 
     def accepts(self, role: str) -> bool:
         """Whether this daemon's --role settings allow `role` (echo is always allowed)."""

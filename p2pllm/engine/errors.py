@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "KVBudgetError",
     "KVCacheFullError",
     "ModelError",
     "ModelNotFoundError",
@@ -45,3 +46,12 @@ class KVCacheFullError(ModelError):
     def __init__(self, message: str, *, needed: int = 0, free: int = 0) -> None:
         super().__init__(message)
         self.needed, self.free = needed, free
+
+
+class KVBudgetError(KVCacheFullError):
+    """Growing the KV cache's storage would take it past the memory budget it was given
+    (:class:`~p2pllm.engine.kv_cache.KVBudget`): a cap, not a full pool."""
+
+    def __init__(self, message: str, *, needed: int = 0, free: int = 0, limit: int = 0) -> None:
+        super().__init__(message, needed=needed, free=free)
+        self.limit = limit  # the budget's bytes

@@ -35,6 +35,13 @@ Design, and why it measures well on CPU at batch 1:
   Padding past a shorter row's end points at that row's first slot, so nothing unwritten is
   ever read (no zero fill).
 
+- **Budget.** A cache that serves peers (the verifier, shards) is given a :class:`KVBudget`
+  and small chunks (:func:`grow_chunk_tokens`, ``GROW_CHUNK_BYTES``): every chunk it allocates
+  is taken from the budget first (``KVBudgetError`` past it, before anything changes) and
+  given back when freed, so the memory it holds follows the tokens its rows hold and never
+  passes what the daemon allowed. Rows longer than a chunk span several (gathered per layer,
+  as fragmented rows are).
+
 For a paged scheduler (admission by free blocks, preemption by freeing a row's blocks,
 chunked prefill = several forwards of one row) everything is here: ``blocks_free``,
 ``block_table``, ``remove_row``, ``rollback``; only the batching policy is not.
@@ -52,13 +59,57 @@ from dataclasses import dataclass, field
 
 import torch
 
-from p2pllm.engine.errors import KVCacheFullError, ModelError, SequenceTooLongError
+from p2pllm.engine.errors import (
+    KVBudgetError,
+    KVCacheFullError,
+    ModelError,
+    SequenceTooLongError,
+)
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "KVCache", "KVPlan"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "GROW_CHUNK_BYTES", "KVBudget", "KVCache", "KVPlan",
+           "grow_chunk_tokens"]
 
 DEFAULT_BLOCK_SIZE = 16
 GROW_ROOM = 8  # blocks a new row would like free after its first ones before a new chunk is used
 CHUNK_BYTES = 256 << 20  # default chunk size bound (a chunk always holds one full row)
+GROW_CHUNK_BYTES = 16 << 20  # chunk size bound of caches that serve peers (grow_chunk_tokens)
+
+
+def grow_chunk_tokens(position_bytes: int, max_len: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                      chunk_bytes: int = GROW_CHUNK_BYTES) -> int:
+    """Positions per chunk for a cache whose memory must follow the tokens it holds: as many
+    whole blocks as fit ``chunk_bytes`` (at least one block, at most ``max_len``)."""
+    per = max(1, chunk_bytes // max(position_bytes, 1)) // block_size * block_size
+    return max(block_size, min(per, -(-max_len // block_size) * block_size))
+
+
+class KVBudget:
+    """Bytes of KV storage the caches sharing this object may hold together (thread-safe).
+
+    ``limit`` None = no limit. A cache takes a chunk's bytes before allocating it
+    (:class:`~p2pllm.engine.errors.KVBudgetError` past the limit) and gives them back when
+    the chunk is freed. The owner may move ``limit`` at any time (e.g. to what its daemon's
+    memory budget still has room for); bytes already held stay held.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> None:
+        with self._lock:
+            limit = self.limit
+            if limit is not None and self.used + nbytes > limit:
+                free = max(limit - self.used, 0)
+                raise KVBudgetError(
+                    f"the KV cache needs {nbytes} more bytes, {free} of its memory budget "
+                    f"{limit} are free", needed=nbytes, free=free, limit=limit)
+            self.used += nbytes
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(self.used - nbytes, 0)
 
 
 @dataclass(eq=False)
@@ -133,6 +184,7 @@ class KVCache:
         self._blocks_used = 0
         self._rows: list[_Row | None] = [_Row() for _ in range(rows)]
         self._lock = threading.Lock()
+        self.budget: KVBudget | None = None  # set by the owner: chunks are taken from it
 
     # -- rows ---------------------------------------------------------------------------------
 
@@ -268,8 +320,13 @@ class KVCache:
                         f"the KV cache needs {need} more blocks of {bs} positions, "
                         f"{self.num_blocks - self._blocks_used} of {self.num_blocks} are free",
                         needed=need, free=self.num_blocks - self._blocks_used)
-                for r in rs:
-                    self._grow(r, r.length + t)
+                try:
+                    for r in rs:
+                        self._grow(r, r.length + t)
+                except KVBudgetError:  # over the memory budget: give back what was taken
+                    for r, n in zip(rs, starts, strict=True):
+                        self._truncate(r, n)
+                    raise
             if len(rs) == 1 and rs[0].contiguous:
                 b0 = rs[0].blocks[0]
                 return KVPlan(rows, starts, t, end,
@@ -435,10 +492,16 @@ class KVCache:
 
     def _take(self, blocks: range | list[int]) -> None:
         cb = self.chunk_blocks
+        new = sorted({b // cb for b in blocks if self._chunks[b // cb] is None})
+        for i, c in enumerate(new):  # storage first: a budget refusal leaves nothing taken
+            try:
+                self._alloc_chunk(c)
+            except KVBudgetError:
+                for d in new[:i]:
+                    self._free_chunk(d)
+                raise
         for b in blocks:
             c = b // cb
-            if self._chunks[c] is None:
-                self._alloc_chunk(c)
             self._used[b] = 1
             self._chunk_used[c] += 1
         self._blocks_used += len(blocks)
@@ -451,19 +514,45 @@ class KVCache:
             self._used[b] = 0
             self._chunk_used[c] -= 1
             if self._chunk_used[c] == 0:
-                self._chunks[c] = None
-                self._views[c] = []
+                self._free_chunk(c)
         self._blocks_used -= len(r.blocks) - min(keep, len(r.blocks))
         del r.blocks[keep:]
         r.length = min(r.length, length)
         if not r.contiguous:
             r.contiguous = _is_run(r.blocks, cb)
 
+    def _free_chunk(self, c: int) -> None:
+        chunk = self._chunks[c]
+        if chunk is not None:
+            self._chunks[c] = None
+            self._views[c] = []
+            if self.budget is not None:
+                self.budget.give(chunk.numel() * chunk.element_size())
+
+    def clear(self) -> None:
+        """Remove every row and free all storage (given back to the budget)."""
+        with self._lock:
+            for i, r in enumerate(self._rows):
+                if r is not None:
+                    self._truncate(r, 0)
+                    self._rows[i] = None
+            for c in range(len(self._chunks)):
+                self._free_chunk(c)
+
     def _alloc_chunk(self, c: int) -> None:
         slots = self._chunk_slots
-        # (layers, 2, kv_heads, slots, hd); empty, not zeros: nothing unwritten is ever read
-        data = torch.empty(self.num_layers, 2, self.num_kv_heads, slots, self.head_dim,
-                           dtype=self.dtype, device=self.device)
+        budget = self.budget
+        nbytes = slots * self.position_bytes()
+        if budget is not None:
+            budget.take(nbytes)
+        try:
+            # (layers, 2, kv_heads, slots, hd); empty, not zeros: nothing unwritten is read
+            data = torch.empty(self.num_layers, 2, self.num_kv_heads, slots, self.head_dim,
+                               dtype=self.dtype, device=self.device)
+        except BaseException:
+            if budget is not None:
+                budget.give(nbytes)
+            raise
         self._chunks[c] = data
         self._views[c] = [(data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0))
                           for i in range(self.num_layers)]

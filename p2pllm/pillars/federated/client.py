@@ -23,6 +23,7 @@ from torch import Tensor
 from p2pllm.daemon.capabilities import device_kind
 from p2pllm.daemon.cluster import resolve_model_ref
 from p2pllm.daemon.roles import Refused, Role, RoleHandler
+from p2pllm.pillars.caps import check_payload, check_train_tokens
 from p2pllm.pillars.federated.data import DataError, data_files
 from p2pllm.pillars.federated.lora import check_same_layout, quantize_refusal
 from p2pllm.pillars.federated.messages import ClientParams, RoundConfig
@@ -80,6 +81,8 @@ class FLClientRole(Role):
             )
         except DataError as exc:
             raise Refused(str(exc)) from exc
+        check_payload(self.ctx.config, sum(t.numel() * t.element_size()  # FL_TRAIN carries it
+                                           for t in self.trainer.template.values()), "the adapter")
         log.info(
             "fl-client %s: %d train / %d eval blocks of %d tokens, adapter of %d tensors",
             self.ctx.job, self.trainer.data.train.shape[0], self.trainer.data.eval.shape[0],
@@ -109,6 +112,8 @@ class FLClientRole(Role):
     async def on_train(self, req: Request) -> Reply:
         trainer = self._trainer()
         cfg = RoundConfig.from_meta(req.meta)
+        check_train_tokens(self.ctx.config, cfg.batch_size, self.config.block_size,
+                           f"FL_TRAIN round {cfg.round}")  # caps: pillars/caps.py
         tensors = self._global_adapter(req, trainer)
         result = await self._in_thread(lambda cancel: trainer.train_round(tensors, cfg, cancel))
         self.rounds_done += 1

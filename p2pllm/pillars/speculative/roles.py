@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.quant import QUANT_MODES
+from p2pllm.pillars.caps import check_session_tokens, check_sessions, kv_room
 from p2pllm.pillars.speculative.drafter import SessionMetrics, SpecSession
 from p2pllm.pillars.speculative.messages import SPEC_CLOSE, DraftRun, OpenRequest, VerifyWindow
 from p2pllm.pillars.speculative.models import (
@@ -158,7 +159,12 @@ class VerifierRole(_ModelRole):
 
     async def on_open(self, req: Request) -> Reply:
         engine = self._engine()
-        opened = await engine.open(self.ctx.job, OpenRequest.from_meta(req.meta), self.session_timeout)
+        opening = OpenRequest.from_meta(req.meta)
+        cfg = self.ctx.config  # the caps (pillars/caps.py): nothing is created past one
+        check_sessions(cfg, sum(s.job == self.ctx.job for s in engine.sessions.values()), self.kind)
+        check_session_tokens(cfg, len(opening.prompt) + opening.max_tokens, "a verification session")
+        engine.kv_budget.limit = engine.kv_budget.used + kv_room(self.ctx.cluster)
+        opened = await engine.open(self.ctx.job, opening, self.session_timeout)
         self.sessions_opened += 1
         self._report(force=True)
         return Reply(MsgType.SPEC_OPEN, opened.to_meta())
@@ -227,6 +233,7 @@ class DrafterRole(_ModelRole):
         self.loaded: LoadedModel | None = None
         self.current: SessionMetrics | None = None
         self.runs = 0
+        self.active = 0  # SPEC_DRAFT_RUNs running now (max_sessions_per_role)
 
     async def on_start(self) -> None:
         self.path = self._resolve()
@@ -249,6 +256,8 @@ class DrafterRole(_ModelRole):
         if self.loaded is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "the drafter has stopped")
         run = DraftRun.from_meta(req.meta)
+        check_sessions(self.ctx.config, self.active, self.kind)  # caps: pillars/caps.py
+        check_session_tokens(self.ctx.config, len(run.prompt) + run.max_tokens, "a draft run")
         nodes = {n["node_id"]: n for n in self.ctx.cluster.nodes()}
         peer = nodes.get(run.verifier, {}).get("name", "")
 
@@ -263,9 +272,11 @@ class DrafterRole(_ModelRole):
                               worker=self.worker)
         self.current = session.metrics
         self.runs += 1
+        self.active += 1
         try:
             metrics = await session.execute()
         finally:
+            self.active -= 1
             self._report(force=True)
         return Reply(MsgType.SPEC_DRAFT_RUN, {"token_ids": session.tokens, "metrics": metrics.as_dict()})
 

@@ -10,6 +10,11 @@ All model and cache work runs on the engine's RoleWorker (one thread, shared by 
 roles of every job on this target): requests queue up on the event loop while a forward runs,
 and the batching task hands the worker every queued window at once (continuous batching;
 windows of different lengths are padded, and the padding is rolled back).
+
+The KV cache grows with the tokens its sessions hold: small storage chunks
+(``grow_chunk_tokens``), each taken from ``kv_budget`` (a ``KVBudget`` whose limit the roles
+set to what the daemon's memory budget has room for); a window or prefill past it is refused
+(OVER_LIMIT) before anything changes, and a closed session's blocks are freed.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from pathlib import Path
 import torch
 
 from p2pllm.daemon.worker import RoleWorker
-from p2pllm.engine.errors import KVCacheFullError, ModelError
-from p2pllm.engine.kv_cache import KVCache
+from p2pllm.engine.errors import KVBudgetError, KVCacheFullError, ModelError
+from p2pllm.engine.kv_cache import GROW_CHUNK_BYTES, KVBudget, KVCache, grow_chunk_tokens
 from p2pllm.engine.sampling import SamplingParams, distribution, make_generator
 from p2pllm.pillars.speculative.acceptance import SparseDist, verify_greedy, verify_sampled
 from p2pllm.pillars.speculative.messages import (
@@ -118,7 +123,7 @@ class VerifierEngine:
     """Sessions, the pooled KV cache and the batching worker of one loaded target."""
 
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64,
-                 max_kv_tokens: int | None = None) -> None:
+                 max_kv_tokens: int | None = None, chunk_bytes: int = GROW_CHUNK_BYTES) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -127,6 +132,8 @@ class VerifierEngine:
         self.max_kv_tokens = max_kv_tokens or max_sessions * self.config.max_position_embeddings
         self.sessions: dict[int, Session] = {}
         self.cache: KVCache | None = None
+        self.kv_budget = KVBudget()  # the roles set its limit (the daemon's memory budget)
+        self.chunk_bytes = chunk_bytes  # storage chunks: memory follows the tokens held
         self.refs = 0
         self._ids = itertools.count(random.SystemRandom().randrange(1, 2**40))
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue()  # None: just wake up
@@ -162,6 +169,8 @@ class VerifierEngine:
         for s in list(self.sessions.values()):
             s.closed = True
         self.sessions.clear()
+        if self.cache is not None:
+            self.cache.clear()
         self.cache = None
 
     @property
@@ -215,8 +224,7 @@ class VerifierEngine:
         session.closed = True
         del self.sessions[session.id]
         self._freed.append(session)
-        if not self.sessions:
-            self._wake()
+        self._wake()  # free its row and blocks now, not with the next request
         return session
 
     def close_job(self, job: str) -> int:
@@ -310,7 +318,7 @@ class VerifierEngine:
         except ProtocolError as exc:
             work.error = exc
         except KVCacheFullError as exc:
-            work.error = ProtocolError(ErrorCode.REFUSED, f"the verifier's KV cache is full: {exc}")
+            work.error = _kv_refusal(exc)
         except (ModelError, ValueError) as exc:
             work.error = ProtocolError(ErrorCode.BAD_REQUEST, str(exc))
         except Exception as exc:
@@ -323,11 +331,18 @@ class VerifierEngine:
         """Give every new live session a row of the block cache (rows take blocks as their
         positions arrive; no live row's KV moves); drop the cache when no session is left."""
         if not live:
+            if self.cache is not None:
+                self.cache.clear()  # every row was freed above; storage back to the budget
             self.cache = None
             return
         if self.cache is None:
-            self.cache = self.model.new_cache(0, self.config.max_position_embeddings,
-                                              max_total_tokens=self.max_kv_tokens)
+            m, ctx = self.model, self.config.max_position_embeddings
+            per_position = ((m.end - m.start) * 2 * self.config.num_kv_heads
+                            * self.config.head_dim * m.dtype.itemsize)
+            self.cache = m.new_cache(0, ctx, max_total_tokens=self.max_kv_tokens,
+                                     chunk_tokens=grow_chunk_tokens(per_position, ctx,
+                                                                    chunk_bytes=self.chunk_bytes))
+            self.cache.budget = self.kv_budget
         for s in live:
             if s.row < 0:
                 s.row = self.cache.add_row()
@@ -400,7 +415,7 @@ class VerifierEngine:
             logits = self.model(ids.to(dev), pos.to(dev), cache, slots)  # (B, width, V)
         except KVCacheFullError as exc:  # nothing was written: refuse this group's windows
             for w in works:
-                w.error = ProtocolError(ErrorCode.REFUSED, f"the verifier's KV cache is full: {exc}")
+                w.error = _kv_refusal(exc)
             return
         except Exception:
             # a failed forward gives its blocks back; make sure every row is where it was
@@ -434,6 +449,14 @@ class VerifierEngine:
             s.accepted += n
             s.verify_s += forward_s / len(works)
             w.result = (n, nxt)
+
+
+def _kv_refusal(exc: KVCacheFullError) -> ProtocolError:
+    """A full pool is a refusal (try later); growing past the memory budget is a cap."""
+    if isinstance(exc, KVBudgetError):
+        return ProtocolError(ErrorCode.OVER_LIMIT, f"the verifier's KV memory over the cap "
+                             f"{exc.limit} (config key memory_budget): {exc}")
+    return ProtocolError(ErrorCode.REFUSED, f"the verifier's KV cache is full: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------

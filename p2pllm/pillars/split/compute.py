@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from p2pllm.engine.errors import ModelError
-from p2pllm.engine.kv_cache import DEFAULT_BLOCK_SIZE
+from p2pllm.engine.kv_cache import (
+    DEFAULT_BLOCK_SIZE,
+    GROW_CHUNK_BYTES,
+    KVBudget,
+    grow_chunk_tokens,
+)
 from p2pllm.engine.model import ModelSlice
 from p2pllm.engine.sampling import SamplingParams, make_generator, sample
 from p2pllm.wire.frame import ProtocolError
@@ -79,7 +84,8 @@ class ShardEngine:
     """A model slice and its session cache; :meth:`run` is the only heavy call."""
 
     def __init__(self, model: ModelSlice, *, rows: int, max_len: int,
-                 wire_dtype: torch.dtype = torch.float32) -> None:
+                 wire_dtype: torch.dtype = torch.float32,
+                 chunk_bytes: int = GROW_CHUNK_BYTES) -> None:
         self.model = model
         self.config = model.config
         self.wire_dtype = wire_dtype
@@ -87,10 +93,18 @@ class ShardEngine:
         self.max_len = min(max_len, c.max_position_embeddings)
         self.max_rows = rows
         # Room for every row at full length, so a session admitted by take_row never finds
-        # the pool empty; blocks (and storage chunks) are taken only as positions arrive.
+        # the pool empty; blocks are taken only as positions arrive, from small storage
+        # chunks taken from ``kv_budget`` (the role sets its limit: the daemon's memory
+        # budget), so the memory held follows the tokens held.
         bs = DEFAULT_BLOCK_SIZE
+        per_position = ((model.end - model.start) * 2 * c.num_kv_heads * c.head_dim
+                        * model.dtype.itemsize)
         self.cache = model.new_cache(0, self.max_len,
-                                     max_total_tokens=rows * -(-self.max_len // bs) * bs)
+                                     max_total_tokens=rows * -(-self.max_len // bs) * bs,
+                                     chunk_tokens=grow_chunk_tokens(per_position, self.max_len,
+                                                                    chunk_bytes=chunk_bytes))
+        self.kv_budget = KVBudget()
+        self.cache.budget = self.kv_budget
 
     # -- rows ---------------------------------------------------------------------------------
 

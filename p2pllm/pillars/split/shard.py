@@ -34,8 +34,9 @@ import torch
 from p2pllm.daemon.cluster import resolve_model_ref as find_model
 from p2pllm.daemon.roles import Refused, Role, RoleHandler
 from p2pllm.engine.config import ModelConfig
-from p2pllm.engine.errors import ModelError
+from p2pllm.engine.errors import KVBudgetError, KVCacheFullError, ModelError
 from p2pllm.engine.loader import load_slice
+from p2pllm.pillars.caps import check_session_tokens, check_sessions, kv_room
 from p2pllm.pillars.split.compute import Sampler, ShardEngine, Step
 from p2pllm.pillars.split.messages import (
     Hop,
@@ -217,8 +218,7 @@ class ShardRole(Role):
         engine = getattr(self, "engine", None)
         if engine is None:
             return 0
-        used = sum(s.max_len for s in self._sessions.values())
-        return self.weight_bytes + used * engine.cache.position_bytes()
+        return self.weight_bytes + engine.cache.nbytes  # the KV storage it holds now
 
     # -- handlers -------------------------------------------------------------------------------
 
@@ -226,9 +226,14 @@ class ShardRole(Role):
         o = OpenSession.from_meta(req.meta, last=self.p.is_last)
         if o.session in self._sessions:
             raise ProtocolError(ErrorCode.DUPLICATE, f"session {o.session} is already open")
+        cfg = self.ctx.config  # the caps (pillars/caps.py): nothing is created past one
+        check_sessions(cfg, len(self._sessions), f"shard {self.p.index}")
+        check_session_tokens(cfg, o.max_len, "a split session")
         if o.max_len > self.engine.max_len:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"the session needs {o.max_len} positions; "
                                 f"shard {self.p.index} holds at most {self.engine.max_len}")
+        budget = self.engine.kv_budget
+        budget.limit = budget.used + kv_room(self.ctx.cluster)
         row = self.engine.take_row()
         if row is None:
             raise ProtocolError(ErrorCode.REFUSED, f"shard {self.p.index} is full: all "
@@ -385,6 +390,16 @@ class ShardRole(Role):
             t0 = time.perf_counter()
             try:
                 results = await self.worker.run(self._compute, batch)
+            except KVCacheFullError as exc:  # nothing was written; the sessions are freed
+                if isinstance(exc, KVBudgetError):
+                    code, why = ErrorCode.OVER_LIMIT, (f"shard {self.p.index}'s KV memory over "
+                                                       f"the cap {exc.limit} (config key "
+                                                       f"memory_budget): {exc}")
+                else:
+                    code, why = ErrorCode.REFUSED, f"shard {self.p.index}'s KV cache is full: {exc}"
+                for w in batch:
+                    self._fail(w.session, code, why)
+                continue
             except (ModelError, ValueError) as exc:
                 for w in batch:
                     self._fail(w.session, ErrorCode.BAD_REQUEST,

@@ -34,6 +34,7 @@ import torch
 from p2pllm.daemon.roles import Role, RoleHandler
 from p2pllm.daemon.worker import Span
 from p2pllm.engine.errors import ModelError, ModelNotFoundError
+from p2pllm.pillars.caps import check_payload, check_train_tokens
 from p2pllm.pillars.messages import error_code
 from p2pllm.pillars.splittrain.compute import (
     IGNORE_INDEX,
@@ -154,6 +155,7 @@ class TrainStageRole(Role):
     async def on_start(self) -> None:
         self.p = StageParams.from_meta(self.params)
         self.where = f"stage {self.p.index} (layers {self.p.start}-{self.p.end})"
+        check_train_tokens(self.ctx.config, self.p.batch_size, self.p.seq_len, self.where)
         self.step = 0  # optimizer steps done
         self.accumulated = False  # a TRAIN_BATCH ran; TRAIN_STEP is due
         self.running = False
@@ -189,6 +191,9 @@ class TrainStageRole(Role):
                                 f"{self.p.batch_size}")
         self.hidden = self.compute.config.hidden_size
         self.vocab = self.compute.config.vocab_size
+        # a micro-batch's activations (float32) and labels (int64) travel in one frame
+        check_payload(self.ctx.config, self.p.mb_size * self.p.seq_len * (self.hidden * 4 + 8),
+                      f"{self.where}: a micro-batch's TRAIN_FORWARD")
 
     def _load(self) -> tuple[StageModel, torch.Tensor | None, Path]:
         from p2pllm.daemon.cluster import require_model
