@@ -48,6 +48,11 @@ class DaemonConfig:
     keepalive_interval: float = 1.0
     keepalive_timeout: float = 5.0
     peer_remove_after: float = 15.0
+    # Limits before trust (issue 12, T; protocol.md 2.1 and 6): an accepted connection must
+    # finish HELLO/AUTH within handshake_timeout seconds, and at most max_unauthed accepted
+    # connections may be unauthenticated at once (a new one over the cap is closed at once).
+    handshake_timeout: float = 10.0
+    max_unauthed: int = 32
     max_meta: int = 1 << 20
     # Resource caps (issue 12, C; SECURITY.md "Resource caps"): past one, a request gets
     # ProtocolError(OVER_LIMIT, "... over the cap N (config key KEY)"), the rest is served.
@@ -75,6 +80,10 @@ class DaemonConfig:
             raise ConfigError("keepalive interval and timeout must be positive")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if not self.handshake_timeout > 0:
+            raise ConfigError(f"handshake_timeout must be positive, got {self.handshake_timeout!r}")
+        if isinstance(self.max_unauthed, bool) or not isinstance(self.max_unauthed, int) or self.max_unauthed < 1:
+            raise ConfigError(f"max_unauthed must be a whole number >= 1, got {self.max_unauthed!r}")
         self._check_caps()
 
     def _check_caps(self) -> None:

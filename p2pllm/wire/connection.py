@@ -20,8 +20,15 @@ easiest to check with all of it in view; the byte parsing is in :mod:`.receive`.
   us to pause (backpressure), not on every write.
 - Byte counts come from here: `bytes_in`/`bytes_out` per connection, and on every Frame
   `wire_bytes` (and `sent_bytes` on a response), so nobody re-encodes a frame to count it.
+- Sealing (protocol.md 6.3): after `enable_sealing(send_key, recv_key)` every frame is
+  sealed both ways (:mod:`.seal`); the switch happens at a frame boundary the handshake names
+  (the server: right after it received AUTH; the client: right after it sent AUTH). A sealed
+  frame is gathered into one buffer (header, metadata, payload, room for the tag) and
+  encrypted there in place: one copy of the payload, which the AEAD needs contiguous. A frame
+  that does not open, or an exhausted counter, closes the connection. Higher layers
+  (request / stream / notify / partial / cancel / keepalive) see no difference.
 - :class:`~p2pllm.wire.local.LocalConnection` is the same machinery without a socket, for
-  a node talking to itself.
+  a node talking to itself (never sealed).
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ from p2pllm.wire.frame import (
 )
 from p2pllm.wire.frame import HEADER as _HEADER
 from p2pllm.wire.messages import ErrorCode, Flags, MsgType
-from p2pllm.wire.receive import FrameProtocol, FrameSink
+from p2pllm.wire.receive import FrameProtocol, FrameSink, alloc_aligned
+from p2pllm.wire.seal import MAX_SEALED_BODY, TAG_SIZE, Opener, Sealer, SealError
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +180,10 @@ class Connection(FrameSink):
         self.frames_in = 0
         self.frames_out = 0
         self.rtt: float | None = None  # seconds, from the last keepalive PING
+        self._sealer: Sealer | None = None  # set once frames are sealed (both ways)
+        self._overhead = 0  # bytes a frame takes on the wire beyond header+body: the tag
+        # (send key, recv key, message type, "sent"|"received"): switch after that frame
+        self._seal_arm: tuple[bytes, bytes, int, str] | None = None
         # Free-form attributes the daemon attaches after the handshake (peer id, auth state).
         self.info: dict[str, Any] = {}
         peer = transport.get_extra_info("peername") if transport is not None else None
@@ -199,6 +211,62 @@ class Connection(FrameSink):
     def __repr__(self) -> str:
         return f"<Connection {self.name or self.peername}{' closed' if self._is_closed else ''}>"
 
+    @property
+    def sealed(self) -> bool:
+        """Whether frames on this connection are sealed (protocol.md 6.3)."""
+        return self._sealer is not None
+
+    def enable_sealing(
+        self,
+        send_key: bytes,
+        recv_key: bytes,
+        *,
+        after_sent: MsgType | None = None,
+        after_received: MsgType | None = None,
+    ) -> None:
+        """Seal every later frame both ways, from a frame boundary (protocol.md 6.3):
+
+        - no `after_*`: from now on (the next frame written, the next header read);
+        - `after_sent=T`: right after this connection writes its next request of type T
+          (the client: its AUTH), both directions at that moment;
+        - `after_received=T`: right after this connection receives a request of type T (the
+          server: the client's AUTH), both directions, before that request is handled, so
+          its answer is sealed.
+
+        Switching while a received frame is part-way in closes the connection (the peer sent
+        a frame the handshake does not allow there)."""
+        if self._protocol is None:
+            raise TypeError(f"{type(self).__name__} carries no bytes and is never sealed")
+        if self._sealer is not None:
+            raise RuntimeError(f"{self}: already sealed")
+        if after_sent is not None and after_received is not None:
+            raise ValueError("give after_sent or after_received, not both")
+        if after_sent is not None:
+            self._seal_arm = (send_key, recv_key, int(after_sent), "sent")
+        elif after_received is not None:
+            self._seal_arm = (send_key, recv_key, int(after_received), "received")
+        else:
+            self._switch_sealing(send_key, recv_key)
+
+    def _switch_sealing(self, send_key: bytes, recv_key: bytes) -> None:
+        self._seal_arm = None
+        protocol = self._protocol
+        assert protocol is not None
+        if protocol.mid_frame:
+            self._seal_failed("a frame was part-way in when the connection switched to sealed frames")
+            return
+        protocol.set_opener(Opener(recv_key))
+        self._sealer = Sealer(send_key)
+        self._overhead = TAG_SIZE
+
+    def _seal_failed(self, reason: str) -> None:
+        """A sealed frame did not open, or a counter ran out: close, no ERROR frame (the peer
+        could not read it, or is not who it claims to be). Logged once: the connection ends."""
+        if self._is_closed:
+            return
+        log.warning("%s: closing: %s", self, reason)
+        self.close(reason)
+
     def _closed_error(self) -> ConnectionClosed:
         return ConnectionClosed(f"connection {self.name or self.peername} is closed: {self._close_reason}")
 
@@ -208,6 +276,8 @@ class Connection(FrameSink):
         self, msg_type: int, meta: dict[str, Any] | None, payload: Sequence[Buffer], flags: int, rid: int
     ) -> int:
         """Put one frame on the transport; returns its size in bytes."""
+        if self._sealer is not None:
+            return self._write_sealed(msg_type, meta, payload, flags, rid)
         meta_bytes = self._pack(meta) if meta else b""
         plen = payload_nbytes(payload) if payload else 0
         head = _pack_head(MAGIC, PROTOCOL_VERSION, msg_type, flags, 0, rid, len(meta_bytes), plen)
@@ -218,6 +288,48 @@ class Connection(FrameSink):
         else:
             transport.write(head + meta_bytes)
         n = HEADER_SIZE + len(meta_bytes) + plen
+        self.frames_out += 1
+        self.bytes_out += n
+        arm = self._seal_arm
+        if arm is not None and arm[3] == "sent" and msg_type == arm[2] and not flags & _RESPONSE:
+            self._switch_sealing(arm[0], arm[1])  # the frame the handshake switches after
+        return n
+
+    def _write_sealed(
+        self, msg_type: int, meta: dict[str, Any] | None, payload: Sequence[Buffer], flags: int, rid: int
+    ) -> int:
+        """One sealed frame: header (the associated data), then metadata and payload gathered
+        into one buffer and encrypted there in place, then the tag."""
+        sealer = self._sealer
+        assert sealer is not None
+        meta_bytes = self._pack(meta) if meta else b""
+        mlen = len(meta_bytes)
+        plen = payload_nbytes(payload) if payload else 0
+        body_len = mlen + plen
+        if body_len > MAX_SEALED_BODY:
+            raise ProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"a sealed frame's body is at most {MAX_SEALED_BODY} bytes, this one {body_len}",
+            )
+        head = _pack_head(MAGIC, PROTOCOL_VERSION, msg_type, flags, 0, rid, mlen, plen)
+        n = HEADER_SIZE + body_len + TAG_SIZE
+        out = alloc_aligned(n) if plen else memoryview(bytearray(n))
+        out[:HEADER_SIZE] = head
+        pos = HEADER_SIZE + mlen
+        out[HEADER_SIZE:pos] = meta_bytes
+        for buf in payload:
+            view = memoryview(buf).cast("B")
+            end = pos + view.nbytes
+            out[pos:end] = view
+            pos = end
+        try:
+            sealer.seal_into(head, out[HEADER_SIZE:], body_len)
+        except SealError as exc:
+            self._seal_failed(str(exc))
+            raise self._closed_error() from None
+        transport = self._transport
+        assert transport is not None
+        transport.write(out)
         self.frames_out += 1
         self.bytes_out += n
         return n
@@ -338,12 +450,18 @@ class Connection(FrameSink):
         self.last_recv = time.monotonic()
         self.frames_in += 1
         meta_len = header.meta_len
-        n = HEADER_SIZE + meta_len + header.payload_len
+        n = HEADER_SIZE + meta_len + header.payload_len + self._overhead
         self.bytes_in += n
+        arm = self._seal_arm
+        if arm is not None and arm[3] == "received" and header.msg_type == arm[2] and not (
+            header.flags & _RESPONSE
+        ):
+            self._switch_sealing(arm[0], arm[1])  # before this frame is handled: its answer is sealed
         try:
             msg_type = _MSG_TYPES.get(header.msg_type)
             if msg_type is None or not meta_len:
                 frame = body_to_frame(header, body)
+                frame.wire_bytes = n
             else:
                 try:
                     meta = _unpackb(body[:meta_len], raw=False, strict_map_key=True, use_list=True)
@@ -351,6 +469,7 @@ class Connection(FrameSink):
                     meta = None
                 if type(meta) is not dict:
                     frame = body_to_frame(header, body)  # raises the typed error
+                    frame.wire_bytes = n
                 else:
                     frame = Frame(msg_type, header.flags, header.request_id, meta, body[meta_len:], n)
         except ProtocolError as exc:
@@ -368,9 +487,10 @@ class Connection(FrameSink):
         if flags & _RESPONSE:
             if frame.msg_type is MsgType.ERROR:
                 meta = frame.meta
+                code = meta.get("code")  # a peer's junk must not raise here (a protocol callback)
                 self._resolve(
                     frame.request_id,
-                    RemoteError(int(meta.get("code", ErrorCode.INTERNAL)), str(meta.get("message"))),
+                    RemoteError(code if type(code) is int else int(ErrorCode.INTERNAL), str(meta.get("message"))),
                 )
             else:
                 self._resolve(frame.request_id, frame)
@@ -382,7 +502,8 @@ class Connection(FrameSink):
                 self._write_raw(MsgType.PONG, {"t": frame.meta.get("t")}, rid)
             return
         if t is MsgType.CANCEL:
-            task = self._handlers.get(frame.meta.get("request_id", -1))
+            cancel_id = frame.meta.get("request_id")
+            task = self._handlers.get(cancel_id) if type(cancel_id) is int else None  # junk: ignored
             if task is not None:
                 task.cancel()
             return

@@ -37,6 +37,7 @@ MAX_REQUEST_ID = 2**64 - 1
 
 DEFAULT_MAX_META = 1 << 20  # 1 MiB of metadata
 DEFAULT_MAX_PAYLOAD = 1 << 30  # 1 GiB of tensor payload
+PREAUTH_MAX_BODY = 64 * 1024  # metadata + payload of a frame before the handshake completed
 
 Buffer = bytes | bytearray | memoryview
 
@@ -57,16 +58,29 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds checked against a header before any byte of the body is allocated."""
+    """Upper bounds checked against a header before any byte of the body is allocated.
+
+    `max_body` bounds meta_len + payload_len together (0: max_meta + max_payload, i.e. no
+    bound beyond the two); PREAUTH_LIMITS uses it for frames before the handshake."""
 
     max_meta: int = DEFAULT_MAX_META
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_body: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.max_meta < 2**32:
             raise ValueError(f"max_meta must be in (0, 2**32), got {self.max_meta}")
         if not 0 <= self.max_payload < 2**64:
             raise ValueError(f"max_payload must be in [0, 2**64), got {self.max_payload}")
+        if self.max_body < 0:
+            raise ValueError(f"max_body must be >= 0, got {self.max_body}")
+        if self.max_body == 0:
+            object.__setattr__(self, "max_body", self.max_meta + self.max_payload)
+
+
+# Before a connection is authenticated (protocol.md 2.1): at most 64 KiB of metadata and
+# payload together per frame.
+PREAUTH_LIMITS = Limits(max_meta=PREAUTH_MAX_BODY, max_payload=PREAUTH_MAX_BODY, max_body=PREAUTH_MAX_BODY)
 
 
 class Header(NamedTuple):
@@ -125,7 +139,7 @@ def unpack_header(data: Buffer, limits: Limits) -> Header:
         _unpack_from(data)
     )
     if magic == MAGIC and version == PROTOCOL_VERSION and meta_len <= limits.max_meta and (
-        payload_len <= limits.max_payload
+        payload_len <= limits.max_payload and meta_len + payload_len <= limits.max_body
     ):
         return Header(msg_type, flags, request_id, meta_len, payload_len, version)
     if magic != MAGIC:
@@ -148,6 +162,13 @@ def unpack_header(data: Buffer, limits: Limits) -> Header:
         raise ProtocolError(
             ErrorCode.FRAME_TOO_LARGE,
             f"payload length {payload_len} exceeds the limit {limits.max_payload}",
+            fatal=True,
+        )
+    if meta_len + payload_len > limits.max_body:
+        raise ProtocolError(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame body of {meta_len + payload_len} bytes (metadata + payload) exceeds the limit "
+            f"{limits.max_body}",
             fatal=True,
         )
     return Header(msg_type, flags, request_id, meta_len, payload_len, version)

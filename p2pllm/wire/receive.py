@@ -4,6 +4,11 @@
 - A large body is received straight into its own buffer (one kernel copy, no re-assembly),
   laid out so that the payload starts 64-byte aligned, and tensors are built on it.
 - A header is validated against the limits before anything is allocated for its body.
+- Sealed frames (protocol.md 6.3), once the connection has switched: the header is read and
+  checked as above and kept as the associated data; a small body is decrypted out of the
+  receive buffer into its own buffer (the decryption is the copy), a large one is received
+  into its aligned buffer with its tag and decrypted there in place. A frame that does not
+  open closes the connection (no ERROR frame: the peer is not who it claims to be).
 
 No torch here (large bodies are numpy buffers, numpy imported on the first one), so the wire
 layer and the CLI load without torch.
@@ -28,6 +33,7 @@ from p2pllm.wire.frame import (
     unpack_header,
 )
 from p2pllm.wire.messages import ErrorCode
+from p2pllm.wire.seal import MAX_SEALED_BODY, TAG_SIZE, Opener, SealError
 
 RECV_BUFFER = 256 * 1024  # reusable receive buffer for small frames
 SMALL_BODY = 64 * 1024  # bodies below this are copied into a plain bytearray
@@ -49,6 +55,9 @@ class FrameSink:
         raise NotImplementedError
 
     def _lost(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _seal_failed(self, reason: str) -> None:
         raise NotImplementedError
 
     def _pause_writing(self) -> None:
@@ -102,6 +111,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._header: Header | None = None
         self._body: memoryview | None = None
         self._pos = 0
+        self._opener: Opener | None = None  # set once the connection reads sealed frames
+        self._aad = b""  # the header of the sealed frame being received
         self.paused = False
         self._dead = False
         self.made: asyncio.Future[FrameSink] = asyncio.get_running_loop().create_future()
@@ -151,6 +162,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self._header = None
                 self._body = None
                 assert header is not None and self.conn is not None
+                if self._opener is not None:  # body and tag, opened in place
+                    n = len(body) - TAG_SIZE
+                    try:
+                        self._opener.open_into(self._aad, body, body[:n])
+                    except SealError as exc:
+                        self._dead = True
+                        self.conn._seal_failed(str(exc))
+                        return
+                    body = body[:n]
                 self.conn._on_frame(header, body)
             return
         self._end += nbytes
@@ -164,7 +184,31 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._buf[:n] = self._buf[self._start : self._end]
             self._start, self._end = 0, n
 
+    @property
+    def sealed(self) -> bool:
+        return self._opener is not None
+
+    @property
+    def mid_frame(self) -> bool:
+        """Whether a frame's header has been read and its body not yet delivered."""
+        return self._header is not None
+
+    def set_opener(self, opener: Opener) -> None:
+        """Open every frame whose header is read from now on (call at a frame boundary: from
+        the sink's _on_frame, or while no frame is part-way in)."""
+        if self._header is not None:
+            raise RuntimeError("cannot switch to sealed frames in the middle of a frame")
+        self._opener = opener
+
     def _parse(self) -> None:
+        if self._opener is None and not self._parse_plain():
+            return
+        if self._opener is not None:  # sealed from the start, or switched by the last frame
+            self._parse_sealed()
+
+    def _parse_plain(self) -> bool:
+        """Plain frames; returns True when a delivered frame switched the connection to
+        sealed frames (the rest of the buffer is then parsed as sealed)."""
         conn = self.conn
         assert conn is not None
         view = self._view
@@ -178,7 +222,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 start = self._start
                 magic, version, msg_type, flags, _, rid, meta_len, payload_len = _unpack_from(view, start)
                 if magic == MAGIC and version == PROTOCOL_VERSION and meta_len <= limits.max_meta and (
-                    payload_len <= limits.max_payload
+                    payload_len <= limits.max_payload and meta_len + payload_len <= limits.max_body
                 ):
                     header = _make_header((msg_type, flags, rid, meta_len, payload_len, version))
                 else:
@@ -186,10 +230,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     try:
                         header = unpack_header(raw, limits)  # raises the typed error
                     except ProtocolError as exc:
-                        rid = int.from_bytes(raw[12:20], "big") if exc.code != ErrorCode.BAD_MAGIC else 0
-                        conn._fatal(exc, rid)
-                        self._dead = True
-                        return
+                        self._header_error(conn, exc, raw)
+                        return False
                 self._header = header
                 self._start = start + HEADER_SIZE
                 avail -= HEADER_SIZE
@@ -205,9 +247,74 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self._start = start + body_len
                 self._header = None
                 conn._on_frame(header, body)
+                if self._opener is not None:
+                    return True
                 continue
             # Partial body: receive the rest directly into its own buffer.
             body = alloc_body(header)
+            body[:avail] = view[self._start : self._end]
+            self._start = self._end = 0
+            self._body = body
+            self._pos = avail
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        return False
+
+    def _header_error(self, conn: FrameSink, exc: ProtocolError, raw: memoryview) -> None:
+        rid = int.from_bytes(raw[12:20], "big") if exc.code != ErrorCode.BAD_MAGIC else 0
+        self._dead = True
+        conn._fatal(exc, rid)
+
+    def _parse_sealed(self) -> None:
+        """Sealed frames: header checked as for plain ones (and the sealed body bound), then
+        body + tag opened with the connection's Opener, counter by counter."""
+        conn = self.conn
+        opener = self._opener
+        assert conn is not None and opener is not None
+        view = self._view
+        limits = conn.limits
+        while not self._dead and not conn._is_closed:
+            avail = self._end - self._start
+            header = self._header
+            if header is None:
+                if avail < HEADER_SIZE:
+                    break
+                start = self._start
+                raw = view[start : start + HEADER_SIZE]
+                try:
+                    header = unpack_header(raw, limits)
+                    if header.meta_len + header.payload_len > MAX_SEALED_BODY:
+                        raise ProtocolError(
+                            ErrorCode.FRAME_TOO_LARGE,
+                            f"a sealed body of {header.meta_len + header.payload_len} bytes exceeds "
+                            f"the limit {MAX_SEALED_BODY}",
+                            fatal=True,
+                        )
+                except ProtocolError as exc:
+                    self._header_error(conn, exc, raw)
+                    return
+                self._aad = bytes(raw)
+                self._header = header
+                self._start = start + HEADER_SIZE
+                avail -= HEADER_SIZE
+            body_len = header.meta_len + header.payload_len
+            need = body_len + TAG_SIZE
+            if avail >= need:
+                start = self._start
+                body = alloc_body(header)
+                try:
+                    opener.open_into(self._aad, view[start : start + need], body)
+                except SealError as exc:
+                    self._dead = True
+                    conn._seal_failed(str(exc))
+                    return
+                self._start = start + need
+                self._header = None
+                conn._on_frame(header, body)
+                continue
+            # Partial: body and tag go straight into one aligned buffer, opened in place.
+            body = alloc_aligned(need, header.meta_len)
             body[:avail] = view[self._start : self._end]
             self._start = self._end = 0
             self._body = body
