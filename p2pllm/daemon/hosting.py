@@ -33,18 +33,6 @@ class RoleHost:
         self.d = daemon
         self._spawn = spawn
         self.registry = role_registry()
-def _view(read: Callable[[], Any], default: Any) -> Any:
-    """A role's status view (summary, memory), or `default` when it cannot tell yet."""
-    try:
-        value = read()
-        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
-            return default
-        return value
-    except Exception as exc:
-        log.debug("a role's view failed (%s: %s)", type(exc).__name__, exc)
-        return default
-
-
         self.roles: dict[str, dict[str, Role]] = {}
         self._handlers: dict[tuple[str, str], Mapping[MsgType, RoleHandler]] = {}
         self.coordinator_of: dict[tuple[str, str], str] = {}
@@ -52,17 +40,15 @@ def _view(read: Callable[[], Any], default: Any) -> Any:
     # -- views --------------------------------------------------------------------------------
 
     def memory_used(self) -> int:
-        return sum(_view(r.memory_bytes, 0) for roles in self.roles.values() for r in roles.values())
+        return sum(r.memory_bytes() for roles in self.roles.values() for r in roles.values())
 
     def held(self) -> list[dict[str, Any]]:
         return [
-            {"job": job, "rid": rid, "role": r.kind, "summary": _view(r.summary, "starting")}
+            {"job": job, "rid": rid, "role": r.kind, "summary": r.summary()}
             for job, roles in self.roles.items()
             for rid, r in roles.items()
         ]
 
-        # A role is listed from ASSIGN on, while it may still be starting: its views must not
-        # fail HELLO / AUTH / STATUS for everyone (caps_now() reads them).
     def coordinators(self, job: str) -> set[str]:
         return {c for (j, _), c in self.coordinator_of.items() if j == job}
 
@@ -187,5 +173,3 @@ def _view(read: Callable[[], Any], default: Any) -> Any:
         if handler is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"no role of job {job} on {d.name} handles {t.name}")
         return await handler(req)
-        if rid is not None and not isinstance(rid, str):  # a list or map is unhashable below
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{t.name}: rid must be a string, got {type(rid).__name__}")
