@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,9 @@ def default_state_dir() -> str:
 @dataclass(frozen=True)
 class DaemonConfig:
     name: str = ""
-    host: str = "0.0.0.0"
+    # Closed by default: loopback only. Any other listen address needs secret_file (checked in
+    # __post_init__; SECURITY.md).
+    host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     roles: tuple[str, ...] = ("auto",)
     peers: tuple[str, ...] = ()
@@ -85,6 +89,43 @@ class DaemonConfig:
         if isinstance(self.max_unauthed, bool) or not isinstance(self.max_unauthed, int) or self.max_unauthed < 1:
             raise ConfigError(f"max_unauthed must be a whole number >= 1, got {self.max_unauthed!r}")
         self._check_caps()
+        self._check_closed_by_default()
+
+    def _check_closed_by_default(self) -> None:
+        """Without a secret only loopback; a loopback daemon's mDNS stays on loopback."""
+        loopback = listens_on_loopback_only(self.host)
+        if not loopback and not self.secret_file:
+            raise ConfigError(
+                f"listening on {self.host or 'every interface'} lets other hosts connect, so it needs "
+                "a shared secret: run `p2pllm secret new` once, copy the file it writes to every "
+                f"host, and start `p2pllmd --secret-file PATH --host {self.host or '0.0.0.0'}` "
+                "(without a secret, keep the default --host 127.0.0.1)"
+            )
+        if loopback and self.mdns and self.interface is not None and not listens_on_loopback_only(self.interface):
+            raise ConfigError(
+                f"--interface {self.interface} would announce this daemon to the LAN, but it "
+                f"listens only on {self.host}: peers there could not reach it; give it a secret "
+                "and a LAN --host, or use --no-mdns"
+            )
+
+    def mdns_interface(self) -> str | None:
+        """The address mDNS uses: --interface, or for a loopback-only daemon its loopback
+        address (it announces and browses on loopback only, so same-host daemons still find
+        each other and nothing is announced to the LAN); None = every interface."""
+        if self.interface is not None:
+            return self.interface
+        if listens_on_loopback_only(self.host):
+            v4 = [a for a in listen_addresses(self.host) if a.version == 4]
+            return str(v4[0]) if v4 else "127.0.0.1"
+        return None
+
+    def mdns_announce_host(self) -> str | None:
+        """The address mDNS announces: the listen address when it is one address (a hostname
+        resolved), None (mDNS picks the interface's) for a wildcard."""
+        if self.host in ("", "0.0.0.0", "::"):
+            return None
+        v4 = [a for a in listen_addresses(self.host) if a.version == 4]
+        return str(v4[0]) if v4 else None
 
     def _check_caps(self) -> None:
         """The resource caps (C): whole numbers >= 1 (max_session_tokens: 0 = the model's)."""
@@ -118,6 +159,27 @@ class DaemonConfig:
         if not data:
             raise ConfigError(f"secret file {self.secret_file} is empty")
         return data
+
+
+def listen_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses a server given `host` binds: a literal, or every address a hostname
+    resolves to ("" = every interface, like asyncio.start_server)."""
+    if host == "":
+        return [ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")]
+    try:
+        return [ipaddress.ip_address(host.split("%", 1)[0])]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot resolve listen address {host!r}: {exc}") from exc
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+def listens_on_loopback_only(host: str) -> bool:
+    """Whether every address `host` binds is a loopback address (0.0.0.0 and :: are not)."""
+    return all(a.is_loopback for a in listen_addresses(host))
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

@@ -44,9 +44,12 @@ def read_secret(path: str | None) -> bytes | None:
     if not path:
         return None
     try:
-        return Path(path).read_bytes().strip()
+        data = Path(path).read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc}") from exc
+    if not data:
+        raise ConfigError(f"secret file {path} is empty (make one with `p2pllm secret new`)")
+    return data
 
 
 async def open_daemon(address: str | None, secret_file: str | None = None, timeout: float = 5.0) -> Connection:

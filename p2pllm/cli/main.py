@@ -19,6 +19,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("fl", "p2pllm.cli.fl", "federated LoRA fine-tuning"),
     ("train", "p2pllm.cli.train", "split training across hosts"),
     ("dash", "p2pllm.cli.dashboard", "live terminal dashboard"),
+    ("secret", "p2pllm.cli.secret", "make the cluster's shared secret (mode 0600) for --secret-file"),
 )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import stat
 import sys
 
 from p2pllm.config import ROLE_KINDS, ConfigError, load_config
@@ -17,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML config file (flags override its values)")
     p.add_argument("--name", help="node name shown to peers (default: hostname)")
-    p.add_argument("--host", help="address to listen on (default 0.0.0.0: every interface)")
+    p.add_argument(
+        "--host",
+        help="address to listen on (default 127.0.0.1: this machine only; a LAN address such as "
+        "0.0.0.0 needs --secret-file)",
+    )
     p.add_argument("--port", type=int, help="TCP port (default 7411; 0 = pick a free one)")
     p.add_argument(
         "--role",
@@ -29,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT", help="static peer (repeatable)")
     p.add_argument("--no-mdns", dest="mdns", action="store_const", const=False, help="disable mDNS discovery")
     p.add_argument("--interface", help="address mDNS uses (e.g. 127.0.0.1 for one-machine tests)")
-    p.add_argument("--secret-file", help="file holding the cluster's shared secret")
+    p.add_argument(
+        "--secret-file", help="file holding the cluster's shared secret (make one with `p2pllm secret new`)"
+    )
     p.add_argument("--models-dir", help="directory of Hugging Face model folders")
     p.add_argument("--data-dir", help="directory of local training data (federated learning)")
     p.add_argument("--state-dir", help="where jobs keep checkpoints and state")
@@ -39,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--print-port", action="store_true", help="print 'PORT <n>' on stdout once listening")
     return p
+
+
+def warn_if_readable_by_others(path: str) -> None:
+    """Log a warning when the secret file's mode lets group or others read it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # Daemon() reports an unreadable secret file
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logging.getLogger("p2pllm.secret").warning(
+            "secret file %s has mode %04o: other users of this host can read it; chmod 600 %s",
+            path, stat.S_IMODE(mode), path,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     if config.dashboard:  # logs would scribble over the live view: send them to a file
-        import os
-
         os.makedirs(config.state_dir, exist_ok=True)
         handler = logging.FileHandler(os.path.join(config.state_dir, "p2pllmd.log"))
     logging.basicConfig(
@@ -60,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         handlers=[handler],
     )
+    if config.secret_file:
+        warn_if_readable_by_others(config.secret_file)
     install_uvloop()
     from p2pllm.daemon.daemon import Daemon
 
@@ -89,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
+    except ConfigError as exc:
+        print(f"p2pllmd: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"p2pllmd: {exc}", file=sys.stderr)
         return 1

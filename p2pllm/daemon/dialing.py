@@ -144,8 +144,8 @@ class Dialer:
             node_id=d.node_id,
             port=d.port,
             version=PROTOCOL_VERSION,
-            interface=d.config.interface,
-            announce_host=None if d.config.host in ("0.0.0.0", "::", "") else d.config.host,
+            interface=d.config.mdns_interface(),  # a loopback-only daemon: loopback only
+            announce_host=d.config.mdns_announce_host(),
             on_found=found,
             on_lost=lost,
         )
