@@ -22,11 +22,13 @@ easiest to check with all of it in view; the byte parsing is in :mod:`.receive`.
   `wire_bytes` (and `sent_bytes` on a response), so nobody re-encodes a frame to count it.
 - Sealing (protocol.md 6.3): after `enable_sealing(send_key, recv_key)` every frame is
   sealed both ways (:mod:`.seal`); the switch happens at a frame boundary the handshake names
-  (the server: right after it received AUTH; the client: right after it sent AUTH). A sealed
-  frame is gathered into one buffer (header, metadata, payload, room for the tag) and
-  encrypted there in place: one copy of the payload, which the AEAD needs contiguous. A frame
-  that does not open, or an exhausted counter, closes the connection. Higher layers
-  (request / stream / notify / partial / cancel / keepalive) see no difference.
+  (the server: right after it received AUTH; the client: right after it sent AUTH). Sending
+  a sealed frame: under 64 KiB its body is joined and encrypted into new bytes (fewest Python
+  steps); up to 1 MiB it is gathered into one buffer (header, metadata, payload, room for the
+  tag) and encrypted there in place; from 1 MiB it is encrypted piece by piece straight into
+  the buffer sent (no gather copy). A frame that does not open, or an exhausted counter,
+  closes the connection. Higher layers (request / stream / notify / partial / cancel /
+  keepalive) see no difference.
 - :class:`~p2pllm.wire.local.LocalConnection` is the same machinery without a socket, for
   a node talking to itself (never sealed).
 """
@@ -60,8 +62,8 @@ from p2pllm.wire.frame import (
 )
 from p2pllm.wire.frame import HEADER as _HEADER
 from p2pllm.wire.messages import ErrorCode, Flags, MsgType
-from p2pllm.wire.receive import FrameProtocol, FrameSink, alloc_aligned
-from p2pllm.wire.seal import MAX_SEALED_BODY, TAG_SIZE, Opener, Sealer, SealError
+from p2pllm.wire.receive import SMALL_BODY, FrameProtocol, FrameSink, alloc_aligned
+from p2pllm.wire.seal import MAX_SEALED_BODY, STREAM_SEAL_MIN, TAG_SIZE, Opener, Sealer, SealError
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +300,9 @@ class Connection(FrameSink):
     def _write_sealed(
         self, msg_type: int, meta: dict[str, Any] | None, payload: Sequence[Buffer], flags: int, rid: int
     ) -> int:
-        """One sealed frame: header (the associated data), then metadata and payload gathered
-        into one buffer and encrypted there in place, then the tag."""
+        """One sealed frame: header (the associated data), then metadata and payload
+        encrypted (gathered into one buffer and encrypted there in place when large), then
+        the tag."""
         sealer = self._sealer
         assert sealer is not None
         meta_bytes = self._pack(meta) if meta else b""
@@ -313,23 +316,34 @@ class Connection(FrameSink):
             )
         head = _pack_head(MAGIC, PROTOCOL_VERSION, msg_type, flags, 0, rid, mlen, plen)
         n = HEADER_SIZE + body_len + TAG_SIZE
-        out = alloc_aligned(n) if plen else memoryview(bytearray(n))
-        out[:HEADER_SIZE] = head
-        pos = HEADER_SIZE + mlen
-        out[HEADER_SIZE:pos] = meta_bytes
-        for buf in payload:
-            view = memoryview(buf).cast("B")
-            end = pos + view.nbytes
-            out[pos:end] = view
-            pos = end
+        transport = self._transport
+        assert transport is not None
         try:
-            sealer.seal_into(head, out[HEADER_SIZE:], body_len)
+            if body_len < SMALL_BODY:  # one join, one encrypt (fewer Python steps than in place)
+                plain = b"".join((meta_bytes, *payload)) if plen else meta_bytes
+                transport.write(head + sealer.seal(head, plain))
+            elif body_len >= STREAM_SEAL_MIN:  # encrypted piece by piece into the buffer sent
+                out = alloc_aligned(n)
+                out[:HEADER_SIZE] = head
+                pieces: list[memoryview | bytes] = [meta_bytes]
+                pieces += [memoryview(buf).cast("B") for buf in payload]
+                sealer.seal_pieces_into(head, pieces, out[HEADER_SIZE:])
+                transport.write(out)
+            else:  # gathered, then encrypted in place
+                out = alloc_aligned(n)
+                out[:HEADER_SIZE] = head
+                pos = HEADER_SIZE + mlen
+                out[HEADER_SIZE:pos] = meta_bytes
+                for buf in payload:
+                    view = memoryview(buf).cast("B")
+                    end = pos + view.nbytes
+                    out[pos:end] = view
+                    pos = end
+                sealer.seal_into(head, out[HEADER_SIZE:], body_len)
+                transport.write(out)
         except SealError as exc:
             self._seal_failed(str(exc))
             raise self._closed_error() from None
-        transport = self._transport
-        assert transport is not None
-        transport.write(out)
         self.frames_out += 1
         self.bytes_out += n
         return n
@@ -498,7 +512,7 @@ class Connection(FrameSink):
         t = frame.msg_type
         rid = frame.request_id
         if t is MsgType.PING:
-            if rid:
+            if rid and not flags & _ONEWAY:  # a one-way PING wants no PONG (section 3)
                 self._write_raw(MsgType.PONG, {"t": frame.meta.get("t")}, rid)
             return
         if t is MsgType.CANCEL:

@@ -282,18 +282,24 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     break
                 start = self._start
                 raw = view[start : start + HEADER_SIZE]
-                try:
-                    header = unpack_header(raw, limits)
-                    if header.meta_len + header.payload_len > MAX_SEALED_BODY:
+                magic, version, msg_type, flags, _, rid, meta_len, payload_len = _unpack_from(raw)
+                body_len = meta_len + payload_len
+                if magic == MAGIC and version == PROTOCOL_VERSION and meta_len <= limits.max_meta and (
+                    payload_len <= limits.max_payload and body_len <= limits.max_body
+                    and body_len <= MAX_SEALED_BODY
+                ):
+                    header = _make_header((msg_type, flags, rid, meta_len, payload_len, version))
+                else:
+                    try:
+                        header = unpack_header(raw, limits)  # raises the typed error, or:
                         raise ProtocolError(
                             ErrorCode.FRAME_TOO_LARGE,
-                            f"a sealed body of {header.meta_len + header.payload_len} bytes exceeds "
-                            f"the limit {MAX_SEALED_BODY}",
+                            f"a sealed body of {body_len} bytes exceeds the limit {MAX_SEALED_BODY}",
                             fatal=True,
                         )
-                except ProtocolError as exc:
-                    self._header_error(conn, exc, raw)
-                    return
+                    except ProtocolError as exc:
+                        self._header_error(conn, exc, raw)
+                        return
                 self._aad = bytes(raw)
                 self._header = header
                 self._start = start + HEADER_SIZE
@@ -302,7 +308,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             need = body_len + TAG_SIZE
             if avail >= need:
                 start = self._start
-                body = alloc_body(header)
+                body = memoryview(bytearray(body_len)) if body_len < SMALL_BODY else alloc_body(header)
                 try:
                     opener.open_into(self._aad, view[start : start + need], body)
                 except SealError as exc:

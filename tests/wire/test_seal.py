@@ -315,3 +315,21 @@ async def test_local_connection_is_never_sealed() -> None:
         conn.enable_sealing(os.urandom(32), os.urandom(32))
     assert not conn.sealed
     assert (await conn.request(MsgType.LINK_PROBE, {"x": 3})).meta["x"] == 3
+
+
+@pytest.mark.parametrize("sizes", [[0, 5], [7, 0, 100_000, 3], [30, 1 << 20, 17]])
+def test_sealing_piece_by_piece_gives_the_same_bytes(sizes: list[int]) -> None:
+    key = os.urandom(32)
+    pieces = [os.urandom(n) for n in sizes]
+    body = b"".join(pieces)
+    header = pack_header(MsgType.ACK, 1, 5, sizes[0], len(body) - sizes[0])
+    out = memoryview(bytearray(len(body) + TAG_SIZE))
+    s = Sealer(key)
+    s.counter = 41
+    assert s.seal_pieces_into(header, [memoryview(p) for p in pieces], out) == len(out)
+    ref = Sealer(key)
+    ref.counter = 41
+    assert bytes(out) == ref.seal(header, body)
+    o = Opener(key)
+    o.counter = 41
+    assert o.open(header, out) == body
