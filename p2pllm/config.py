@@ -71,6 +71,9 @@ class DaemonConfig:
     memory_budget: int = 0  # bytes roles may use; 0 = the free memory measured at start
     compute_bench_seconds: float = 0.2
     dashboard: bool = False
+    # Host the test-only echo role (p2pllmd --test-roles; tests turn it on). Off: ASSIGN echo
+    # is an unknown role (issue 12, A).
+    test_roles: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

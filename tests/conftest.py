@@ -186,6 +186,48 @@ async def ctl() -> AsyncIterator[Any]:
         c.close()
 
 
+async def open_peer(address: str, secret_file: str | None = None, name: str = "test-peer") -> Any:
+    """A handshaken Connection to a daemon as kind "peer" (a test acting as another daemon: a
+    hand-made coordinator; protocol.md 4.4 lets only peers ASSIGN and send role frames).
+    Requests the daemon sends it (keepalive aside) are answered with an empty ACK."""
+    import uuid
+
+    from p2pllm.cli.client import read_secret
+    from p2pllm.config import parse_hostport
+    from p2pllm.net.auth import client_handshake
+    from p2pllm.wire.connection import connect
+    from p2pllm.wire.frame import Limits
+
+    async def ack(conn: Any, req: Any) -> None:
+        return None
+
+    host, port = parse_hostport(address)
+    conn = await connect(host, port, ack, limits=Limits(max_payload=1 << 32), name=name, timeout=10)
+    try:
+        await client_handshake(conn, node_id=f"{name}-{uuid.uuid4().hex[:12]}", name=name, kind="peer",
+                               port=0, secret=read_secret(secret_file))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Any]:
+    """Factory: await peer(port) -> a Connection to that daemon as kind "peer" (open_peer),
+    closed at teardown (its daemon then releases the roles it assigned)."""
+    conns = []
+
+    async def open_(port: int, secret_file: str | None = None):
+        conn = await open_peer(f"127.0.0.1:{port}", secret_file)
+        conns.append(conn)
+        return conn
+
+    yield open_
+    for c in conns:
+        c.close()
+
+
 async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2, what: str = "condition"):
     """Poll an async or sync predicate until it returns a truthy value, or fail with `what`."""
     deadline = time.monotonic() + timeout

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_const", const=True, help="show the live dashboard")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--print-port", action="store_true", help="print 'PORT <n>' on stdout once listening")
+    # tests only: host the echo test role (DaemonConfig.test_roles); hidden from --help
+    p.add_argument("--test-roles", action="store_const", const=True, help=argparse.SUPPRESS)
     return p
 
 

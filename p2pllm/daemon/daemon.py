@@ -6,6 +6,7 @@
 - :mod:`.status`     STATUS, SUBSCRIBE, LINK_PROBE
 - :mod:`.jobctl`     JOBS across the cluster, JOB_STOP forwarding
 - :mod:`.hosting`    ASSIGN / RELEASE and routing job messages to the roles held here
+- :mod:`.authz`      which connection kind may send what, who may act on a job's roles
 - :mod:`.jobs`       the coordinator side of jobs (JobHost)
 
 The daemon is the :class:`~p2pllm.daemon.roles.Cluster` its roles and coordinators use:
@@ -28,6 +29,7 @@ from typing import Any
 
 from p2pllm.config import DaemonConfig, parse_hostport
 from p2pllm.daemon import state as ev
+from p2pllm.daemon.authz import kind_refusal
 from p2pllm.daemon.capabilities import measure, memory_bytes
 from p2pllm.daemon.dialing import Dialer
 from p2pllm.daemon.handshake import Handshake
@@ -77,6 +79,7 @@ class Daemon:
             MsgType.LINK_PROBE: status.on_link_probe,
             MsgType.ASSIGN: self.hosting.on_assign,
             MsgType.RELEASE: self.hosting.on_release,
+            MsgType.JOB_MEMBERS: self.hosting.on_members,
             MsgType.JOBS: jobctl.on_jobs,
             MsgType.JOB_STOP: jobctl.on_job_stop,
             MsgType.CAPS_UPDATE: self.peers.on_caps_update,
@@ -265,11 +268,18 @@ class Daemon:
             return await self.handshake.on_auth(conn, req)
         if not conn.info.get("authed"):
             raise ProtocolError(ErrorCode.UNAUTHENTICATED, "send HELLO (and AUTH) first")
+        local = isinstance(conn, LocalConnection)
+        kind = str(conn.info.get("kind"))
+        why = kind_refusal(kind, t, local=local)
+        if why is None and not local and conn.info.get("node_id") == self.node_id:
+            why = "a connection from outside this process cannot use this node's own id"
+        if why is not None:  # protocol.md 4.4
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"{t.name} refused on {self.name}: {why}")
         core = self._core.get(t)
         if core is not None:
             return await core(conn, req)
         if "job" in req.meta and t not in self.coordinators:
-            return await self.hosting.route(req)
+            return await self.hosting.route(conn, req)
         coordinator = self.coordinators.get(t)
         if coordinator is not None:
             return await coordinator(self.jobs, req)

@@ -1,6 +1,10 @@
 """Role hosting: ASSIGN builds and starts a role, messages tagged with its job reach its
 handlers, RELEASE (or its coordinator going down, or shutdown) stops it.
 
+Authorization (protocol.md 4.4, :mod:`.authz`): the first ASSIGN of a job here makes its
+sender the job's coordinator on this node; only it may ASSIGN more of the job's roles, RELEASE
+them or send JOB_MEMBERS, and only it and the members it named may send the roles frames.
+
 The role classes, their context and registry are in :mod:`p2pllm.daemon.roles`; this module
 holds the roles this daemon runs, by job and rid.
 """
@@ -16,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from p2pllm.config import ROLE_KINDS
 from p2pllm.daemon import state as ev
-from p2pllm.daemon.messages import ASSIGN, RELEASE
+from p2pllm.daemon.authz import Grant
+from p2pllm.daemon.messages import ASSIGN, JOB_MEMBERS, RELEASE
 from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler, role_registry
 from p2pllm.wire.connection import Connection, Reply, Request
 from p2pllm.wire.frame import ProtocolError
@@ -32,8 +37,9 @@ class RoleHost:
     def __init__(self, daemon: Daemon, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
         self.d = daemon
         self._spawn = spawn
-        self.registry = role_registry()
+        self.registry = role_registry(daemon.config.test_roles)
         self.roles: dict[str, dict[str, Role]] = {}
+        self.grants: dict[str, Grant] = {}  # job -> who may act on its roles here
         self._handlers: dict[tuple[str, str], Mapping[MsgType, RoleHandler]] = {}
         self.coordinator_of: dict[tuple[str, str], str] = {}
 
@@ -63,11 +69,27 @@ class RoleHost:
 
     # -- ASSIGN / RELEASE ---------------------------------------------------------------------
 
+    def sender(self, conn: Connection) -> str:
+        """The node id a connection's handshake gave (this node's own for the in-process one)."""
+        return str(conn.info.get("node_id") or "")
+
+    def _grant(self, job: str, sender: str, what: str) -> Grant | None:
+        """The job's grant here if ``sender`` coordinates it; None if the job is not held
+        here; FORBIDDEN if another node coordinates it."""
+        grant = self.grants.get(job)
+        if grant is not None and grant.coordinator != sender:
+            raise ProtocolError(ErrorCode.FORBIDDEN, (
+                f"{what} for job {job} from node {sender[:16]}: only the job's coordinator "
+                f"may send it to {self.d.name}"))
+        return grant
+
     async def on_assign(self, conn: Connection, req: Request) -> Reply:
         d = self.d
         m = ASSIGN.parse(req.meta)  # BAD_REQUEST naming the field (protocol.md 4.3)
         job, kind, params = m["job"], m["role"], dict(m["params"])
         rid = m["rid"] or kind
+        coordinator = self.sender(conn)
+        grant = self._grant(job, coordinator, "ASSIGN")
         if kind in ROLE_KINDS and not d.config.accepts(kind):
             raise Refused(f"role {kind} is pinned elsewhere: {d.name} accepts only {', '.join(d.config.roles)}")
         cls = self.registry.get(kind)
@@ -78,7 +100,6 @@ class RoleHost:
         reason = cls.refuse(d.config, d.caps_now(), params)
         if reason:
             raise Refused(reason)
-        coordinator = str(conn.info.get("node_id", d.node_id))
         ctx = RoleContext(
             job=job,
             rid=rid,
@@ -89,6 +110,9 @@ class RoleHost:
             report=lambda metrics: d.emit(ev.RoleMetrics(job, rid, metrics)),
         )
         role = cls(ctx, params)
+        if grant is None:
+            grant = self.grants[job] = Grant(coordinator)
+        grant.name(m["members"])
         self.roles.setdefault(job, {})[rid] = role
         try:
             await role.start()
@@ -118,12 +142,25 @@ class RoleHost:
             self.roles.pop(job, None)
         self._handlers.pop((job, rid), None)
         self.coordinator_of.pop((job, rid), None)
+        if job not in self.roles:
+            self.grants.pop(job, None)
         return role
 
     async def on_release(self, conn: Connection, req: Request) -> Reply:
         m = RELEASE.parse(req.meta)
+        self._grant(m["job"], self.sender(conn), "RELEASE")
         released = await self.release(m["job"], m["rid"], "released by coordinator")
         return Reply(MsgType.ACK, {"released": released})
+
+    async def on_members(self, conn: Connection, req: Request) -> Reply:
+        """JOB_MEMBERS: the coordinator's new member list of a job (after a re-plan)."""
+        m = JOB_MEMBERS.parse(req.meta)
+        job = m["job"]
+        grant = self._grant(job, self.sender(conn), "JOB_MEMBERS")
+        if grant is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no job {job!r} on {self.d.name}")
+        grant.name(m["members"])
+        return Reply(MsgType.ACK, {"job": job, "members": len(grant.members)})
 
     async def release(self, job: str, rid: str | None, reason: str) -> list[str]:
         rids = [rid] if rid is not None else list(self.roles.get(job, {}))
@@ -155,13 +192,20 @@ class RoleHost:
 
     # -- routing ------------------------------------------------------------------------------
 
-    async def route(self, req: Request) -> Reply | None:
+    async def route(self, conn: Connection, req: Request) -> Reply | None:
         d = self.d
         job = req.meta["job"]
         t = req.frame.msg_type
         roles = self.roles.get(job) if isinstance(job, str) else None
         if not roles:
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no job {job!r} on {d.name}")
+        grant = self.grants.get(job)
+        sender = self.sender(conn)
+        if grant is None or not grant.may_send(sender):
+            # before any rid or type is looked up: a non-member learns nothing of the roles
+            raise ProtocolError(ErrorCode.FORBIDDEN, (
+                f"{t.name} for job {job} from node {sender[:16]}: {d.name} takes the job's "
+                f"frames only from its coordinator and the members it named"))
         rid = req.meta.get("rid")
         if rid is not None:
             handler = self._handlers.get((job, rid), {}).get(t)

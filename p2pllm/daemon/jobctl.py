@@ -1,5 +1,14 @@
 """Operator job control across the cluster: JOBS (every node's jobs, fanned out to the peers)
-and JOB_STOP (stop a job wherever it is coordinated, forwarding once)."""
+and JOB_STOP (stop a job wherever it is coordinated, forwarding once).
+
+Who may stop a job (protocol.md 4.4): a ctl client of its coordinator's daemon (the job
+stops), or a ctl client of a member's daemon: that host's operator decides what runs on it, so
+the member forwards the stop to the coordinator (which obeys a forwarded JOB_STOP from a current
+member of the job) and releases its own roles. A ctl client of any other daemon is told which
+daemon coordinates the job (FORBIDDEN). A peer's JOB_STOP must be the forwarded form, and is
+obeyed from a member (at the coordinator) or from the coordinator (at a member); others get
+FORBIDDEN.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +61,8 @@ class JobControl:
         d = self.d
         m = JOB_STOP.parse(req.meta)  # BAD_REQUEST naming the field (protocol.md 4.3)
         job, forwarded = m["job"], m["forwarded"]
+        if conn.info.get("kind") == "peer":
+            return await self._peer_stop(job, forwarded, d.hosting.sender(conn))
         if d.jobs.stop(job):
             return Reply(MsgType.ACK, {"stopped": job, "where": "coordinator"})
         if job in d.hosting.roles:
@@ -62,12 +73,45 @@ class JobControl:
             await d.hosting.release(job, None, "stopped by operator")
             return Reply(MsgType.ACK, {"stopped": job, "where": "member"})
         if not forwarded:
-            # Not ours: find the coordinator among the peers and ask it.
+            # Neither coordinated nor held here: say where it can be stopped.
             for peer_jobs in await self._peer_jobs():
                 for j in peer_jobs:
                     if j["job"] == job and j.get("state") == "running" and j.get("coordinator"):
-                        frame = await d.request(
-                            j["coordinator"], MsgType.JOB_STOP, {"job": job, "forwarded": True}, timeout=60
-                        )
-                        return Reply(MsgType.ACK, frame.meta)
+                        where = self._where(str(j["coordinator"]))
+                        raise ProtocolError(ErrorCode.FORBIDDEN, (
+                            f"job {job} is coordinated by {where}; {d.name} takes no part in it: "
+                            f"stop it from a ctl client of its coordinator (p2pllm ctl stop {job} "
+                            f"--daemon ADDRESS) or of one of its members"))
         raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no running job {job} known to {d.name} or its peers")
+
+    def _where(self, node_id: str) -> str:
+        for n in self.d.nodes():
+            if n["node_id"] == node_id:
+                return f"{n['name']} ({n['address']})"
+        return node_id[:8]
+
+    async def _peer_stop(self, job: str, forwarded: bool, sender: str) -> Reply:
+        """JOB_STOP from another daemon: only the forwarded form, from a member of the job
+        (to its coordinator) or from its coordinator (to a member)."""
+        d = self.d
+        if not forwarded:
+            raise ProtocolError(ErrorCode.FORBIDDEN, (
+                f"JOB_STOP for job {job} from peer {sender[:16]}: a peer may send only the "
+                f"forwarded form (forwarded: true); an operator stops a job with a ctl client"))
+        running = d.jobs.get(job)
+        if running is not None:
+            if sender in {member.node_id for member in running.members}:
+                d.jobs.stop(job)
+                return Reply(MsgType.ACK, {"stopped": job, "where": "coordinator"})
+            raise ProtocolError(ErrorCode.FORBIDDEN, (
+                f"JOB_STOP for job {job} from node {sender[:16]}: {d.name} coordinates it and "
+                f"takes a forwarded stop only from its members"))
+        grant = d.hosting.grants.get(job)
+        if grant is not None:
+            if sender == grant.coordinator:
+                await d.hosting.release(job, None, "stopped by its coordinator")
+                return Reply(MsgType.ACK, {"stopped": job, "where": "member"})
+            raise ProtocolError(ErrorCode.FORBIDDEN, (
+                f"JOB_STOP for job {job} from node {sender[:16]}: only the job's coordinator "
+                f"may stop its roles on {d.name}"))
+        raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no job {job} on {d.name}")

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,11 +71,15 @@ class Job:
         return node_id[:8]
 
     async def assign(
-        self, node_id: str, role: str, params: Mapping[str, Any], *, rid: str | None = None, summary: str = ""
+        self, node_id: str, role: str, params: Mapping[str, Any], *, rid: str | None = None, summary: str = "",
+        members: Sequence[str] = (),
     ) -> str:
-        """ASSIGN a role; raises AssignRefused with the member's reason."""
+        """ASSIGN a role; raises AssignRefused with the member's reason. ``members``: the node
+        ids the role takes the job's frames from besides this coordinator (protocol.md 4.4)."""
         rid = rid or role
         meta = {"job": self.id, "rid": rid, "role": role, "params": dict(params), "pillar": self.pillar}
+        if members:
+            meta["members"] = list(members)
         try:
             await self.cluster.request(node_id, MsgType.ASSIGN, meta, timeout=ASSIGN_TIMEOUT)
         except RemoteError as exc:
@@ -152,6 +156,11 @@ class JobHost:
             # Release even if we are being cancelled: shield the cleanup.
             await asyncio.shield(job.release_all())
             self.emit(ev.JobEnded(job.id, state, error, time.time()))
+
+    def get(self, job_id: str) -> Job | None:
+        """The running job ``job_id`` this node coordinates, or None."""
+        entry = self._running.get(job_id)
+        return entry[0] if entry is not None else None
 
     def stop(self, job_id: str) -> bool:
         entry = self._running.get(job_id)

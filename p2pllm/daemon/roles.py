@@ -171,7 +171,10 @@ class Role:
 
 
 class EchoRole(Role):
-    """A trivial role for tests: answers ROLE_CALL with its params and the request's meta."""
+    """A trivial role for tests: answers ROLE_CALL with its params and the request's meta.
+
+    Hosted only by a daemon started with ``test_roles`` (``p2pllmd --test-roles``): tests turn
+    it on; anywhere else it is an unknown role."""
 
     kind = "echo"
 
@@ -206,9 +209,10 @@ class EchoRole(Role):
         return int(self.params.get("memory", 0))
 
 
-def role_registry() -> dict[str, type[Role]]:
-    """Every role class the daemon can host, by kind. Pillars plug in here."""
-    registry: dict[str, type[Role]] = {EchoRole.kind: EchoRole}
+def role_registry(test_roles: bool = False) -> dict[str, type[Role]]:
+    """Every role class the daemon can host, by kind. Pillars plug in here; the test-only
+    echo role only with ``test_roles``."""
+    registry: dict[str, type[Role]] = {EchoRole.kind: EchoRole} if test_roles else {}
     for module, names in _PILLAR_ROLES:
         try:
             mod = __import__(module, fromlist=names)

@@ -28,6 +28,11 @@ The policy, the same for every pillar (``POLICY``):
    re-places (keeping unchanged members; a node may now take several slots) and runs again,
    else the job fails naming the lost member (its node, rid and what it held).
 5. Every role is released when the job ends (the JobHost's ``job`` context), however it ends.
+6. Authorization (protocol.md 4.4): every ASSIGN names the nodes of the whole placement as the
+   job's members, so neighbours (split shards, split-training stages) may send each other the
+   job's frames; after a re-plan the members kept from the previous placement are sent the new
+   list (JOB_MEMBERS) before the pillar runs again, so a lost node's frames are refused and a
+   new neighbour's are taken.
 
 What the runner did is published in the job's metrics under ``"runner"``.
 """
@@ -44,7 +49,7 @@ from p2pllm.daemon.jobs import AssignRefused, Job, Member
 from p2pllm.plan.partition import PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError
 from p2pllm.wire.frame import ProtocolError
-from p2pllm.wire.messages import ErrorCode
+from p2pllm.wire.messages import ErrorCode, MsgType
 
 __all__ = [
     "MAX_REPLANS",
@@ -178,6 +183,7 @@ class JobRunner:
         self.refusals: list[dict[str, Any]] = []
         self.losses: list[dict[str, Any]] = []
         self._names: dict[str, str] = {}  # node id -> name, as last seen
+        self._told: dict[str, tuple[str, ...]] = {}  # node id -> the member list it holds
 
     # -- what the pillar sees --------------------------------------------------------------
 
@@ -198,10 +204,11 @@ class JobRunner:
         """Plan and assign until every slot is held; see the module's policy."""
         for attempt in range(self.max_replans + 1):
             placement = self._plan()
+            allowed = tuple(sorted({s.node_id for s in placement}))
             await self._release_unplaced(placement)
             new = [s for s in placement if s.key not in self.held]
             self.kept += len(placement) - len(new)
-            results = await asyncio.gather(*(self._assign(s) for s in new),
+            results = await asyncio.gather(*(self._assign(s, allowed) for s in new),
                                            return_exceptions=True)
             refused: list[tuple[Slot, AssignRefused]] = []
             for slot, res in zip(new, results, strict=True):
@@ -212,6 +219,7 @@ class JobRunner:
                 elif isinstance(res, BaseException):
                     raise res
             if not refused:
+                await self._tell_members(allowed)
                 self._publish()
                 return self.members
             for slot, exc in refused:
@@ -273,13 +281,40 @@ class JobRunner:
         for h in drop:
             del self.held[h.slot.key]
         await asyncio.gather(*(self.job.release(h.member) for h in drop))
+        self._forget_told()
 
-    async def _assign(self, slot: Slot) -> None:
+    async def _assign(self, slot: Slot, allowed: tuple[str, ...]) -> None:
         await self.job.assign(slot.node_id, slot.kind, slot.params, rid=slot.rid,
-                              summary=slot.summary)
+                              summary=slot.summary, members=allowed)
+        self._told[slot.node_id] = allowed
         member = next(m for m in reversed(self.job.members)
                       if m.node_id == slot.node_id and m.rid == slot.rid)
         self.held[slot.key] = _Held(slot, member)
+
+    def _forget_told(self) -> None:
+        """Nodes that hold no role of the job any more hold no member list of it either."""
+        holding = {h.slot.node_id for h in self.held.values()}
+        for node in [n for n in self._told if n not in holding]:
+            del self._told[node]
+
+    async def _tell_members(self, allowed: tuple[str, ...]) -> None:
+        """JOB_MEMBERS to every member kept from an earlier placement whose list is stale."""
+        stale = sorted({h.slot.node_id for h in self.held.values()
+                        if self._told.get(h.slot.node_id) != allowed})
+
+        async def tell(node: str) -> None:
+            try:
+                await self.job.cluster.request(node, MsgType.JOB_MEMBERS,
+                                               {"job": self.job.id, "members": list(allowed)},
+                                               timeout=30)
+            except (ConnectionClosed, RemoteError, TimeoutError) as exc:
+                # the pillar meets that member's loss (or refusal) when it runs
+                log.warning("%s: cannot send the member list to %s: %s", self.job.id,
+                            self._names.get(node, node[:8]), exc)
+                return
+            self._told[node] = allowed
+
+        await asyncio.gather(*(tell(n) for n in stale))
 
     # -- running ---------------------------------------------------------------------------
 
@@ -315,6 +350,7 @@ class JobRunner:
         for h in gone:
             del self.held[h.slot.key]
         await asyncio.gather(*(_release_quietly(self.job, h.member, "lost") for h in gone))
+        self._forget_told()
         self._publish()
         return lost
 

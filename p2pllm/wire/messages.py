@@ -23,6 +23,7 @@ class MsgType(IntEnum):
     CAPS_UPDATE = 0x0009  # one-way: {"caps": map}, the sender's capabilities changed
     ASSIGN = 0x0010  # {"job", "role", "params", "coordinator"} -> ACK | ERROR(REFUSED)
     RELEASE = 0x0011  # {"job"} -> ACK
+    JOB_MEMBERS = 0x0012  # {"job", "members"}: the coordinator's new member list -> ACK
     STATUS = 0x0020  # -> STATUS response: the state snapshot
     SUBSCRIBE = 0x0021  # streamed STATUS snapshots until cancelled
     LINK_PROBE = 0x0022  # a payload echoed back to measure throughput

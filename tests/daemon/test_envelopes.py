@@ -14,12 +14,13 @@ from p2pllm.config import DaemonConfig
 from p2pllm.daemon.daemon import Daemon
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
+from tests.conftest import open_peer
 
 
 @pytest.fixture
 async def daemon(tmp_path: Any) -> Any:
     config = DaemonConfig(name="solo", host="127.0.0.1", port=0, mdns=False, state_dir=str(tmp_path),
-                          threads=1, compute_bench_seconds=0.01)
+                          threads=1, compute_bench_seconds=0.01, test_roles=True)
     d = Daemon(config)
     task = asyncio.create_task(d.run())
     await asyncio.wait_for(d.wait_ready(), 60)
@@ -42,7 +43,10 @@ BAD = [
 
 
 async def test_bad_envelopes_are_typed_errors_and_good_ones_still_work(daemon: Daemon) -> None:
-    client = await open_daemon(f"127.0.0.1:{daemon.port}")
+    # ASSIGN and RELEASE come from a peer (the test is the job's coordinator), the operator's
+    # JOB_STOP from a ctl client (protocol.md 4.4)
+    client = await open_peer(f"127.0.0.1:{daemon.port}")
+    operator = await open_daemon(f"127.0.0.1:{daemon.port}")
     try:
         for msg_type, meta, words in BAD:
             with pytest.raises(RemoteError) as err:
@@ -60,11 +64,12 @@ async def test_bad_envelopes_are_typed_errors_and_good_ones_still_work(daemon: D
                                               "params": {"x": 1}, "pillar": "test"}, timeout=10)
         released = await client.request(MsgType.RELEASE, {"job": "j1", "rid": "e2"}, timeout=10)
         assert released.meta == {"released": ["e2"]}
-        stopped = await client.request(MsgType.JOB_STOP, {"job": "j1"}, timeout=10)
+        stopped = await operator.request(MsgType.JOB_STOP, {"job": "j1"}, timeout=10)
         assert stopped.meta == {"stopped": "j1", "where": "member"}
         assert not daemon.hosting.roles
         with pytest.raises(RemoteError) as err:
-            await client.request(MsgType.JOB_STOP, {"job": "nope", "forwarded": True}, timeout=10)
+            await operator.request(MsgType.JOB_STOP, {"job": "nope", "forwarded": True}, timeout=10)
         assert err.value.code == ErrorCode.UNKNOWN_JOB
     finally:
         client.close()
+        operator.close()

@@ -28,7 +28,7 @@ PROMPT_IDS = [1, 5, 9, 13, 17, 21, 25, 29]
 @pytest.fixture
 async def daemon(tmp_path: Any) -> Any:
     config = DaemonConfig(name="solo", host="127.0.0.1", port=0, mdns=False, state_dir=str(tmp_path),
-                          threads=1, compute_bench_seconds=0.01)
+                          threads=1, compute_bench_seconds=0.01, test_roles=True)
     d = Daemon(config)
     task = asyncio.create_task(d.run())
     await asyncio.wait_for(d.wait_ready(), 60)

@@ -120,10 +120,11 @@ async def status_secret(port, secret) -> dict:
         conn.close()
 
 
-async def test_assign_release_echo_role_and_refusals(daemons, ctl) -> None:
-    a = daemons("r0", "--no-mdns")
+async def test_assign_release_echo_role_and_refusals(daemons, peer) -> None:
+    # the test acts as a coordinator: a peer connection (only peers may ASSIGN, protocol.md 4.4)
+    a = daemons("r0", "--no-mdns", "--test-roles")
     b = daemons("r1", "--no-mdns", "--peer", a.address, "--role", "fl-client")
-    conn = await ctl(a.port)
+    conn = await peer(a.port)
     meta = {"job": "j1", "rid": "echo", "role": "echo", "params": {"x": 1}}
     ack = await conn.request(MsgType.ASSIGN, meta, timeout=10)
     assert ack.msg_type == MsgType.ACK and ack.meta["rid"] == "echo"
@@ -148,7 +149,7 @@ async def test_assign_release_echo_role_and_refusals(daemons, ctl) -> None:
         await conn.request(MsgType.ASSIGN, {**meta, "role": "warp-drive"}, timeout=10)
     assert ei.value.code == ErrorCode.REFUSED and "unknown role" in ei.value.message
     # A daemon pinned to fl-client refuses a shard (pinned roles).
-    conn_b = await ctl(b.port)
+    conn_b = await peer(b.port)
     with pytest.raises(RemoteError) as ei:
         await conn_b.request(MsgType.ASSIGN, {**meta, "role": "shard", "rid": "shard"}, timeout=10)
     assert ei.value.code == ErrorCode.REFUSED and "accepts only fl-client" in ei.value.message

@@ -232,14 +232,17 @@ def chi_square_p(counts: dict[Any, int], probs: dict[Any, float]) -> float:
     return float(chi2.sf(stat, cells - 1))
 
 
-async def test_sampling_sessions_many_at_once_and_typed_errors(pair: Any, ctl: Any,
+async def test_sampling_sessions_many_at_once_and_typed_errors(pair: Any, ctl: Any, peer: Any,
                                                                dirs: dict[str, Path]) -> None:
     a, b = pair
     await wait_peers(ctl, a, b)
-    ca, cb = await ctl(a.port), await ctl(b.port)
+    # the test coordinates the job by hand: peer connections, and the verifier takes the
+    # drafter's node as a member (protocol.md 4.4)
+    ca, cb = await peer(a.port), await peer(b.port)
     job = "spec-bytest"
     await cb.request(MsgType.ASSIGN, {"job": job, "rid": "verifier", "role": "verifier",
-                                      "params": {"model": "tv-target"}, "pillar": "spec"}, timeout=60)
+                                      "params": {"model": "tv-target"}, "pillar": "spec",
+                                      "members": [a.node_id]}, timeout=60)
     await ca.request(MsgType.ASSIGN, {"job": job, "rid": "drafter", "role": "drafter",
                                       "params": {"model": "tv-draft"}, "pillar": "spec"}, timeout=60)
     try:

@@ -37,7 +37,15 @@ from p2pllm.engine.sampling import SamplingParams
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta
-from tests.conftest import REPO, DaemonProc, has_shared_model, real_model, shared_model, wait_for
+from tests.conftest import (
+    REPO,
+    DaemonProc,
+    has_shared_model,
+    open_peer,
+    real_model,
+    shared_model,
+    wait_for,
+)
 from tests.pillars.test_split_compute import ARCHS, tiny_model
 
 STORIES_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
@@ -333,10 +341,25 @@ async def test_hidden_states_of_the_wrong_shape_or_dtype_from_a_peer_are_typed_e
     procs = {d.node_id: d for d in cluster.values() if isinstance(d, DaemonProc)}
     _, res = await generate(cluster["a"].port, model=SMODEL, prompt="Once", max_tokens=4,
                             shards=2, keep_alive=60)
-    job, second = res["job"], res["shards"][1]
-    conn = await open_daemon(procs[second["node_id"]].address)
+    pipeline, second = res["job"], res["shards"][1]
+    conn = await open_peer(procs[second["node_id"]].address)
     try:
-        # a session on the second shard, opened by hand as a coordinator would
+        # a's pipeline takes frames only from a and its shards (protocol.md 4.4) ...
+        with pytest.raises(RemoteError) as err:
+            await anext(conn.stream(MsgType.SHARD_OPEN, {"job": pipeline, "rid": second["rid"],
+                                                        "session": "x", "max_len": 16}))
+        assert err.value.code == ErrorCode.FORBIDDEN
+        # ... so this peer coordinates a copy of the second shard by hand, on the same daemon,
+        # and sends it what a buggy neighbour could
+        job = "split-bad-peer"
+        lo, hi = second["layers"]
+        await conn.request(MsgType.ASSIGN, {"job": job, "rid": second["rid"], "role": "shard",
+                                            "params": {"model": SMODEL, "start": lo, "end": hi,
+                                                       "num_layers": SCONFIG.num_layers,
+                                                       "index": 1, "count": 2,
+                                                       "first": {"node": "nobody", "rid": "x"}}},
+                           timeout=60)
+        # a session on that shard, opened by hand as a coordinator would
         opened = {"job": job, "rid": second["rid"], "session": "bad-peer", "max_len": 16,
                   "prompt_len": 3, "max_new": 4, "stop_ids": []}
         stream = conn.stream(MsgType.SHARD_OPEN, opened)
@@ -378,12 +401,12 @@ async def test_hidden_states_of_the_wrong_shape_or_dtype_from_a_peer_are_typed_e
     # the daemons keep serving, on the same pipeline
     _, res2 = await generate(cluster["a"].port, model=SMODEL, prompt_ids=PROMPT_IDS,
                              max_tokens=40, shards=2)
-    assert res2["token_ids"] == reference_ids() and res2["job"] == job
+    assert res2["token_ids"] == reference_ids() and res2["job"] == pipeline
 
 
 async def test_a_shard_assigned_by_hand_refuses_frees_idle_sessions_and_limits_rows(cluster) -> None:
     d = cluster["d"]
-    conn = await open_daemon(d.address)
+    conn = await open_peer(d.address)  # the test is the job's coordinator: a peer (protocol.md 4.4)
     job = "split-byhand"
     n = SCONFIG.num_layers  # 5 for stories-260k
     params = {"model": SMODEL, "start": 0, "end": n, "num_layers": n,
