@@ -45,6 +45,11 @@ class DaemonConfig:
     interface: str | None = None
     secret_file: str | None = None
     models_dir: str | None = None
+    # More model roots (M, issue 12): --models-dir is repeatable; the first goes to models_dir,
+    # the rest here. Requests resolve model names only inside these, the pulled and bundled
+    # models and the hub cache (p2pllm/daemon/modelrefs.py).
+    models_dirs: tuple[str, ...] = ()
+    allow_hub: bool = False  # download hub ids that are not in the hub cache (M, issue 12)
     data_dir: str | None = None
     state_dir: str = field(default_factory=default_state_dir)
     threads: int = 0  # 0 = torch's default
@@ -225,10 +230,14 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-    for key in ("roles", "peers"):
+    for key in ("roles", "peers", "models_dirs"):
         if key in values:
             v = values[key]
             values[key] = (v,) if isinstance(v, str) else tuple(v)
+    if isinstance(values.get("models_dir"), list | tuple):  # a repeated --models-dir (M)
+        dirs = [str(d) for d in values["models_dir"]]
+        values["models_dir"] = dirs[0] if dirs else None
+        values["models_dirs"] = tuple(dirs[1:])
     try:
         return replace(DaemonConfig(), **values)
     except TypeError as exc:

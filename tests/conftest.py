@@ -62,6 +62,30 @@ def real_model(name: str) -> Path:
     return SHARED_MODELS / name if has_shared_model(name) else STAND_INS[name]
 
 
+def models_dir_args(*dirs: Path | str) -> list[str]:
+    """``--models-dir`` flags for ``dirs`` and for the folders their top-level links point
+    into: a daemon reads models only inside its roots (issue 12), so a link out of them is
+    refused unless its target's folder is a root too (the bundled models always are)."""
+    roots: list[str] = []
+
+    def add(d: Path) -> None:
+        if str(d) not in roots and not str(d.resolve()).startswith(str(BUNDLED_MODELS.resolve())):
+            roots.append(str(d))
+
+    for d in map(Path, dirs):
+        add(d)
+        for link in sorted(d.iterdir()) if d.is_dir() else ():
+            if link.is_symlink():
+                add(link.resolve().parent)
+    return [x for r in roots for x in ("--models-dir", r)]
+
+
+def model_arg(path: Path) -> list[str]:
+    """``--models-dir`` flags for a daemon that is asked for the model at ``path`` (its
+    folder; nothing for a bundled model): a path a request names must lie inside a root."""
+    return models_dir_args(path.parent) if path.parent.resolve() != BUNDLED_MODELS.resolve() else []
+
+
 def _allowed_skip(reason: str) -> bool:
     """In CI a skip is expected only for a shared model while the whole shared checkout is
     absent; a missing model inside a present checkout, or any other reason, is a failure."""

@@ -96,13 +96,15 @@ class _Remote:
         from p2pllm.cli.client import run_daemon_call
         from p2pllm.cli.remote import stream_generate
 
+        from p2pllm.daemon.modelrefs import cli_model_ref
+
         a = self.args
-        meta: dict[str, Any] = {"mode": a.mode, "model": a.model, "prompt_ids": ids,
+        meta: dict[str, Any] = {"mode": a.mode, "model": cli_model_ref(a.model), "prompt_ids": ids,
                                 "max_tokens": a.max_tokens, "temperature": a.temperature,
                                 "top_k": a.top_k, "top_p": a.top_p,
                                 "repetition_penalty": a.repetition_penalty}
         extra = {"seed": a.seed, "dtype": a.dtype, "shards": a.shards,
-                 "draft_model": a.draft_model or a.model if a.mode == "spec" else None}
+                 "draft_model": cli_model_ref(a.draft_model or a.model) if a.mode == "spec" else None}
         meta.update({k: v for k, v in extra.items() if v is not None})
         result, _ = run_daemon_call(stream_generate(a.daemon, a.secret_file, meta, True),
                                     "chat")

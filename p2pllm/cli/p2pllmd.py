@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--secret-file", help="file holding the cluster's shared secret (make one with `p2pllm secret new`)"
     )
-    p.add_argument("--models-dir", help="directory of Hugging Face model folders")
+    p.add_argument("--models-dir", action="append", metavar="DIR",
+                   help="directory of model folders (repeatable): requests may name only models "
+                   "under these, the pulled and bundled models and the hub cache")
+    p.add_argument("--allow-hub", action="store_const", const=True,
+                   help="download Hugging Face hub ids that are not in the hub cache (in a thread)")
     p.add_argument("--data-dir", help="directory of local training data (federated learning)")
     p.add_argument("--state-dir", help="where jobs keep checkpoints and state")
     p.add_argument("--threads", type=int, help="torch threads for the roles on this host")

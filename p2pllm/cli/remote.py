@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
+from p2pllm.daemon.modelrefs import cli_model_ref
 from p2pllm.wire.messages import MsgType
 
 GENERATE_KEYS = (
@@ -24,10 +25,14 @@ GENERATE_KEYS = (
 
 
 def generate_meta(args: argparse.Namespace) -> dict[str, Any]:
-    """The GENERATE request body from parsed CLI arguments (None values left out)."""
+    """The GENERATE request body from parsed CLI arguments (None values left out). A model or
+    adapter given as a path here goes as its real absolute path: the daemon uses it only if it
+    lies inside its roots (else FORBIDDEN, saying to add the folder with --models-dir)."""
     meta: dict[str, Any] = {"prompt": args.prompt}
     for key in GENERATE_KEYS:
         value = getattr(args, key, None)
+        if key in ("model", "draft_model", "adapter") and isinstance(value, str):
+            value = cli_model_ref(value)
         if value is not None:
             meta[key] = value
     return meta

@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -66,28 +67,44 @@ def compute_score(seconds: float = 0.2, threads: int = 0) -> float:
         torch.set_num_threads(old)
 
 
-def scan_models(models_dir: str | None) -> list[dict[str, Any]]:
-    """Models found in the models dir (and bundled ones), as plain dicts for HELLO."""
+def scan_models(config_or_dir: Any) -> list[dict[str, Any]]:
+    """Models found in the models dir(s), the pulled-models dir and the bundled ones, as plain
+    dicts for HELLO. Given a DaemonConfig: its roots (modelrefs.ModelRoots), a folder that is
+    a link out of its root left out (requests could not use it). The "path" is for the
+    operator's status view: another node sends the name, never opens this path."""
     try:
         from p2pllm.engine.loader import list_models
     except ImportError:  # pragma: no cover - engine not importable
         return []
+    from p2pllm.daemon.modelrefs import ModelRoots, config_models_dirs
+
+    config = config_or_dir
+    if config is None or isinstance(config, str | Path):  # one models dir
+        config = SimpleNamespace(models_dir=str(config) if config else None)
+    dirs = config_models_dirs(config)
+    roots = ModelRoots.of(config)
     try:
-        found = list_models(models_dir)
+        found = list_models(list(dirs))
     except Exception as exc:  # a broken dir must not stop the daemon
-        log.warning("cannot scan models dir %s: %s", models_dir, exc)
+        log.warning("cannot scan models dirs %s: %s", dirs, exc)
         return []
-    return [
-        {
-            "name": m.name,
-            "path": str(m.path),
-            "model_type": m.model_type,
-            "num_layers": m.num_layers,
-            "param_bytes": m.param_bytes,
-            "format": m.format,
-        }
-        for m in found
-    ]
+    out = []
+    for m in found:
+        try:
+            ok = roots.find(m.name) is not None
+        except Exception as exc:  # a link out of its root: FORBIDDEN for requests
+            log.warning("models: %s is not offered: %s", m.name, exc)
+            ok = False
+        if ok:
+            out.append({
+                "name": m.name,
+                "path": str(m.path),
+                "model_type": m.model_type,
+                "num_layers": m.num_layers,
+                "param_bytes": m.param_bytes,
+                "format": m.format,
+            })
+    return out
 
 
 def scan_fl_data(data_dir: str | None) -> dict[str, Any]:
@@ -125,7 +142,7 @@ def measure(config: Any) -> dict[str, Any]:
         "mem_budget": budget,
         "mem_used_by_roles": 0,
         "compute_score": compute_score(config.compute_bench_seconds, config.threads),
-        "models": scan_models(config.models_dir),
+        "models": scan_models(config),
         "fl_data": scan_fl_data(config.data_dir),
         "accepts": sorted(config.roles),
         "roles_held": [],

@@ -1,12 +1,13 @@
 """Cluster queries: the one place planners and roles ask about nodes and models.
 
 - :func:`find_node`: a node by node id, address, exact name or unique node-id prefix;
-- :func:`has_model` / :func:`advertised_path`: whether (and under which path) a node's
-  capabilities list a model;
+- :func:`has_model`: whether a node's capabilities list a model (by the name that crosses
+  the wire; the paths a node advertises are for its operator's status view, never opened by
+  another node);
 - :func:`accepts_role`: whether a node takes a role (its ``--role`` settings, as advertised in
   ``caps["accepts"]``, and room in its memory budget), with the reason when it does not;
-- :func:`resolve_model_ref` / :func:`require_model`: the checkpoint directory a model
-  reference names on this host (the second also tries the Hugging Face hub).
+- :func:`resolve_model_ref`: the checkpoint directory a reference names for the operator's
+  own process (any path); requests are resolved by :mod:`p2pllm.daemon.modelrefs` instead.
 
 Node descriptions are the dicts ``Cluster.nodes()`` returns (``node_id``, ``name``,
 ``address``, ``caps``, ``self``). Everything here is pure over them, except
@@ -28,13 +29,11 @@ __all__ = [
     "MAYBE",
     "PlanError",
     "accepts_role",
-    "advertised_path",
     "find_node",
     "free_bytes",
     "has_model",
     "label",
     "looks_like_path",
-    "require_model",
     "resolve_model_ref",
     "takes_role",
 ]
@@ -42,7 +41,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HAS = 2  # the node lists the model in its capabilities
-MAYBE = 1  # a checkpoint path the node may be able to read (a shared filesystem)
+MAYBE = 1  # a name the node may resolve in its roots without listing it (org/name)
 
 Node = Mapping[str, Any]
 
@@ -125,8 +124,9 @@ def _listed(caps: Mapping[str, Any], model: str,
 def has_model(caps: Mapping[str, Any], model: str,
               local_path: str | Path | None = None) -> tuple[int, int | None]:
     """(tier, param_bytes) of ``model`` on a node with ``caps``: HAS when it lists it (by
-    name, path, or the coordinator's resolved ``local_path``), MAYBE for a path it may read,
-    0 when it lacks it."""
+    name, path, or a given ``local_path``), MAYBE for a name with a ``/`` (a nested folder
+    under its roots or a hub id: the node checks on ASSIGN), 0 when it lacks it. Same name =
+    same model: coordinators pass the name they send (ModelRef.name), no local path."""
     m = _listed(caps, model, local_path)
     if m is not None:
         size = m.get("param_bytes")
@@ -134,14 +134,6 @@ def has_model(caps: Mapping[str, Any], model: str,
     if looks_like_path(model):
         return MAYBE, None
     return 0, None
-
-
-def advertised_path(caps: Mapping[str, Any], model: str,
-                    local_path: str | Path | None = None) -> str | None:
-    """The path under which a node's capabilities list ``model``, or None."""
-    m = _listed(caps, model, local_path)
-    path = m.get("path") if m is not None else None
-    return path if isinstance(path, str) else None
 
 
 def _bundled_dir() -> Path:
@@ -159,7 +151,9 @@ def resolve_model_ref(ref: str, models_dir: str | Path | None) -> Path | None:
     """The checkpoint directory ``ref`` names on this host, or None. Never the network.
 
     In order: a directory path, a folder under ``models_dir``, a bundled model, a model
-    listed under another name in ``models_dir``.
+    listed under another name in ``models_dir``. Any path: for the operator's own process
+    only. A daemon resolves what a request names with
+    :class:`p2pllm.daemon.modelrefs.ModelRoots` (inside its roots), never with this.
     """
     if not ref:
         return None
@@ -184,14 +178,3 @@ def resolve_model_ref(ref: str, models_dir: str | Path | None) -> Path | None:
         except Exception as exc:  # a broken models dir is "not found", not a crash
             log.debug("cannot list models in %s: %s", models_dir, exc)
     return None
-
-
-def require_model(ref: str, models_dir: str | Path | None) -> Path:
-    """Like :func:`resolve_model_ref`, then a Hugging Face hub id (from the local hub cache,
-    downloaded unless offline); raises ``ModelNotFoundError`` saying where it looked."""
-    found = resolve_model_ref(ref, models_dir)
-    if found is not None:
-        return found
-    from p2pllm.engine.loader import resolve_model
-
-    return resolve_model(ref, models_dir)

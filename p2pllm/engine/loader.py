@@ -89,7 +89,9 @@ def model_build() -> Iterator[None]:
 def resolve_model(name_or_path: str | Path, models_dir: str | Path | None = None) -> Path:
     """Directory of a checkpoint (or a GGUF file) given a path, a name under ``models_dir``,
     under the pulled-models dir (``p2pllm models pull``), a bundled model's name, or a Hugging
-    Face hub id (from the local hub cache, else downloaded)."""
+    Face hub id (from the local hub cache, else downloaded). Any path, and a download: for the
+    operator's own process (the CLI's local mode). A daemon resolves what a request names
+    with :class:`p2pllm.daemon.modelrefs.ModelRoots` (inside its roots), never with this."""
     raw = str(name_or_path)
     p = Path(raw).expanduser()
     if p.is_dir() or p.suffix.lower() == ".gguf":
@@ -165,13 +167,15 @@ class ModelInfo:
     format: str = "hf"  # "hf" (config.json + safetensors) or "gguf"
 
 
-def list_models(models_dir: str | Path | None, include_bundled: bool = True,
+def list_models(models_dir: str | Path | Sequence[str | Path] | None, include_bundled: bool = True,
                 include_pulled: bool = True) -> list[ModelInfo]:
     """The loadable models (checkpoint directories, GGUF folders) directly under
-    ``models_dir``, then the pulled-models dir and the bundled ones (unless a model of the same
-    name shadows them), sorted by name. Broken ones are skipped."""
+    ``models_dir`` (one dir, or several in lookup order), then the pulled-models dir and the
+    bundled ones (unless a model of the same name shadows them), sorted by name. Broken ones
+    are skipped."""
     found: dict[str, ModelInfo] = {}
-    roots = [Path(models_dir).expanduser()] if models_dir is not None else []
+    dirs = [models_dir] if isinstance(models_dir, str | Path) else list(models_dir or ())
+    roots = [Path(d).expanduser() for d in dirs]
     if include_pulled:
         roots.append(pulled_models_dir())
     if include_bundled:

@@ -30,7 +30,15 @@ from p2pllm.pillars.speculative.drafts import random_llama, truncate
 from p2pllm.pillars.speculative.messages import DraftRun
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
-from tests.conftest import REPO, DaemonProc, has_shared_model, real_model, shared_model, wait_for
+from tests.conftest import (
+    REPO,
+    DaemonProc,
+    has_shared_model,
+    models_dir_args,
+    real_model,
+    shared_model,
+    wait_for,
+)
 
 TOKENIZER = "tinystories-656k"
 PROMPT = "Once upon a time"
@@ -59,8 +67,8 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def start_pair(daemons: Any, dirs: dict[str, Path], *extra: str) -> tuple[Any, Any]:
-    b = daemons("b", "--no-mdns", "--models-dir", str(dirs["b"]), *extra)
-    a = daemons("a", "--no-mdns", "--peer", b.address, "--models-dir", str(dirs["a"]), *extra)
+    b = daemons("b", "--no-mdns", *models_dir_args(dirs["b"]), *extra)
+    a = daemons("a", "--no-mdns", "--peer", b.address, *models_dir_args(dirs["a"]), *extra)
     return a, b
 
 
@@ -69,8 +77,8 @@ def pair(dirs: dict[str, Path]) -> Iterator[tuple[DaemonProc, DaemonProc]]:
     """One coordinator/drafter "a" and one verifier "b" for the tests that kill nothing."""
     log_dir = dirs["root"] / "logs"
     log_dir.mkdir(exist_ok=True)
-    b = DaemonProc("b", ["--no-mdns", "--models-dir", str(dirs["b"])], log_dir).wait_ready()
-    a = DaemonProc("a", ["--no-mdns", "--peer", b.address, "--models-dir", str(dirs["a"])],
+    b = DaemonProc("b", ["--no-mdns", *models_dir_args(dirs["b"])], log_dir).wait_ready()
+    a = DaemonProc("a", ["--no-mdns", "--peer", b.address, *models_dir_args(dirs["a"])],
                    log_dir).wait_ready()
     yield a, b
     for d in (a, b):
@@ -176,7 +184,7 @@ async def test_cli_generate_spec_json_and_one_node(daemons: Any, dirs: dict[str,
         solo_dir.mkdir()
         for src in (dirs["b"] / "target", dirs["a"] / "early"):
             (solo_dir / src.name).symlink_to(src, target_is_directory=True)
-    solo = daemons("solo", "--no-mdns", "--models-dir", str(solo_dir))
+    solo = daemons("solo", "--no-mdns", *models_dir_args(solo_dir))
     ref = local_reference(dirs["b"] / "target", PROMPT, 24)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = await asyncio.to_thread(

@@ -41,6 +41,7 @@ from tests.conftest import (
     REPO,
     DaemonProc,
     has_shared_model,
+    models_dir_args,
     open_peer,
     real_model,
     shared_model,
@@ -89,8 +90,11 @@ def start_cluster(root: Path, names: list[str], models_dirs: dict[str, Path]) ->
     procs = []
     for name, port in zip(names, ports, strict=True):
         peers = [x for p in ports if p != port for x in ("--peer", f"127.0.0.1:{p}")]
-        procs.append(DaemonProc(name, [*FAST, "--port", str(port), "--models-dir",
-                                       str(models_dirs[name]), *peers], root))
+        # root too: the tests make models there and name them by path (issue 12: a path a
+        # request names must lie inside a --models-dir)
+        procs.append(DaemonProc(name, [*FAST, "--port", str(port),
+                                       *models_dir_args(models_dirs[name]), "--models-dir",
+                                       str(root), *peers], root))
     return [d.wait_ready() for d in procs]
 
 

@@ -33,9 +33,10 @@ def make_role(tmp_path: Path, text: str | None = "Sam the cat sat on a mat. " * 
     data.mkdir(parents=True, exist_ok=True)
     if text is not None:
         (data / "d.txt").write_text(text)
-    cfg = DaemonConfig(data_dir=str(data), models_dir=None)
+    # the model by its name under the client's models dir (a client never opens a peer's path)
+    cfg = DaemonConfig(data_dir=str(data), models_dir=str(model.parent))
     ctx = RoleContext("job1", "fl-client", "coord", "me", cfg, None, lambda m: None)  # type: ignore[arg-type]
-    p = ClientParams("tinystories-656k", str(model), LoraSpec(), 32, 0.2, 0).to_meta()
+    p = ClientParams(model.name, str(model), LoraSpec(), 32, 0.2, 0).to_meta()
     return FLClientRole(ctx, {**p, **extra})
 
 

@@ -139,7 +139,8 @@ def test_split_plan_puts_this_node_first_and_follows_memory() -> None:
     stages = plan_pipeline(nodes, local(), SplitRequest(model="m", prompt="x"))
     assert [(s.name, s.start, s.end, s.rid) for s in stages] == [
         ("me", 0, 4, "shard0"), ("a", 4, 5, "shard1"), ("c", 5, 8, "shard2")]
-    assert stages[0].model_ref == "/models/m" and stages[1].model_ref == "/models/m"
+    # names cross the wire (issue 12): every shard gets the name, never a path a node advertises
+    assert stages[0].model_ref == "m" and stages[1].model_ref == "m"
 
 
 def test_split_plan_names_the_nodes_that_lack_the_model_or_refuse_shards() -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from torch import Tensor
 
 from p2pllm.daemon.capabilities import device_kind
-from p2pllm.daemon.cluster import resolve_model_ref
+from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.roles import Refused, Role, RoleHandler
 from p2pllm.pillars.caps import check_payload, check_train_tokens
 from p2pllm.pillars.federated.data import DataError, data_files
@@ -41,16 +41,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def find_model(params: ClientParams, models_dir: str | None) -> Path:
-    """The base model here: by name (under --models-dir, or bundled), else the coordinator's
-    path (the cluster query :func:`~p2pllm.daemon.cluster.resolve_model_ref`)."""
-    found = resolve_model_ref(params.model, models_dir) or resolve_model_ref(params.model_path, None)
-    if found is not None:
-        return found
-    raise Refused(
-        f"model {params.model!r} is not on this host: not under --models-dir {models_dir} "
-        f"and {params.model_path} does not exist here"
-    )
+async def find_model(params: ClientParams, config: DaemonConfig) -> Path:
+    """The base model here: the name, resolved in this daemon's own roots
+    (:class:`~p2pllm.daemon.modelrefs.ModelRoots`; a hub download, with --allow-hub, in a
+    thread). ``model_path`` is never opened: a path a peer sends is not trusted. FORBIDDEN for
+    a path outside the roots, REFUSED when this host lacks the model."""
+    try:
+        return (await ModelRoots.of(config).aresolve(params.model)).path
+    except ProtocolError as exc:
+        if exc.code == ErrorCode.NOT_FOUND:
+            raise Refused(exc.message) from None
+        raise
 
 
 class FLClientRole(Role):
@@ -58,6 +59,9 @@ class FLClientRole(Role):
 
     @classmethod
     def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
+        model = params.get("model")
+        if isinstance(model, str) and model:
+            ModelRoots.of(config).find(model)  # FORBIDDEN for a path outside this daemon's roots
         if not config.data_dir:
             return "no --data-dir: this host has no federated-learning data"
         fl = caps.get("fl_data") or {}
@@ -74,7 +78,7 @@ class FLClientRole(Role):
         assert self.ctx.config.data_dir is not None  # refuse() checked
         if not data_files(self.ctx.config.data_dir):
             raise Refused(f"no .txt or .jsonl files under {self.ctx.config.data_dir}")
-        path = find_model(self.config, self.ctx.config.models_dir)
+        path = await find_model(self.config, self.ctx.config)
         try:
             self.trainer = await self.worker.run(
                 LocalTrainer.load, path, self.config, self.ctx.config.data_dir, device_kind()

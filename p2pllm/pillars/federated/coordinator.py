@@ -33,8 +33,9 @@ from typing import Any
 
 from torch import Tensor
 
-from p2pllm.daemon.cluster import require_model, takes_role
+from p2pllm.daemon.cluster import takes_role
 from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.runner import Exclusions, JobRunner, Slot
 from p2pllm.pillars.federated import lora as lora_mod
 from p2pllm.pillars.federated.checkpoint import (
@@ -217,11 +218,11 @@ class FLRun:
             log.info("FL run %s starts afresh: its old checkpoint will be replaced", cfg.name)
         self.cfg = cfg
         self.out_dir = output_dir(cfg, self.dir)
-        try:
-            self.model_path = await asyncio.to_thread(require_model, cfg.model, self.host.config.models_dir)
-        except Exception as exc:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"base model {cfg.model!r}: {exc}") from exc
-        self.model_name = model_name(cfg.model, self.model_path)
+        # inside this daemon's roots (FORBIDDEN outside, NOT_FOUND unknown; a hub download,
+        # with --allow-hub, in a thread); clients get the name and resolve it in their own
+        found = await ModelRoots.of(self.host.config).aresolve(cfg.model)
+        self.model_path = found.path
+        self.model_name = found.name
 
     def job_params(self) -> dict[str, Any]:
         c = self.cfg
@@ -334,7 +335,7 @@ class FLRun:
         c = self.cfg
         return ClientParams(
             model=self.model_name,
-            model_path=str(self.model_path),
+            model_path=self.model_name,  # the name: a client never opens a path a peer sends
             lora=c.lora,
             block_size=c.block_size,
             eval_fraction=c.eval_fraction,

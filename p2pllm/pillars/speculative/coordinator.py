@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.runner import Exclusions, JobRunner, MemberLost, Slot
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import JSON_FIELDS, TextStream, continuation_text
@@ -37,7 +38,7 @@ from p2pllm.pillars.speculative.messages import (
     error_code,
     parse_generate,
 )
-from p2pllm.pillars.speculative.models import find_local_model, model_bytes
+from p2pllm.pillars.speculative.models import model_bytes
 from p2pllm.pillars.speculative.placement import Candidate, rank_drafters, rank_verifiers
 from p2pllm.plan.partition import PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
@@ -95,9 +96,14 @@ def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
 
 async def coordinate(host: JobHost, req: Request) -> Reply:
     spec = GenerateSpec.from_meta(req.meta)
-    models_dir = host.config.models_dir
-    target_path = await asyncio.to_thread(find_local_model, spec.model, models_dir)
-    draft_path = await asyncio.to_thread(find_local_model, spec.draft_model, models_dir)
+    roots = ModelRoots.of(host.config)
+    roots.check_adapter(req.meta, "spec")
+    # names cross the wire: each member resolves the name in its own roots (daemon/modelrefs)
+    target = await roots.alocal(spec.model)
+    draft = await roots.alocal(spec.draft_model)
+    names = (target.name if target else spec.model, draft.name if draft else spec.draft_model)
+    target_path = target.path if target else None
+    draft_path = draft.path if draft else None
 
     # 1. the prompt's token ids, with the tokenizer found on this host
     tokenizer = None
@@ -126,7 +132,7 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
                   "seed": seed}
     async with host.job("spec", job_params) as job:
         pillar = SpecPillar(host, req, spec, target_path, draft_path, prompt_ids, seed,
-                            tokenizer)
+                            tokenizer, names)
         result: dict[str, Any] = await JobRunner(job, pillar, what="speculative").run()
     return Reply(MsgType.GENERATE, result)
 
@@ -136,8 +142,11 @@ class SpecPillar:
 
     def __init__(self, host: JobHost, req: Request, spec: GenerateSpec, target_path: Path | None,
                  draft_path: Path | None, prompt_ids: list[int], seed: int,
-                 tokenizer: Any) -> None:
+                 tokenizer: Any, names: tuple[str, str] | None = None) -> None:
         self.host, self.req, self.spec = host, req, spec
+        # what the members are sent: the names (each resolves them in its own roots); the
+        # ranking uses the request's refs (a path: any node may share the root, MAYBE)
+        self.target_name, self.draft_name = names or (spec.model, spec.draft_model)
         self.target_path, self.draft_path = target_path, draft_path
         self.prompt_ids, self.seed, self.tokenizer = prompt_ids, seed, tokenizer
         self.t_plan: float | None = None
@@ -149,25 +158,24 @@ class SpecPillar:
         if self.t_plan is None:
             self.t_plan = time.perf_counter()
         verifier = _best(rank_verifiers(
-            nodes, spec.model, local_path=str(tp) if tp else None, local_has=tp is not None,
+            nodes, spec.model, local_has=tp is not None,
             size_hint=model_bytes(tp, spec.dtype, spec.quant) if tp else None,
             pin=spec.verifier),
             excluded, "verifier", spec.model)
         drafter = _best(rank_drafters(
-            nodes, spec.draft_model, verifier.node_id, local_path=str(dp) if dp else None,
-            local_has=dp is not None,
+            nodes, spec.draft_model, verifier.node_id, local_has=dp is not None,
             size_hint=model_bytes(dp, spec.draft_dtype, spec.draft_quant) if dp else None,
             pin=spec.drafter), excluded, "drafter", spec.draft_model)
         self.verifier, self.drafter = verifier, drafter
         return [
             Slot("verifier", "verifier", verifier.node_id,
-                 {"model": _model_ref(spec.model, tp), "dtype": spec.dtype,
+                 {"model": self.target_name, "dtype": spec.dtype,
                   "quant": spec.quant, "session_timeout": spec.session_timeout},
-                 summary=f"verifier {_model_ref(spec.model, tp)}", label=f"verifier {verifier.name}"),
+                 summary=f"verifier {self.target_name}", label=f"verifier {verifier.name}"),
             Slot("drafter", "drafter", drafter.node_id,
-                 {"model": _model_ref(spec.draft_model, dp), "dtype": spec.draft_dtype,
+                 {"model": self.draft_name, "dtype": spec.draft_dtype,
                   "quant": spec.draft_quant},
-                 summary=f"drafter {_model_ref(spec.draft_model, dp)}",
+                 summary=f"drafter {self.draft_name}",
                  label=f"drafter {drafter.name}"),
         ]
 
@@ -194,11 +202,6 @@ def _best(ranked: list[Candidate], excluded: Exclusions, role: str, model: str) 
     raise PlanError(f"no node can take the {role} role for {model}: "
                     + "; ".join(excluded.reason(c.node_id, role) or c.name for c in ranked),
                     code=ErrorCode.REFUSED)
-
-
-def _model_ref(name: str, local: Path | None) -> str:
-    """What to ask a member to load: the name (resolved there), or a path given by the user."""
-    return str(local) if local is not None and "/" in name else name
 
 
 async def _run(host: JobHost, job: Job, req: Request, drafter: Candidate, verifier: Candidate,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from p2pllm.daemon.cluster import resolve_model_ref
+from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.loader import load_slice, weight_bytes
@@ -30,10 +30,12 @@ __all__ = ["LoadedModel", "ModelCache", "find_local_model", "model_bytes"]
 log = logging.getLogger(__name__)
 
 
-def find_local_model(name: str, models_dir: str | None) -> Path | None:
-    """The checkpoint directory ``name`` stands for on this host, or None (the cluster query
-    :func:`~p2pllm.daemon.cluster.resolve_model_ref`: never the network)."""
-    return resolve_model_ref(name, models_dir)
+def find_local_model(name: str, config: Any) -> Path | None:
+    """The checkpoint directory ``name`` stands for on this host, or None: inside the roots of
+    ``config`` (a DaemonConfig, or one models dir; :class:`~p2pllm.daemon.modelrefs.ModelRoots`:
+    never the network). FORBIDDEN for a path outside them."""
+    found = ModelRoots.of(config).find(name)
+    return found.path if found is not None else None
 
 
 def model_bytes(path: Path, dtype: str = "float32", quant: str | None = None,

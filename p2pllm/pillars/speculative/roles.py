@@ -1,7 +1,7 @@
 """The two roles of speculative decoding: ``drafter`` and ``verifier``.
 
-ASSIGN params of both: ``{"model": name or path, "dtype": "float32"|"bfloat16"|"float16",
-"quant": "none"|"int8"|"int4"}`` (quant: weight-only quantized linears, engine/quant.py);
+ASSIGN params of both: ``{"model": a name (resolved in this daemon's roots: daemon/modelrefs),
+"dtype": "float32"|"bfloat16"|"float16", "quant": "none"|"int8"|"int4"}`` (quant: weight-only quantized linears, engine/quant.py);
 the verifier also takes ``"session_timeout"`` (seconds a session may stay idle, default 120).
 Weights are shared by every role of this daemon that loads the same checkpoint
 (:mod:`.models`), and one verifier engine serves the sessions of every job on one target: the
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.quant import QUANT_MODES
@@ -26,7 +27,6 @@ from p2pllm.pillars.speculative.models import (
     MODELS,
     LoadedModel,
     default_device,
-    find_local_model,
     model_bytes,
 )
 from p2pllm.pillars.speculative.verifier import VerifierEngine, acquire_engine, release_engine
@@ -63,10 +63,13 @@ def _refuse_model(config: DaemonConfig, caps: Mapping[str, Any], params: Mapping
         model, dtype, quant = _model_param(params)
     except Refused as exc:
         return exc.message
-    path = find_local_model(model, config.models_dir)
-    if path is None:
-        return f"model {model!r} is not on this host (not a readable checkpoint directory " \
-               f"nor a model under --models-dir {config.models_dir})"
+    roots = ModelRoots.of(config)
+    found = roots.find(model)  # FORBIDDEN for a path outside this daemon's roots
+    if found is None:
+        if roots.may_fetch(model):
+            return None  # a hub id, downloaded (in a thread) when the role starts
+        return f"model {model!r} is not on this host (looked under {roots.describe()})"
+    path = found.path
     if any(key[0] == str(path) and key[1] == dtype and key[3] == quant
            for key in MODELS.loaded()):
         return None  # already loaded here: shared, no new memory
@@ -100,11 +103,16 @@ class _ModelRole(Role):
     def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
         return _refuse_model(config, caps, params, cls.kind)
 
-    def _resolve(self) -> Path:
-        path = find_local_model(self.model_name, self.ctx.config.models_dir)
-        if path is None:
-            raise Refused(f"model {self.model_name!r} is not on this host")
-        return path
+    async def _resolve(self) -> Path:
+        """The model inside this daemon's roots (a hub download, with --allow-hub, in a
+        thread); FORBIDDEN outside them, REFUSED when this host lacks it."""
+        try:
+            found = await ModelRoots.of(self.ctx.config).aresolve(self.model_name)
+        except ProtocolError as exc:
+            if exc.code == ErrorCode.NOT_FOUND:
+                raise Refused(exc.message) from None
+            raise
+        return found.path
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -129,7 +137,7 @@ class VerifierRole(_ModelRole):
         self.closed_stats = {"rounds": 0, "drafted": 0, "accepted": 0, "verify_s": 0.0}
 
     async def on_start(self) -> None:
-        self.path = self._resolve()
+        self.path = await self._resolve()
         try:
             self.engine = await acquire_engine(self.path, self.dtype, default_device(),
                                                self.quant)
@@ -236,7 +244,7 @@ class DrafterRole(_ModelRole):
         self.active = 0  # SPEC_DRAFT_RUNs running now (max_sessions_per_role)
 
     async def on_start(self) -> None:
-        self.path = self._resolve()
+        self.path = await self._resolve()
         try:
             self.loaded = await MODELS.acquire(self.path, self.dtype, default_device(),
                                                self.quant)

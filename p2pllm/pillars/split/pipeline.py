@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 
-from p2pllm.daemon.cluster import advertised_path, label, resolve_model_ref, takes_role
+from p2pllm.daemon.cluster import has_model, label, takes_role
 from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.modelrefs import ModelRoots, is_path_ref
 from p2pllm.daemon.runner import Exclusions, JobRunner, Lost, MemberLost, Slot
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
@@ -158,7 +159,7 @@ class Stage:
     start: int
     end: int
     planned_bytes: int
-    model_ref: str  # how that node finds the model
+    model_ref: str  # the name that node resolves in its own roots (never a path)
 
     def describe(self) -> dict[str, Any]:
         return {"index": self.index, "node_id": self.node_id, "name": self.name,
@@ -182,7 +183,6 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
     BAD_REQUEST for invalid ranges, REFUSED when the plan does not fit in memory.
     """
     # 1. candidates: nodes that have the model and take shard roles; self first
-    path_ref = "/" in model.ref or model.ref.startswith(("~", "."))
     cands: list[tuple[Mapping[str, Any], str]] = []
     lacking: list[str] = []
     ordered = sorted(nodes, key=lambda n: (not n.get("self"), str(n.get("name")), n["node_id"]))
@@ -195,14 +195,12 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
         if not takes_role(caps, "shard"):
             lacking.append(f"{name} does not take shard roles")
             continue
-        if n.get("self"):
-            cands.append((n, str(model.path)))
-            continue
-        adv = advertised_path(caps, model.ref, model.path)
-        if adv is not None:
-            cands.append((n, adv))
-        elif path_ref:  # a path: assume a shared filesystem; the member checks on ASSIGN
-            cands.append((n, str(model.path)))
+        # names cross the wire: every member (this node too) resolves model.ref in its own
+        # roots; a node that lists it has it, a nested name or hub id (org/name) it may have,
+        # and so may every node when the user named a path (resolved inside this node's roots:
+        # others may share that root); they check on ASSIGN. Advertised paths are never sent.
+        if n.get("self") or has_model(caps, model.ref)[0] > 0 or is_path_ref(req.model):
+            cands.append((n, model.ref))
         else:
             lacking.append(f"{name} lacks model {model.ref!r}")
     want = req.shards if req.shards is not None else (
@@ -590,11 +588,14 @@ class PipelineRegistry:
         self._models: dict[Path, LocalModel] = {}
 
     async def local_model(self, ref: str, need_tokenizer: bool) -> LocalModel:
-        path = resolve_model_ref(ref, self.host.config.models_dir)
-        if path is None:
+        roots = ModelRoots.of(self.host.config)
+        found = await roots.alocal(ref)  # FORBIDDEN for a path outside this node's roots
+        if found is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, (
                 f"model {ref!r} is not on this node (the coordinator needs its config and "
-                f"tokenizer): give a path or a folder under --models-dir"))
+                f"tokenizer): looked under {roots.describe()}; name a model under a root, or "
+                f"add its folder with `p2pllmd --models-dir DIR`"))
+        path, ref = found.path, found.name  # members get the name, never this path
         model = self._models.get(path)
         if model is None:
             try:
@@ -667,6 +668,7 @@ def registry_for(host: JobHost) -> PipelineRegistry:
 async def coordinate(host: JobHost, req: Request) -> Reply:
     """GENERATE mode "split": stream tokens as partials, answer the result (section 9.6)."""
     r = SplitRequest.from_meta(req.meta)
+    ModelRoots.of(host.config).check_adapter(req.meta, "split")
     registry = registry_for(host)
     model = await registry.local_model(r.model, need_tokenizer=r.prompt_ids is None)
     if r.prompt_ids is not None:

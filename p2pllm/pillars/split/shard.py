@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from p2pllm.daemon.cluster import resolve_model_ref as find_model
+from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.roles import Refused, Role, RoleHandler
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import KVBudgetError, KVCacheFullError, ModelError
@@ -118,9 +118,10 @@ class ShardRole(Role):
             p = ShardParams.from_meta(params)
         except ProtocolError as exc:
             return f"bad shard parameters: {exc.message}"
-        if find_model(p.model, config.models_dir) is None:
-            where = f"models dir {config.models_dir}" if config.models_dir else "no --models-dir"
-            return f"model {p.model!r} is not on this node ({where}, and not a readable path)"
+        roots = ModelRoots.of(config)
+        # FORBIDDEN (raised) for a path outside this node's roots
+        if roots.find(p.model) is None and not roots.may_fetch(p.model):
+            return f"model {p.model!r} is not on this node (looked under {roots.describe()})"
         avail = free_bytes(caps)
         if p.stage_bytes > avail:
             return (f"not enough memory for layers {p.layers}: they need {p.stage_bytes} "
@@ -131,9 +132,12 @@ class ShardRole(Role):
 
     async def on_start(self) -> None:
         self.p = p = ShardParams.from_meta(self.params)
-        path = find_model(p.model, self.ctx.config.models_dir)
-        if path is None:
-            raise Refused(f"model {p.model!r} is not on this node")
+        try:  # inside this node's roots (a hub download, with --allow-hub, in a thread)
+            path = (await ModelRoots.of(self.ctx.config).aresolve(p.model)).path
+        except ProtocolError as exc:
+            if exc.code == ErrorCode.NOT_FOUND:
+                raise Refused(exc.message) from None
+            raise
         try:
             config = ModelConfig.from_dir(path)
         except ModelError as exc:

@@ -9,14 +9,14 @@ with an error naming the stage (the last checkpoint, if any, stays intact).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from p2pllm.daemon.cluster import require_model
 from p2pllm.daemon.jobs import Job, JobHost
+from p2pllm.daemon.modelrefs import ModelRoots, is_path_ref
 from p2pllm.daemon.runner import Exclusions, JobRunner, MemberLost, Slot
-from p2pllm.engine.errors import ModelError
 from p2pllm.pillars.splittrain.checkpoint import check_save_dir
 from p2pllm.pillars.splittrain.driver import StageFailed, StepDriver
 from p2pllm.pillars.splittrain.messages import RunSpec
@@ -69,11 +69,14 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
     spec = RunSpec.from_meta(req.meta)
     if spec.save is not None:
         check_save_dir(spec.save)
-    cost, _tied = stage_cost(spec, host.cluster.nodes(), host.config.models_dir)
-    try:
-        local_path: str | None = str(require_model(spec.model, host.config.models_dir))
-    except ModelError:
-        local_path = None
+    # the model inside this daemon's roots (FORBIDDEN outside; a hub download, with
+    # --allow-hub, in a thread); the stages get the name and resolve it in their own roots
+    local = await ModelRoots.of(host.config).alocal(spec.model)
+    # a path the user named: nodes that do not list the model may still share the root
+    local_path = str(local.path) if local is not None and is_path_ref(spec.model) else None
+    if local is not None:
+        spec = dataclasses.replace(spec, model=local.name)  # same name = same model
+    cost, _tied = stage_cost(spec, host.cluster.nodes(), local.path if local else None)
     async with host.job("splittrain", spec.job_params()) as job:
         pillar = TrainPillar(spec, cost, local_path, req)
         result: Reply = await JobRunner(job, pillar, what="split training stopped").run()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from p2pllm.daemon.cluster import find_node, has_model, label, require_model, takes_role
+from p2pllm.daemon.cluster import find_node, has_model, label, takes_role
 from p2pllm.daemon.runner import Exclusions
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
@@ -62,15 +63,19 @@ def _find(nodes: Sequence[Mapping[str, Any]], text: str) -> Mapping[str, Any]:
 
 
 def stage_cost(spec: RunSpec, nodes: Sequence[Mapping[str, Any]],
-                models_dir: str | None) -> tuple[StageCost, bool]:
-    """The cost model of the job's model, and whether its config ties embedding and head."""
+               local: str | Path | None) -> tuple[StageCost, bool]:
+    """The cost model of the job's model, and whether its config ties embedding and head.
+    ``local``: the coordinator's copy, resolved in its own roots (daemon/modelrefs), None when
+    it lacks the model."""
     per_param = BYTES_PER_PARAM_LORA if spec.lora is not None else BYTES_PER_PARAM_FULL
-    try:
-        config = ModelConfig.from_dir(require_model(spec.model, models_dir))
-        shape: Any = config  # a ModelShape (read-only attributes)
-        return model_stage_cost(shape, bytes_per_param=per_param), config.tie_word_embeddings
-    except ModelError as e:
-        local_error = e
+    local_error: Exception = ModelError("not under this node's model roots")
+    if local is not None:
+        try:
+            config = ModelConfig.from_dir(local)
+            shape: Any = config  # a ModelShape (read-only attributes)
+            return model_stage_cost(shape, bytes_per_param=per_param), config.tie_word_embeddings
+        except ModelError as e:
+            local_error = e
     for n in nodes:  # the coordinator lacks the model: use what a peer advertises
         for m in n.get("caps", {}).get("models", []):
             if isinstance(m, dict) and m.get("name") == spec.model:
@@ -176,5 +181,7 @@ def plan_stages_for(spec: RunSpec, nodes: Sequence[Mapping[str, Any]], cost: Sta
 
 
 def _has_model(node: Mapping[str, Any], model: str, local_path: str | None) -> bool:
-    """Whether a node lists the model (by name or path), or may read it (a path)."""
-    return has_model(node.get("caps") or {}, model, local_path)[0] > 0
+    """Whether a node lists the model by its name (or may have it: a nested name or hub id),
+    or ``local_path`` is set: the user named a path, resolved inside the coordinator's roots,
+    which other nodes may share (each resolves the name in its own roots on ASSIGN)."""
+    return local_path is not None or has_model(node.get("caps") or {}, model)[0] > 0

@@ -142,7 +142,7 @@ class TrainStageRole(Role):
         model = params.get("model")
         if isinstance(model, str) and not _model_here(config, caps, model):
             return (f"{config.name or 'this node'} does not have model {model!r} "
-                    f"(no such directory, not in its --models-dir)")
+                    f"(not under its --models-dir, pulled, bundled or hub-cache models)")
         need = params.get("memory_bytes", 0)
         if isinstance(need, int) and need > 0:
             room = int(caps.get("mem_budget", 0)) - int(caps.get("mem_used_by_roles", 0))
@@ -196,7 +196,7 @@ class TrainStageRole(Role):
                       f"{self.where}: a micro-batch's TRAIN_FORWARD")
 
     def _load(self) -> tuple[StageModel, torch.Tensor | None, Path]:
-        from p2pllm.daemon.cluster import require_model
+        from p2pllm.daemon.modelrefs import ModelRoots
 
         if self.ctx.config.threads:
             torch.set_num_threads(self.ctx.config.threads)
@@ -204,7 +204,9 @@ class TrainStageRole(Role):
             assert self.p.data is not None
             if not Path(self.p.data).expanduser().exists():
                 raise DatasetNotFound(f"dataset {self.p.data} does not exist")
-        path = require_model(self.p.model, self.ctx.config.models_dir)
+        # inside this daemon's roots, FORBIDDEN outside (on the worker thread: a hub
+        # download, with --allow-hub, never on the event loop)
+        path = ModelRoots.of(self.ctx.config).resolve(self.p.model).path
         model = build_slice(path, (self.p.start, self.p.end), init=self.p.init,
                             seed=self.p.seed, lora=self.p.lora)
         compute = StageModel(model, self.p.optim)
@@ -595,10 +597,9 @@ def _unwrap(group: BaseExceptionGroup) -> BaseException:
 
 
 def _model_here(config: DaemonConfig, caps: Mapping[str, Any], model: str) -> bool:
-    """Cheap check (no loading, no hub): a local directory, or a model this node advertises."""
-    if Path(model).expanduser().is_dir():
-        return True
-    if config.models_dir and (Path(config.models_dir) / model).is_dir():
-        return True
-    return any(isinstance(m, Mapping) and model in (m.get("name"), m.get("path"))
-               for m in caps.get("models", []) or [])
+    """Cheap check (no loading, no hub download): a model inside this daemon's roots
+    (daemon/modelrefs; FORBIDDEN raised for a path outside them), or a hub id it may fetch."""
+    from p2pllm.daemon.modelrefs import ModelRoots
+
+    roots = ModelRoots.of(config)
+    return roots.find(model) is not None or roots.may_fetch(model)
