@@ -95,7 +95,6 @@ class _Remote:
     def __call__(self, ids: list[int]) -> dict[str, Any] | None:
         from p2pllm.cli.client import run_daemon_call
         from p2pllm.cli.remote import stream_generate
-
         from p2pllm.daemon.modelrefs import cli_model_ref
 
         a = self.args
