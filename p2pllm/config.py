@@ -63,10 +63,10 @@ class DaemonConfig:
     handshake_timeout: float = 10.0
     max_unauthed: int = 32
     max_meta: int = 1 << 20
-    # Resource caps (issue 12, C; SECURITY.md "Resource caps"): past one, a request gets
+    # Resource caps (issue 12, C; protocol.md 4.5): past one, a request gets
     # ProtocolError(OVER_LIMIT, "... over the cap N (config key KEY)"), the rest is served.
     max_payload: int = 256 << 20  # bytes of one frame's payload after the handshake
-    max_sessions_per_role: int = 32  # sessions one verifier, shard or drafter role serves at once
+    max_sessions_per_role: int = 64  # sessions one verifier, shard or drafter role serves at once
     max_session_tokens: int = 0  # prompt + generated tokens of a session; 0 = the model's context
     max_train_tokens: int = 65536  # batch x sequence of a training step (train-stage, FL_TRAIN)
     max_subscriptions_per_conn: int = 4  # SUBSCRIBE streams open at once on one connection

@@ -1,6 +1,6 @@
 """What a daemon tells about itself: STATUS, SUBSCRIBE (status as a stream), LINK_PROBE.
 
-Caps (issue 12; DaemonConfig, SECURITY.md): SUBSCRIBE streams open at once per connection
+Caps (issue 12; DaemonConfig, protocol.md 4.5): SUBSCRIBE streams open at once per connection
 (max_subscriptions_per_conn) and per daemon (max_subscriptions); LINK_PROBE's echoed payload
 (max_probe_bytes) and rate per connection (max_probe_rate, a token bucket as deep as one
 second of it). Past one: OVER_LIMIT, and the connection's other requests go on.

@@ -1,5 +1,5 @@
 """The resource caps the pillars' roles enforce (issue 12; the config keys are DaemonConfig's,
-documented in SECURITY.md): the typed refusal, the per-session token cap, and how much KV
+documented in protocol.md 4.5): the typed refusal, the checks, and how much KV
 memory the daemon's budget still has room for.
 
 A cap refusal is ``ProtocolError(OVER_LIMIT, "<what> over the cap <n> (config key <key>)")``;
@@ -8,7 +8,7 @@ it refuses one request and leaves nothing behind, the role keeps serving its oth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from p2pllm.plan.layers import free_bytes
 from p2pllm.wire.frame import ProtocolError
@@ -17,9 +17,10 @@ from p2pllm.wire.messages import ErrorCode
 if TYPE_CHECKING:
     from p2pllm.config import DaemonConfig
     from p2pllm.daemon.roles import Cluster
+    from p2pllm.engine.kv_cache import KVBudget
 
 __all__ = ["check_payload", "check_session_tokens", "check_sessions", "check_train_tokens", "kv_room",
-           "over_limit", "session_token_cap"]
+           "over_limit", "set_kv_limit"]
 
 
 def over_limit(what: str, cap: int, key: str) -> ProtocolError:
@@ -32,13 +33,6 @@ def check_sessions(config: DaemonConfig, open_now: int, role: str) -> None:
     cap = config.max_sessions_per_role
     if open_now >= cap:
         raise over_limit(f"session {open_now + 1} of this {role}", cap, "max_sessions_per_role")
-
-
-def session_token_cap(config: DaemonConfig, model_context: int) -> int:
-    """Tokens (prompt + generated) one session may hold: max_session_tokens, or the model's
-    context when that is 0 or smaller."""
-    cap = config.max_session_tokens
-    return min(cap, model_context) if cap > 0 else model_context
 
 
 def check_session_tokens(config: DaemonConfig, tokens: int, what: str) -> None:
@@ -63,11 +57,18 @@ def check_payload(config: DaemonConfig, nbytes: int, what: str) -> None:
         raise over_limit(f"{what} of {nbytes} bytes", config.max_payload, "max_payload")
 
 
-def kv_room(cluster: Cluster) -> int:
+def kv_room(cluster: Cluster | None) -> int | None:
     """Bytes this daemon's memory budget still has room for (what its own caps say: budget
-    minus what its roles hold, at most the free memory)."""
-    for node in cluster.nodes():
-        if node.get("self"):
-            caps: Any = node.get("caps") or {}
+    minus what its roles hold, at most the free memory); None when the cluster does not say
+    (a role run without a daemon, in tests)."""
+    for node in cluster.nodes() if cluster is not None else ():
+        caps = node.get("caps") if node.get("self") else None
+        if isinstance(caps, dict) and "mem_budget" in caps:
             return free_bytes(caps)
-    return 0
+    return None
+
+
+def set_kv_limit(budget: KVBudget, cluster: Cluster | None) -> None:
+    """Let ``budget`` grow by what the daemon's memory budget has room for now."""
+    room = kv_room(cluster)
+    budget.limit = None if room is None else budget.used + room

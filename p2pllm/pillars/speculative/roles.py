@@ -20,7 +20,7 @@ from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.quant import QUANT_MODES
-from p2pllm.pillars.caps import check_session_tokens, check_sessions, kv_room
+from p2pllm.pillars.caps import check_session_tokens, check_sessions, set_kv_limit
 from p2pllm.pillars.speculative.drafter import SessionMetrics, SpecSession
 from p2pllm.pillars.speculative.messages import SPEC_CLOSE, DraftRun, OpenRequest, VerifyWindow
 from p2pllm.pillars.speculative.models import (
@@ -171,7 +171,7 @@ class VerifierRole(_ModelRole):
         cfg = self.ctx.config  # the caps (pillars/caps.py): nothing is created past one
         check_sessions(cfg, sum(s.job == self.ctx.job for s in engine.sessions.values()), self.kind)
         check_session_tokens(cfg, len(opening.prompt) + opening.max_tokens, "a verification session")
-        engine.kv_budget.limit = engine.kv_budget.used + kv_room(self.ctx.cluster)
+        set_kv_limit(engine.kv_budget, self.ctx.cluster)
         opened = await engine.open(self.ctx.job, opening, self.session_timeout)
         self.sessions_opened += 1
         self._report(force=True)

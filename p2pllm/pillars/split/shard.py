@@ -36,7 +36,7 @@ from p2pllm.daemon.roles import Refused, Role, RoleHandler
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import KVBudgetError, KVCacheFullError, ModelError
 from p2pllm.engine.loader import load_slice
-from p2pllm.pillars.caps import check_session_tokens, check_sessions, kv_room
+from p2pllm.pillars.caps import check_session_tokens, check_sessions, set_kv_limit
 from p2pllm.pillars.split.compute import Sampler, ShardEngine, Step
 from p2pllm.pillars.split.messages import (
     Hop,
@@ -236,8 +236,7 @@ class ShardRole(Role):
         if o.max_len > self.engine.max_len:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"the session needs {o.max_len} positions; "
                                 f"shard {self.p.index} holds at most {self.engine.max_len}")
-        budget = self.engine.kv_budget
-        budget.limit = budget.used + kv_room(self.ctx.cluster)
+        set_kv_limit(self.engine.kv_budget, self.ctx.cluster)
         row = self.engine.take_row()
         if row is None:
             raise ProtocolError(ErrorCode.REFUSED, f"shard {self.p.index} is full: all "
