@@ -73,6 +73,8 @@ class DaemonConfig:
     max_subscriptions: int = 64  # SUBSCRIBE streams open at once on this daemon
     max_probe_bytes: int = 1 << 20  # LINK_PROBE echo payload (peers send 128 KiB)
     max_probe_rate: float = 10.0  # LINK_PROBE requests per second per connection (burst: as many)
+    # bytes of a dataset a CLI sends with TRAIN_RUN (and this host takes as stage 0) (P)
+    max_dataset_bytes: int = 64 << 20
     memory_budget: int = 0  # bytes roles may use; 0 = the free memory measured at start
     compute_bench_seconds: float = 0.2
     dashboard: bool = False

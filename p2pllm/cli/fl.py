@@ -4,6 +4,11 @@ The CLI sends FL_RUN to its daemon (protocol.md section 10), which becomes the c
 partial responses report each round, the final one carries the result. Only the flags given
 on the command line are sent: the daemon fills in defaults, or, with --resume, the values
 saved in the run's checkpoint.
+
+The run lives on the daemon under its state dir by name (`--run-name`, default from `--out`'s
+last component or the model). With `--out DIR` the daemon streams the adapter's files back and
+this process writes DIR (refusing a non-empty DIR without `--overwrite`); no path crosses the
+wire.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
+from p2pllm.cli.files import FileSink, OutputError, check_target, run_name_from
 from p2pllm.wire.messages import MsgType
 
 # (flag, key in FL_RUN, type, help)
@@ -37,7 +43,7 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--seed", "seed", int, "seed of the initial adapter, batch order and dropout (default 0)"),
     ("--max-retries", "max_retries", int, "retries of a round with too few valid updates (default 3)"),
     ("--wait-clients", "wait_clients", float, "seconds to wait for enough clients to appear (default 10)"),
-    ("--run-name", "run_name", str, "name of the run's checkpoint (default from --out or the model)"),
+    ("--run-name", "run_name", str, "name of the run on the daemon: <state dir>/fl/NAME (default from --out or the model)"),
 )
 
 
@@ -53,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--aggregation", choices=("fedavg", "fedavgm"), default=None, help="server aggregation (default fedavg)")
     r.add_argument("--quantize", choices=("4bit",), default=None, help="QLoRA: 4-bit base model (CUDA + bitsandbytes clients only)")
     r.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
-    r.add_argument("--out", default=None, help="directory for the final adapter (peft format) and the plot")
+    r.add_argument("--out", default=None, help="directory (on this host) for the final adapter (peft format) and the plot")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     r.add_argument("--json", action="store_true", help="print one JSON object with the result")
 
 
@@ -72,7 +79,9 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         meta["resume"] = True
     if args.out:
-        meta["out"] = str(Path(args.out).expanduser().resolve())
+        meta["send_files"] = True
+        if "run_name" not in meta:
+            meta["run_name"] = ("fl-" + run_name_from(str(Path(args.out).expanduser().resolve())))[:100]
     return meta
 
 
@@ -86,13 +95,18 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
-async def stream_run(args: argparse.Namespace, meta: dict[str, Any], echo: bool) -> dict[str, Any]:
+async def stream_run(args: argparse.Namespace, meta: dict[str, Any], echo: bool,
+                     sink: FileSink | None = None) -> dict[str, Any]:
     conn = await open_daemon(args.daemon, args.secret_file)
     try:
         result: dict[str, Any] = {}
         async for frame in conn.stream(MsgType.FL_RUN, meta):
             if not frame.is_partial:
                 result = frame.meta
+            elif frame.meta.get("event") == "file":
+                if sink is None:
+                    raise OutputError("the daemon sent files nobody asked for")
+                sink.add(frame.meta, frame.payload)
             elif echo:
                 m = frame.meta
                 if "record" in m:
@@ -114,14 +128,27 @@ async def stream_run(args: argparse.Namespace, meta: dict[str, Any], echo: bool)
                         f"{_fmt(m['initial_eval_loss'])}",
                         file=sys.stderr,
                     )
+        if sink is not None and result:
+            out = sink.finish()
+            result["daemon_adapter_dir"] = result.get("adapter_dir")
+            result["adapter_dir"] = str(out)
+            if result.get("plot"):
+                result["plot"] = str(out / "eval_loss.png")
         return result
     finally:
+        if sink is not None:
+            sink.discard()
         conn.close()
 
 
 def run(args: argparse.Namespace) -> int:
     meta = run_meta(args)
-    result, rc = run_daemon_call(stream_run(args, meta, echo=not args.json), "fl run")
+    try:
+        sink = FileSink(check_target(args.out, args.overwrite), args.overwrite) if args.out else None
+        result, rc = run_daemon_call(stream_run(args, meta, not args.json, sink), "fl run")
+    except OutputError as exc:
+        print(f"p2pllm: --out: {exc}", file=sys.stderr)
+        return 1
     if result is None:
         return rc
     if args.json:

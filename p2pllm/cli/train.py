@@ -1,6 +1,13 @@
 """`p2pllm train split ...`: split training across hosts (TRAIN_RUN to the local daemon), and
 `p2pllm train local ...`: the same training in this process (the single-process reference).
 
+`split --data X`: a file or directory of this host is read here and its content sent with the
+request (a directory's documents as JSON lines; at most the daemon's max_dataset_bytes); any
+other X is a dataset name in the first stage's --data-dir. `split --save DIR`: the daemon keeps
+the checkpoint under its state dir by name (`--save-name`, default DIR's last component) and
+streams its files back; this process writes DIR (refusing a non-empty DIR without
+`--overwrite`). No path crosses the wire.
+
 `split` streams the job's progress (the plan, one line per step, each checkpoint saved); with
 `--json` it prints one JSON object at the end: `{"losses": [...], "steps": [{"step", "loss",
 "seconds", "bytes_forward", "bytes_backward", ...}], "stages": [...], ...}` (protocol.md
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
+from p2pllm.cli.files import FileSink, OutputError, check_target, run_name_from
 from p2pllm.wire.messages import MsgType
 
 
@@ -23,7 +31,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or model name")
     p.add_argument("--data", required=True,
                    help="dataset: a .txt/.md/.jsonl file, a directory of them, or a "
-                        ".safetensors file of input_ids (on the first stage's host)")
+                        ".safetensors file of input_ids; with split, a file or directory here "
+                        "is sent to the first stage, anything else is a dataset name in its "
+                        "--data-dir")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--micro-batches", type=int, default=2,
@@ -65,7 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
                    help="pipeline schedule (default 1f1b)")
     s.add_argument("--save-every", type=int, default=0, metavar="N",
-                   help="also save every N steps (the directory is replaced atomically)")
+                   help="also save every N steps (on the daemon, replaced atomically)")
+    s.add_argument("--save-name", metavar="NAME", default=None,
+                   help="the checkpoint's name on the daemon (<state dir>/checkpoints/NAME; "
+                        "default: --save's last component)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --save directory")
     s.add_argument("--daemon", metavar="HOST:PORT",
                    help="daemon to ask (default 127.0.0.1:7411 or $P2PLLM_DAEMON)")
     s.add_argument("--secret-file", help="shared secret file, if the cluster uses one")
@@ -84,13 +99,37 @@ def _abs(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
+def read_dataset(data: str) -> tuple[str, bytes] | None:
+    """(format, content) of a local dataset file or directory; None if ``data`` is not one
+    (then it is a dataset name on the first stage's host)."""
+    p = Path(data).expanduser()
+    if p.is_file():
+        from p2pllm.pillars.splittrain.data import data_format
+
+        return data_format(p), p.read_bytes()
+    if p.is_dir():
+        from p2pllm.pillars.splittrain.data import read_texts
+
+        docs = read_texts(p)
+        return "jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    return None
+
+
 def train_meta(args: argparse.Namespace) -> dict[str, Any]:
-    """The TRAIN_RUN request body from parsed arguments."""
+    """The TRAIN_RUN request body from parsed arguments (the dataset's content, when it is
+    local, goes in the payload: :func:`train_request`)."""
+    return train_request(args)[0]
+
+
+def train_request(args: argparse.Namespace) -> tuple[dict[str, Any], bytes]:
+    """The TRAIN_RUN body and payload (the dataset's content, or nothing for a name)."""
     model = args.model
     if Path(model).expanduser().exists():
         model = _abs(model)
+    local = read_dataset(args.data)
+    payload = b""
     meta: dict[str, Any] = {
-        "model": model, "data": _abs(args.data), "steps": args.steps,
+        "model": model, "steps": args.steps,
         "batch_size": args.batch_size, "micro_batches": args.micro_batches,
         "seq_len": args.seq_len, "schedule": args.schedule, "lr": args.lr,
         "weight_decay": args.weight_decay, "warmup_steps": args.warmup, "decay": args.decay,
@@ -106,23 +145,38 @@ def train_meta(args: argparse.Namespace) -> dict[str, Any]:
         meta["layers"] = args.layers
     if args.nodes:
         meta["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if local is None:
+        meta["data"] = args.data
+    else:
+        meta["data_format"], payload = local
     if args.save:
-        meta["save"] = _abs(args.save)
-    return meta
+        meta["save"] = args.save_name or run_name_from(args.save)
+        meta["send_files"] = True
+    return meta, payload
 
 
 async def stream_train(address: str | None, secret_file: str | None, meta: dict[str, Any],
-                       echo: bool) -> dict[str, Any]:
+                       echo: bool, payload: bytes = b"",
+                       sink: FileSink | None = None) -> dict[str, Any]:
     conn = await open_daemon(address, secret_file)
     try:
         result: dict[str, Any] = {}
-        async for frame in conn.stream(MsgType.TRAIN_RUN, meta):
+        async for frame in conn.stream(MsgType.TRAIN_RUN, meta, [payload] if payload else []):
             if not frame.is_partial:
                 result = frame.meta
+            elif frame.meta.get("event") == "file":
+                if sink is None:
+                    raise OutputError("the daemon sent files nobody asked for")
+                sink.add(frame.meta, frame.payload)
             elif echo:
                 _print_event(frame.meta, meta["steps"])
+        if sink is not None and result:
+            result["checkpoint"] = result.get("saved")
+            result["saved"] = str(sink.finish())
         return result
     finally:
+        if sink is not None:
+            sink.discard()
         conn.close()
 
 
@@ -142,14 +196,26 @@ def _print_event(ev: dict[str, Any], steps: int) -> None:
               f"{ev['seconds']:.3f}s  fwd {_mb(ev['bytes_forward'])}  "
               f"bwd {_mb(ev['bytes_backward'])}", flush=True)
     elif kind == "saved":
-        print(f"saved {ev['path']} (after step {ev['step']})", flush=True)
+        print(f"saved checkpoint {ev.get('name')} on the daemon ({ev['path']}, after step "
+              f"{ev['step']})", flush=True)
 
 
 def run_split(args: argparse.Namespace) -> int:
-    meta = train_meta(args)
-    result, rc = run_daemon_call(
-        stream_train(args.daemon, args.secret_file, meta, not args.json), "split training"
-    )
+    sink = None
+    try:
+        if args.save:
+            sink = FileSink(check_target(args.save, args.overwrite), args.overwrite)
+        meta, payload = train_request(args)
+    except (OutputError, OSError, ValueError) as exc:
+        print(f"p2pllm: {exc}", file=sys.stderr)
+        return 1
+    try:
+        result, rc = run_daemon_call(
+            stream_train(args.daemon, args.secret_file, meta, not args.json, payload, sink),
+            "split training")
+    except OutputError as exc:
+        print(f"p2pllm: --save: {exc}", file=sys.stderr)
+        return 1
     if result is None:
         return rc
     if args.json:
@@ -160,6 +226,8 @@ def run_split(args: argparse.Namespace) -> int:
               f"{result.get('bubble', 0):.3f} measured (theory "
               f"{result.get('bubble_theory', 0):.3f}), idle fraction "
               f"{result.get('idle_fraction', 0):.3f}")
+        if result.get("saved"):
+            print(f"saved {result['saved']}")
     return 0
 
 

@@ -57,6 +57,7 @@ class MsgType(IntEnum):
     TRAIN_EVAL = 0x0404
     TRAIN_BATCH = 0x0405  # coordinator -> stage: run one step's micro-batches
     TRAIN_TIED = 0x0406  # last -> first stage: swap gradients of a tied embedding/head
+    TRAIN_DATA = 0x0407  # coordinator -> stage 0: the dataset's content a CLI sent
 
     # -- jobs a CLI submits to its local daemon --------------------------------------------
     GENERATE = 0x0500  # {"mode": "spec"|"split"|..., ...} streamed tokens, final result

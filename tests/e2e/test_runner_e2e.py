@@ -234,12 +234,12 @@ async def test_a_verifier_refusal_goes_through_the_runner(refusing: Any) -> None
 
 async def test_a_stage_refusal_goes_through_the_runner(refusing: Any) -> None:
     a = refusing["a"]
-    data = refusing["root"] / "ids.safetensors"
+    data = refusing["root"] / "a-data" / "ids.safetensors"  # a dataset name in a's --data-dir
     save_file({"input_ids": torch.randint(3, 500, (400,),
                                           generator=torch.Generator().manual_seed(0))}, str(data))
     with pytest.raises(RemoteError) as err:
         await request(a, MsgType.TRAIN_RUN, {
-            "model": "stories-260k", "data": str(data), "steps": 1, "batch_size": 2,
+            "model": "stories-260k", "data": data.name, "steps": 1, "batch_size": 2,
             "micro_batches": 1, "seq_len": 8, "nodes": ["a", "p"]})
     assert err.value.code == ErrorCode.REFUSED
     assert POLICY in err.value.message and "p refused train-stage" in err.value.message

@@ -7,6 +7,8 @@
   checkpoint generates text with `p2pllm generate`;
 - bad input: a dataset missing on the first stage, mismatched tensors from a neighbour ->
   typed errors, and the daemon keeps serving;
+- datasets are names in the daemons' --data-dir (or content the CLI sends), checkpoints names
+  under the coordinator's --state-dir (tests/security/test_paths_data.py tries the rest);
 - a stage that dies: the job stops with an error naming it; the last checkpoint is intact.
 """
 
@@ -29,18 +31,31 @@ from p2pllm.pillars.splittrain.trainer import train_local
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta
-from tests.conftest import REPO, real_model, wait_for
+from tests.conftest import REPO, open_peer, real_model, wait_for
 from tests.pillars.test_splittrain_trainer import ATOL, RTOL, STORY, make_tiny_llama
 
 FAST = ("--no-mdns", "--keepalive-timeout", "2")
 SEQ, BATCH, HIDDEN = 8, 4, 32
 
 
-def start_cluster(daemons: Any, n: int) -> list[Any]:
-    ds = [daemons("a", *FAST)]
+def start_cluster(daemons: Any, n: int, tmp_path: Path, *models_dirs: Path) -> list[Any]:
+    """n daemons, each with --data-dir tmp_path/data, its own --state-dir, and tmp_path (where
+    the tests make their tiny models) and `models_dirs` as --models-dir."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+
+    def dirs(name: str) -> tuple[str, ...]:
+        return ("--data-dir", str(tmp_path / "data"), "--state-dir", str(tmp_path / f"{name}-state"),
+                *[x for m in (tmp_path, *models_dirs) for x in ("--models-dir", str(m))])
+
+    ds = [daemons("a", *FAST, *dirs("a"))]
     for name in "bcd"[: n - 1]:
-        ds.append(daemons(name, *FAST, *[x for d in ds for x in ("--peer", d.address)]))
+        ds.append(daemons(name, *FAST, *dirs(name), *[x for d in ds for x in ("--peer", d.address)]))
     return ds
+
+
+def checkpoint(tmp_path: Path, name: str, daemon: str = "a") -> Path:
+    """Where the coordinator keeps checkpoint `name` (its state dir)."""
+    return tmp_path / f"{daemon}-state" / "checkpoints" / name
 
 
 async def all_up(ctl: Any, ds: list[Any]) -> None:
@@ -55,9 +70,11 @@ async def all_up(ctl: Any, ds: list[Any]) -> None:
     await wait_for(up, timeout=30, what="daemons to see each other")
 
 
-async def train(conn: Any, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+async def train(conn: Any, meta: dict[str, Any],
+                payload: bytes = b"") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """TRAIN_RUN (``payload``: the dataset's content, with meta's data_format)."""
     partials: list[dict[str, Any]] = []
-    async for frame in conn.stream(MsgType.TRAIN_RUN, meta):
+    async for frame in conn.stream(MsgType.TRAIN_RUN, meta, [payload] if payload else []):
         if frame.is_partial:
             partials.append(frame.meta)
         else:
@@ -66,18 +83,21 @@ async def train(conn: Any, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], 
 
 
 def tiny_data(tmp_path: Path, vocab: int = 96, tokens: int = 400) -> Path:
+    """Pre-tokenized ids in the daemons' data dir: the dataset named "ids.safetensors"."""
     g = torch.Generator().manual_seed(0)
-    f = tmp_path / "ids.safetensors"
+    (tmp_path / "data").mkdir(exist_ok=True)
+    f = tmp_path / "data" / "ids.safetensors"
     save_file({"input_ids": torch.randint(3, vocab, (tokens,), generator=g)}, str(f))
     return f
 
 
 async def test_split_training_equals_single_process_training(daemons, ctl, tmp_path: Path) -> None:
-    # Prepare: three daemons; a tied and an untied tiny Llama; pre-tokenized data.
-    ds = start_cluster(daemons, 3)
-    await all_up(ctl, ds)
+    # Prepare: a tied and an untied tiny Llama in the daemons' models dir; three daemons;
+    # pre-tokenized data.
     tied = make_tiny_llama(tmp_path / "tied", layers=3, tie=True)
     untied = make_tiny_llama(tmp_path / "untied", layers=3, tie=False, seed=1)
+    ds = start_cluster(daemons, 3, tmp_path)
+    await all_up(ctl, ds)
     data = tiny_data(tmp_path)
     blocks = load_blocks(data, SEQ)
     conn = await ctl(ds[0].port)
@@ -96,10 +116,10 @@ async def test_split_training_equals_single_process_training(daemons, ctl, tmp_p
     ]
     for i, (model, stages, schedule, micro, extra) in enumerate(cases):
         what = f"case {i}: {stages} stages {schedule} M={micro} {extra}"
-        save = tmp_path / f"out{i}"
-        meta = {"model": str(model), "data": str(data), "steps": 3, "batch_size": BATCH,
+        save = checkpoint(tmp_path, f"out{i}")
+        meta = {"model": str(model), "data": data.name, "steps": 3, "batch_size": BATCH,
                 "micro_batches": micro, "seq_len": SEQ, "schedule": schedule, "lr": 5e-3,
-                "seed": 4, "save": str(save), **extra}
+                "seed": 4, "save": save.name, **extra}
         if "layers" not in extra:
             meta["stages"] = stages
         # Execute: across the daemons, and in this process.
@@ -153,7 +173,7 @@ async def test_split_training_equals_single_process_training(daemons, ctl, tmp_p
 
 async def test_cli_trains_real_text_and_the_checkpoint_generates(daemons, ctl, tmp_path: Path) -> None:
     model = real_model("tinystories-656k")
-    a, b = start_cluster(daemons, 2)
+    a, b = start_cluster(daemons, 2, tmp_path, model.parent)
     await all_up(ctl, [a, b])
     (tmp_path / "story.txt").write_text(STORY)
     out = tmp_path / "trained"
@@ -180,7 +200,8 @@ async def test_cli_trains_real_text_and_the_checkpoint_generates(daemons, ctl, t
 
 
 async def test_bad_input_then_a_stage_that_dies(daemons, ctl, tmp_path: Path) -> None:
-    a, b = start_cluster(daemons, 2)
+    make_tiny_llama(tmp_path / "m", layers=2)  # in the models dir before the daemons start
+    a, b = start_cluster(daemons, 2, tmp_path)
     await all_up(ctl, [a, b])
     await check_bad_input(ctl, a, b, tmp_path)
     await check_a_stage_that_dies(ctl, a, b, tmp_path)
@@ -189,22 +210,23 @@ async def test_bad_input_then_a_stage_that_dies(daemons, ctl, tmp_path: Path) ->
 async def check_bad_input(ctl: Any, a: Any, b: Any, tmp_path: Path) -> None:
     """Typed errors for a missing dataset and for bad tensors from a neighbour; the daemons
     keep serving."""
-    model = make_tiny_llama(tmp_path / "m", layers=2)
+    model = tmp_path / "m"
     conn = await ctl(a.port)
-    # 1. A dataset that does not exist on the first stage's host.
-    missing = tmp_path / "nowhere" / "data.txt"
+    # 1. A dataset that does not exist on the first stage's host (in its data dir).
+    missing = "nowhere/data.txt"
     with pytest.raises(RemoteError) as ei:
-        await train(conn, {"model": str(model), "data": str(missing), "steps": 1,
+        await train(conn, {"model": str(model), "data": missing, "steps": 1,
                            "batch_size": 2, "micro_batches": 1, "seq_len": 8, "stages": 2})
     assert ei.value.code == ErrorCode.NOT_FOUND
     assert "stage 0" in ei.value.message and str(missing) in ei.value.message
     # A bad request is refused before any role is assigned.
     with pytest.raises(RemoteError) as ei:
-        await train(conn, {"model": str(model), "data": str(missing), "batch_size": 3,
+        await train(conn, {"model": str(model), "data": missing, "batch_size": 3,
                            "micro_batches": 2})
     assert ei.value.code == ErrorCode.BAD_REQUEST and "multiple" in ei.value.message
-    # 2. A neighbour sending tensors of the wrong shape / dtype / content to a last stage.
-    cb = await ctl(b.port)
+    # 2. A neighbour sending tensors of the wrong shape / dtype / content to a last stage (the
+    # test acts as the job's coordinator: a peer connection, protocol.md 4.4).
+    cb = await open_peer(b.address)
     params = {"model": str(model), "layers": [1, 2], "index": 1, "num_stages": 2,
               "prev": {"node": a.node_id, "rid": "stage0"}, "next": None,
               "tied_peer": {"node": a.node_id, "rid": "stage0"}, "seq_len": SEQ,
@@ -269,22 +291,23 @@ async def check_bad_input(ctl: Any, a: Any, b: Any, tmp_path: Path) -> None:
     # Both daemons still serve, and a real job runs afterwards: both stages on b (one daemon
     # holding two stages of a job; the coordinator holding none).
     data = tiny_data(tmp_path, vocab=96)
-    _, result = await train(conn, {"model": str(model), "data": str(data), "steps": 2,
+    _, result = await train(conn, {"model": str(model), "data": data.name, "steps": 2,
                                    "batch_size": 2, "micro_batches": 2, "seq_len": 8,
                                    "nodes": ["b", b.node_id[:8]]})
     assert len(result["losses"]) == 2
     assert [(s["name"], s["layers"]) for s in result["stages"]] == [("b", [0, 1]), ("b", [1, 2])]
     assert (await cb.request(MsgType.STATUS, {}, timeout=10)).meta["node"]["name"] == "b"
+    cb.close()
 
 
 async def check_a_stage_that_dies(ctl: Any, a: Any, b: Any, tmp_path: Path) -> None:
     """The job stops with an error naming the dead stage; the last checkpoint is intact."""
     model = tmp_path / "m"
-    data = tmp_path / "ids.safetensors"
-    save = tmp_path / "ckpt"
+    data = tmp_path / "data" / "ids.safetensors"
+    save = checkpoint(tmp_path, "ckpt")
     conn = await ctl(a.port)
-    meta = {"model": str(model), "data": str(data), "steps": 100000, "batch_size": 2,
-            "micro_batches": 2, "seq_len": 8, "stages": 2, "save": str(save), "save_every": 2}
+    meta = {"model": str(model), "data": data.name, "steps": 100000, "batch_size": 2,
+            "micro_batches": 2, "seq_len": 8, "stages": 2, "save": save.name, "save_every": 2}
     saved = asyncio.Event()
     events: list[dict[str, Any]] = []
 
@@ -306,7 +329,7 @@ async def check_a_stage_that_dies(ctl: Any, a: Any, b: Any, tmp_path: Path) -> N
 
     m = load_slice(save)
     assert m.config.num_layers == 2 and not any(p.isnan().any() for p in m.parameters())
-    leftovers = await asyncio.to_thread(lambda: [p for p in tmp_path.iterdir()
+    leftovers = await asyncio.to_thread(lambda: [p for p in save.parent.iterdir()
                                                  if p.name.startswith(".ckpt")])
     assert not leftovers
     # The coordinator marks the job failed and keeps serving.

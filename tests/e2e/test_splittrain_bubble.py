@@ -38,17 +38,18 @@ def check_step(rec: dict[str, Any]) -> None:
 
 async def test_the_bubble_is_measured_per_stage_per_step(daemons, ctl, tmp_path: Path) -> None:
     # Prepare: two daemons, the bundled model (4 layers, tied), token ids.
-    ds = start_cluster(daemons, 2)
+    ds = start_cluster(daemons, 2, tmp_path)
     await all_up(ctl, ds)
     data = bundled_ids(tmp_path)
     conn = await ctl(ds[0].port)
     runs = {}
     for micro in (1, 8):
-        meta = {"model": str(BUNDLED), "data": str(data), "steps": 3, "batch_size": 8,
+        # the dataset's content goes with the request (as `train split --data FILE` sends it)
+        meta = {"model": str(BUNDLED), "data_format": "safetensors", "steps": 3, "batch_size": 8,
                 "micro_batches": micro, "seq_len": 32, "schedule": "gpipe", "stages": 2,
                 "lr": 1e-3, "seed": 1}
         # Execute
-        partials, result = await train(conn, meta)
+        partials, result = await train(conn, meta, data.read_bytes())
         steps = [p for p in partials if p["event"] == "step"]
         assert len(steps) == 3
         # Assert: a measurement per stage per step, consistent with itself and the run's figures.

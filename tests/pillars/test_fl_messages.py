@@ -18,7 +18,8 @@ def test_run_config_defaults_and_name() -> None:
     assert (cfg.rounds, cfg.min_clients, cfg.aggregation, cfg.lora_rank) == (3, 1, "fedavg", 8)
     assert cfg.lora == LoraSpec(8, 16.0, 0.05, ("q_proj", "v_proj"))
     assert cfg.name == "fl-tinystories-656k"
-    assert RunConfig.from_meta({"model": "m", "out": "/tmp/my out/"}).name == "fl-my_out"
+    # --out is the CLI's own directory: it names the run there, and no path reaches the daemon
+    assert fl_cli.run_meta(cli_args(out="/tmp/my out/"))["run_name"] == "fl-my_out"
     assert RunConfig.from_meta({"model": "m", "run_name": "exp.1"}).name == "exp.1"
     assert RunConfig.from_meta({"model": "m", "lr": 1}).lr == 1.0  # ints are fine for floats
     assert RunConfig.from_meta({"model": "m", "target_modules": "all-linear"}).target_modules == ("all-linear",)
@@ -41,6 +42,7 @@ def test_run_config_defaults_and_name() -> None:
         ({"model": "m", "run_name": "../escape"}, "run_name"),
         ({"model": "m", "round_timeout": 0}, "round_timeout"),
         ({"model": "m", "bogus": 1}, "unknown keys"),
+        ({"model": "m", "out": "/tmp/x"}, "unknown keys"),  # a path is not taken
     ],
 )
 def test_run_config_rejects_bad_values_as_bad_request(meta: dict, words: str) -> None:
@@ -96,7 +98,7 @@ def test_cli_sends_only_the_flags_given(tmp_path) -> None:
     assert meta["model"] == str(tmp_path.resolve())
     assert meta["rounds"] == 5 and meta["lora_rank"] == 4 and meta["resume"] is True
     assert meta["target_modules"] == ["q_proj", "k_proj"] and meta["aggregation"] == "fedavgm"
-    assert meta["out"].endswith("/rel/out") and meta["out"].startswith("/")
+    assert "out" not in meta and meta["run_name"] == "fl-out" and meta["send_files"] is True
     assert RunConfig.from_meta(meta).rounds == 5
 
 

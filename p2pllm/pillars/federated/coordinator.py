@@ -12,6 +12,9 @@
    weighted by example count, else it is retried. Then FL_EVAL of the new global adapter on
    the clients' eval blocks, a checkpoint, and a progress line to the CLI.
 4. The end: the global adapter in peft's format, a PNG of eval loss per round, the result.
+   Everything is written under ``<state_dir>/fl/<run_name>/`` only (the adapter directory
+   replaced atomically, and only if this daemon made it); a CLI that asked for the files
+   (``send_files``) receives them as "file" partials and writes its --out itself.
 
 Size: one module because a run's state (config, clients, global adapter, rounds, checkpoint)
 is one object driven round after round; its pure parts (strategy, aggregation, checkpoint,
@@ -21,7 +24,6 @@ messages) are the modules beside it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -54,6 +56,7 @@ from p2pllm.pillars.federated.messages import (
 )
 from p2pllm.pillars.federated.plot import plot_eval_loss
 from p2pllm.pillars.federated.strategy import ClientUpdate, screen, server_update, weighted_mean
+from p2pllm.pillars.paths import is_ours, output_path, send_files, write_dir
 from p2pllm.plan.partition import PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import Buffer, ProtocolError
@@ -81,17 +84,13 @@ def eligible_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]
 
 
 def run_dir(state_dir: str, run_name: str) -> Path:
-    """Where a run keeps its checkpoint (and, by default, its output)."""
-    return Path(state_dir).expanduser() / "fl" / run_name
+    """Where a run keeps its checkpoint and its adapter: <state_dir>/fl/<run_name>, FORBIDDEN
+    for a name that is not one path component or that resolves outside the state dir."""
+    return output_path(state_dir, "fl", run_name, "FL_RUN run_name", require_ours=False)
 
 
 def output_dir(cfg: RunConfig, run_dir: Path) -> Path:
-    return Path(cfg.out).expanduser() if cfg.out else run_dir / "adapter"
-
-
-def model_name(given: str, path: Path) -> str:
-    """The name clients look the model up by: the folder's name when a path was given."""
-    return path.name if Path(given).expanduser().is_dir() else given
+    return run_dir / "adapter"
 
 
 def model_nbytes(path: Path) -> int:
@@ -218,6 +217,9 @@ class FLRun:
             log.info("FL run %s starts afresh: its old checkpoint will be replaced", cfg.name)
         self.cfg = cfg
         self.out_dir = output_dir(cfg, self.dir)
+        if self.out_dir.is_symlink() or (self.out_dir.exists() and not is_ours(self.out_dir)):
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"FL run {cfg.name!r}: {self.out_dir} was not "
+                                f"made by p2pllm; it is not replaced (choose another --run-name)")
         # inside this daemon's roots (FORBIDDEN outside, NOT_FOUND unknown; a hub download,
         # with --allow-hub, in a thread); clients get the name and resolve it in their own
         found = await ModelRoots.of(self.host.config).aresolve(cfg.model)
@@ -590,14 +592,26 @@ class FLRun:
 
     async def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        await asyncio.to_thread(
-            lora_mod.save_peft_adapter, self.out_dir, self.global_adapter, cfg.lora, str(self.model_path)
-        )
         plot_path = self.out_dir / "eval_loss.png"
-        plot_error = await asyncio.to_thread(
-            plot_eval_loss, plot_path, self.state.rounds, self.state.initial_eval_loss,
-            f"{cfg.name}: federated LoRA on {self.model_name}",
-        )
+        plot_error: str | None = None
+
+        def fill(tmp: Path) -> None:
+            nonlocal plot_error
+            lora_mod.save_peft_adapter(tmp, self.global_adapter, cfg.lora, str(self.model_path))
+            plot_error = plot_eval_loss(
+                tmp / plot_path.name, self.state.rounds, self.state.initial_eval_loss,
+                f"{cfg.name}: federated LoRA on {self.model_name}",
+            )
+            (tmp / "fl_metrics.json").write_text(json.dumps(self._result(plot_error), indent=2))
+
+        await asyncio.to_thread(write_dir, self.out_dir, fill, {"kind": "fl", "name": cfg.name, "job": self.job.id})
+        if self.req.meta.get("send_files") is True:
+            await send_files(self.req, MsgType.FL_RUN, self.out_dir)
+        return self._result(plot_error)
+
+    def _result(self, plot_error: str | None) -> dict[str, Any]:
+        cfg = self.cfg
+        plot_path = self.out_dir / "eval_loss.png"
         evals = [r["eval_loss"] for r in self.state.rounds if r.get("eval_loss") is not None]
         result: dict[str, Any] = {
             "rounds": self.state.rounds,
@@ -618,6 +632,4 @@ class FLRun:
         }
         if plot_error:
             result["plot_error"] = plot_error
-        with contextlib.suppress(OSError):
-            (self.out_dir / "fl_metrics.json").write_text(json.dumps(result, indent=2))
         return result

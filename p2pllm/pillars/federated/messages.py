@@ -3,7 +3,9 @@
 ``RunConfig`` is the FL_RUN request a CLI sends to its daemon; ``ClientParams`` the ASSIGN
 params of an ``fl-client``; ``RoundConfig`` the FL_TRAIN metadata besides the adapter tensors.
 Each validates in ``__post_init__`` and raises ValueError; ``from_meta`` turns that into a
-typed ``BAD_REQUEST`` for whoever sent it.
+typed ``BAD_REQUEST`` for whoever sent it. No path crosses the wire: a run is a name (its
+checkpoint and adapter live in ``<state_dir>/fl/<run_name>/`` of the coordinator), and a CLI
+that wants the adapter's files asks for them (``send_files``) and writes them itself.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from p2pllm.pillars.messages import JOB, RID
 from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, OneOf, Str, Tensor
 
 AGGREGATIONS = ("fedavg", "fedavgm")
-RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # = p2pllm.pillars.paths.OUTPUT_NAME
 _RUN_NAME = re.compile(RUN_NAME)
 SEED = 2**63 - 1
 
@@ -65,8 +67,9 @@ FL_RUN = Body("FL_RUN", [
     Int("max_retries", 0, 1000, default=3, doc="of a round"),
     Float("wait_clients", 0.0, 3600.0, default=10.0, doc="seconds to wait for enough clients"),
     Bool("resume", default=False, doc="continue from the checkpoint"),
-    Str("out", 1, default=None, doc="the adapter's directory"),
-    Str("run_name", pattern=RUN_NAME, default=None, doc="the checkpoint's name"),
+    Str("run_name", pattern=RUN_NAME, default=None,
+        doc="the run's name: <state_dir>/fl/<run_name>/ on the coordinator"),
+    Bool("send_files", default=False, doc="stream the final adapter's files back"),
 ], extra="reject", doc="an FL run, as `p2pllm fl run` asks for it")
 
 ASSIGN_FL_CLIENT = Body("ASSIGN fl-client", [
@@ -145,8 +148,8 @@ class RunConfig:
     max_retries: int = 3
     wait_clients: float = 10.0
     resume: bool = False
-    out: str | None = None
     run_name: str | None = None
+    send_files: bool = False
 
     # Keys a resumed run must share with its checkpoint: they fix the adapter's layout, the
     # data split or the server optimizer's state.
@@ -160,7 +163,8 @@ class RunConfig:
         if self.clients is not None and self.min_clients > self.clients:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds clients ({self.clients})")
         _ = self.lora  # validates the LoRA fields
-        if self.run_name is not None and not _RUN_NAME.fullmatch(self.run_name):
+        if self.run_name is not None and (not _RUN_NAME.fullmatch(self.run_name)
+                                          or ".." in self.run_name):
             raise ValueError(
                 f"run_name must be 1-100 characters of letters, digits, '.', '_', '-', got {self.run_name!r}"
             )
@@ -171,11 +175,12 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        """The run's name: its checkpoint lives in <state_dir>/fl/<name>/."""
+        """The run's name: its checkpoint lives in <state_dir>/fl/<name>/ (default from the
+        model's name; the CLI names it after --out)."""
         if self.run_name:
             return self.run_name
-        base = (self.out or self.model).rstrip("/").rsplit("/", 1)[-1]
-        cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip("._-") or "run"
+        base = self.model.rstrip("/").rsplit("/", 1)[-1]
+        cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip("._-").replace("..", "_") or "run"
         return ("fl-" + cleaned)[:100]
 
     def to_meta(self) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """Writing a split-training checkpoint: the stages' tensors assembled into one Hugging Face
 checkpoint (or a peft adapter with LoRA), written beside the destination and renamed into
-place, so a reader never sees half a checkpoint."""
+place, so a reader never sees half a checkpoint. The destination is
+``<state_dir>/checkpoints/<name>`` (:func:`p2pllm.pillars.paths.output_path`); an existing
+one is replaced only if this daemon made it (:func:`p2pllm.pillars.paths.write_dir`)."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,33 +15,32 @@ import torch
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.model import ModelSlice
+from p2pllm.pillars.paths import write_dir
 from p2pllm.pillars.splittrain.compute import save_adapter
 from p2pllm.pillars.splittrain.messages import RunSpec
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode
 
-__all__ = ["check_save_dir", "write_checkpoint"]
+__all__ = ["CHECKPOINTS", "check_save_dir", "write_checkpoint"]
+
+CHECKPOINTS = "checkpoints"  # <state_dir>/checkpoints/<name>
 
 
 def write_checkpoint(dest: Path, tensors: dict[str, torch.Tensor], config_raw: dict[str, Any],
                       files: Mapping[str, bytes], spec: RunSpec, job_id: str) -> None:
     """Write the assembled checkpoint beside ``dest`` and rename it into place."""
-    dest = dest.expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{job_id}-{uuid.uuid4().hex[:6]}")
-    try:
+
+    def fill(tmp: Path) -> None:
         if spec.lora is not None:
             save_adapter(tensors, spec.lora, tmp, base_model=spec.model)
         else:
             _write_full(tmp, tensors, config_raw)
         for name, data in files.items():
-            if "/" in name or name.startswith("."):
+            if "/" in name or "\\" in name or name.startswith("."):
                 continue
             (tmp / name).write_bytes(data)
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(dest, fill, {"kind": CHECKPOINTS, "name": dest.name, "job": job_id})
 
 
 def _write_full(out: Path, tensors: dict[str, torch.Tensor], config_raw: dict[str, Any]) -> None:
@@ -62,18 +61,9 @@ def _write_full(out: Path, tensors: dict[str, torch.Tensor], config_raw: dict[st
     save_hf_checkpoint([model], config, out)
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:6]}")
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-
-
 def check_save_dir(path: str) -> None:
-    """A --save directory must be new, empty, or a checkpoint this trainer may replace."""
+    """A local ``train local --save`` directory (the user's own process) must be new, empty, or
+    a checkpoint this trainer may replace."""
     p = Path(path).expanduser()
     if not p.exists():
         return

@@ -13,6 +13,11 @@ stream of epochs, each epoch a permutation of all blocks seeded by ``(seed, epoc
 (:func:`batch_rows`); micro-batch m of a step is rows ``[m*B/M, (m+1)*B/M)`` of that batch
 (:func:`micro_rows`). The single-process reference trainer and the first pipeline stage use
 these same functions, so both see the same data in the same order.
+
+On a daemon a dataset is either a name under its ``--data-dir`` (resolved by
+:func:`p2pllm.pillars.paths.dataset_path`; the files of a directory must resolve inside the
+data dir too: ``root``) or the content a CLI sent (:func:`blocks_from_bytes`, in one of
+:data:`DATA_FORMATS`); a path from the wire is never opened.
 """
 
 from __future__ import annotations
@@ -29,15 +34,19 @@ import torch
 from p2pllm.pillars.training import DataError
 
 __all__ = [
+    "DATA_FORMATS",
     "DataError",
     "DatasetNotFound",
     "batch_rows",
+    "blocks_from_bytes",
+    "data_format",
     "load_blocks",
     "load_token_ids",
     "make_blocks",
     "micro_rows",
     "read_texts",
     "split_batch",
+    "texts_from_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,14 +59,28 @@ class DatasetNotFound(DataError):
     """The dataset path does not exist on this host."""
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """The documents of a text / JSON-lines file or of a directory of them, in sorted order."""
+DATA_FORMATS = ("text", "jsonl", "safetensors")
+
+
+def data_format(path: str | Path) -> str:
+    """The format of a dataset file, by its suffix (anything else is UTF-8 text)."""
+    suffix = Path(path).suffix
+    return "safetensors" if suffix == ".safetensors" else "jsonl" if suffix == ".jsonl" else "text"
+
+
+def read_texts(path: str | Path, root: str | Path | None = None) -> list[str]:
+    """The documents of a text / JSON-lines file or of a directory of them, in sorted order.
+    ``root``: every file must resolve inside it (a daemon's data dir), else FORBIDDEN."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DatasetNotFound(f"dataset {p} does not exist")
     files = [p] if p.is_file() else sorted(
         f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl")
     )
+    if root is not None:
+        from p2pllm.pillars.paths import confined_files
+
+        confined_files(files, root, p.name)
     if not files:
         raise DataError(f"dataset directory {p} holds no .txt, .md or .jsonl files")
     docs: list[str] = []
@@ -120,9 +143,54 @@ def tokenize_texts(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def load_token_ids(path: str | Path, tokenizer: Any | None = None) -> torch.Tensor:
+def texts_from_bytes(data: bytes, fmt: str, what: str = "the dataset sent") -> list[str]:
+    """The documents of a dataset's content in format ``fmt`` ("text" or "jsonl")."""
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} is not UTF-8 text: {e}") from e
+    docs = _jsonl_texts(Path(what), raw) if fmt == "jsonl" else [raw] if raw.strip() else []
+    if not docs:
+        raise DataError(f"{what} holds no text")
+    return docs
+
+
+def _ids_tensor(ids: torch.Tensor, what: str) -> torch.Tensor:
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise DataError(f"{what}: input_ids must be integers, got {ids.dtype}")
+    return ids.reshape(-1).to(torch.int64)
+
+
+def blocks_from_bytes(data: bytes, fmt: str, seq_len: int, tokenizer: Any | None = None,
+                      what: str = "the dataset sent") -> torch.Tensor:
+    """Token blocks (N, seq_len + 1) of a dataset's content (what a CLI sent; ``fmt`` one of
+    :data:`DATA_FORMATS`), as :func:`load_blocks` makes them from the same file."""
+    if fmt == "safetensors":
+        from safetensors.torch import load
+
+        try:
+            tensors = load(bytes(data))
+        except Exception as e:
+            raise DataError(f"cannot read {what} as safetensors: {e}") from e
+        if "input_ids" not in tensors:
+            raise DataError(f"{what} has no tensor named 'input_ids'")
+        return make_blocks(_ids_tensor(tensors["input_ids"], what), seq_len)
+    if fmt not in DATA_FORMATS:
+        raise DataError(f"unknown dataset format {fmt!r}")
+    if tokenizer is None:
+        raise DataError(f"{what} is text: a tokenizer is needed")
+    if isinstance(tokenizer, str | Path):
+        from p2pllm.engine.loader import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    return make_blocks(tokenize_texts(texts_from_bytes(data, fmt, what), tokenizer), seq_len)
+
+
+def load_token_ids(path: str | Path, tokenizer: Any | None = None,
+                   root: str | Path | None = None) -> torch.Tensor:
     """All token ids of a dataset, 1-D int64. ``tokenizer``: a tokenizer object, or a
-    checkpoint directory to load one from; not needed for pre-tokenized ``.safetensors``."""
+    checkpoint directory to load one from; not needed for pre-tokenized ``.safetensors``.
+    ``root``: the files of a directory must resolve inside it (see :func:`read_texts`)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DatasetNotFound(f"dataset {p} does not exist")
@@ -138,16 +206,15 @@ def load_token_ids(path: str | Path, tokenizer: Any | None = None) -> torch.Tens
             raise
         except Exception as e:
             raise DataError(f"cannot read {p}: {e}") from e
-        if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise DataError(f"{p}: input_ids must be integers, got {ids.dtype}")
-        return ids.reshape(-1).to(torch.int64)
+        return _ids_tensor(ids, str(p))
     if tokenizer is None:
         raise DataError(f"dataset {p} is text: a tokenizer is needed")
+    texts = read_texts(p, root)  # the files are checked before anything else is loaded
     if isinstance(tokenizer, str | Path):
         from p2pllm.engine.loader import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
-    return tokenize_texts(read_texts(p), tokenizer)
+    return tokenize_texts(texts, tokenizer)
 
 
 def make_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -162,9 +229,10 @@ def make_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids.unfold(0, seq_len + 1, seq_len)[:n].contiguous()
 
 
-def load_blocks(path: str | Path, seq_len: int, tokenizer: Any | None = None) -> torch.Tensor:
+def load_blocks(path: str | Path, seq_len: int, tokenizer: Any | None = None,
+                root: str | Path | None = None) -> torch.Tensor:
     """A dataset as token blocks (N, seq_len + 1), int64."""
-    return make_blocks(load_token_ids(path, tokenizer), seq_len)
+    return make_blocks(load_token_ids(path, tokenizer, root), seq_len)
 
 
 def batch_rows(num_blocks: int, batch_size: int, step: int, seed: int,

@@ -1,7 +1,9 @@
 """The step driver of a split-training job: what the coordinator does once every stage is
 assigned (protocol.md section 11). Each step: TRAIN_BATCH to every stage at once (they run the
 schedule among themselves), the global gradient norm from their squared norms, TRAIN_STEP with
-the clip scale; figures per step and per stage; checkpoints through :mod:`.checkpoint`.
+the clip scale; figures per step and per stage; checkpoints through :mod:`.checkpoint`. Before
+the first step, stage 0 gets the dataset's content in TRAIN_DATA when the CLI sent it; after the
+last, a CLI that asked for the checkpoint's files receives them as "file" partials.
 
 A stage that fails is a :class:`StageFailed` naming it; the coordinator turns a dead stage
 into the JobRunner's lost member.
@@ -21,9 +23,10 @@ import torch
 
 from p2pllm.daemon.jobs import Job
 from p2pllm.pillars.messages import error_code
+from p2pllm.pillars.paths import send_files
 from p2pllm.pillars.splittrain.checkpoint import write_checkpoint
 from p2pllm.pillars.splittrain.compute import clip_scale
-from p2pllm.pillars.splittrain.messages import TRAIN_BATCH_REPLY, RunSpec
+from p2pllm.pillars.splittrain.messages import TRAIN_BATCH_REPLY, TRAIN_DATA_REPLY, RunSpec
 from p2pllm.pillars.splittrain.planner import Stage
 from p2pllm.pillars.splittrain.schedule import bubble_fraction, measured_bubble
 from p2pllm.plan.layers import StageCost
@@ -64,8 +67,10 @@ class StepDriver:
     global gradient-norm clip, TRAIN_STEP, figures, checkpoints."""
 
     def __init__(self, job: Job, spec: RunSpec, stages: list[Stage], req: Request,
-                 cost: StageCost) -> None:
+                 cost: StageCost, save_dir: Path | None = None, data: bytes | None = None) -> None:
         self.job = job
+        self.save_dir = save_dir  # <state_dir>/checkpoints/<save>, checked by the coordinator
+        self.data = data
         self.spec = spec
         self.stages = stages
         self.req = req
@@ -102,11 +107,12 @@ class StepDriver:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _call(self, st: Stage, msg_type: MsgType, meta: dict[str, Any]) -> Frame:
+    async def _call(self, st: Stage, msg_type: MsgType, meta: dict[str, Any],
+                    payload: Sequence[bytes] = ()) -> Frame:
         try:
             return await self.cluster.request(st.node_id, msg_type,
                                               {**meta, "job": self.job.id, "rid": st.rid},
-                                              timeout=STEP_TIMEOUT)
+                                              payload, timeout=STEP_TIMEOUT)
         except RemoteError as e:
             raise StageFailed(st, e.code, e.message) from e
         except ConnectionClosed as e:
@@ -132,6 +138,8 @@ class StepDriver:
                         idle_fraction=None, steps_total=s.steps, stages=plan_meta)
         await self.req.partial(MsgType.TRAIN_RUN, {"event": "plan", "job": self.job.id,
                                                    "stages": plan_meta})
+        if self.data is not None:
+            await self._send_data()
         train_s = 0.0
         for step in range(s.steps):
             rec = await self._step(step)
@@ -147,7 +155,20 @@ class StepDriver:
                 await self._save(step + 1)
         if s.save:
             await self._save(s.steps)
+            if s.send_files and self.save_dir is not None:
+                await send_files(self.req, MsgType.TRAIN_RUN, self.save_dir)
         return Reply(MsgType.TRAIN_RUN, self._result(train_s, time.perf_counter() - t_start))
+
+    async def _send_data(self) -> None:
+        """The dataset's content to stage 0 (TRAIN_DATA), before the first step."""
+        assert self.data is not None
+        st = self.stages[0]
+        frame = await self._call(st, MsgType.TRAIN_DATA, {}, [self.data])
+        try:
+            blocks = TRAIN_DATA_REPLY.parse(frame.meta)["blocks"]
+        except ProtocolError as e:
+            raise StageFailed(st, e.code, f"bad TRAIN_DATA answer: {e.message}") from e
+        self.job.update(dataset_blocks=blocks)
 
     async def _step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -227,8 +248,8 @@ class StepDriver:
     # -- checkpoints ------------------------------------------------------------------------
 
     async def _save(self, step: int) -> None:
-        assert self.spec.save is not None
-        dest = Path(self.spec.save)
+        assert self.save_dir is not None
+        dest = self.save_dir
         parts = await self._gather([self._fetch(st) for st in self.stages])
         tensors: dict[str, torch.Tensor] = {}
         for state, _ in parts:
@@ -240,7 +261,7 @@ class StepDriver:
         self.saved = str(dest)
         self.job.update(saved=str(dest), saved_step=step)
         await self.req.partial(MsgType.TRAIN_RUN, {"event": "saved", "step": step,
-                                                   "path": str(dest)})
+                                                   "name": dest.name, "path": str(dest)})
 
     async def _fetch(self, st: Stage) -> tuple[dict[str, torch.Tensor],
                                                tuple[dict[str, Any], dict[str, bytes]]]:

@@ -2,7 +2,9 @@
 
 ``RunSpec`` is the TRAIN_RUN request a CLI sends to its daemon, ``StageParams`` the ASSIGN
 params of a ``train-stage`` role (with its ``Neighbour`` stages); the step messages between
-stages and from the coordinator are the ``TRAIN_*`` bodies below. Each ``from_meta`` raises
+stages and from the coordinator are the ``TRAIN_*`` bodies below. A dataset crosses the wire
+as a name (in stage 0's ``--data-dir``) or as content (TRAIN_RUN's payload, then TRAIN_DATA's
+to stage 0), an output as a name (under the coordinator's state dir); never as a path. Each ``from_meta`` raises
 ``ProtocolError(BAD_REQUEST)`` naming the body and the field; checks that need the role's state
 (the current step, the micro-batch count, the hidden size) stay in the role.
 """
@@ -22,6 +24,7 @@ from p2pllm.pillars.splittrain.compute import (
     lora_meta,
     lora_spec,
 )
+from p2pllm.pillars.splittrain.data import DATA_FORMATS
 from p2pllm.pillars.splittrain.schedule import SCHEDULES
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode
@@ -31,6 +34,8 @@ __all__ = [
     "ASSIGN_TRAIN_STAGE",
     "TRAIN_BACKWARD",
     "TRAIN_BATCH",
+    "TRAIN_DATA",
+    "TRAIN_DATA_REPLY",
     "TRAIN_FORWARD",
     "TRAIN_RUN",
     "TRAIN_SAVE",
@@ -86,7 +91,10 @@ ASSIGN_TRAIN_STAGE = Body("ASSIGN train-stage", [
     Map("prev", NEIGHBOUR, default=None, doc="nil on stage 0"),
     Map("next", NEIGHBOUR, default=None, doc="nil on stage K-1"),
     Map("tied_peer", NEIGHBOUR, default=None, doc="stage 0 ↔ stage K-1, for a tied embedding"),
-    Str("data", 1, default=None, doc="stage 0: the dataset path on that host"),
+    Str("data", 1, default=None, doc="stage 0: a dataset name in that host's --data-dir"),
+    Enum("data_format", DATA_FORMATS, default=None,
+         doc="stage 0: the dataset comes in TRAIN_DATA, in this format"),
+    Int("data_bytes", 1, default=None, doc="stage 0: TRAIN_DATA's payload length"),
     Int("seq_len", 1),
     Int("batch_size", 1),
     Int("micro_batches", 1, default=1, doc="divides batch_size"),
@@ -141,9 +149,18 @@ TRAIN_TIED = Body("TRAIN_TIED", [JOB(), RID(), _step()], tensors=[
 
 TRAIN_SAVE = Body("TRAIN_SAVE", [JOB(), RID()])
 
+TRAIN_DATA = Body("TRAIN_DATA", [JOB(), RID()],
+                  doc="coordinator -> stage 0: the dataset's content is the payload")
+
+TRAIN_DATA_REPLY = Body("TRAIN_DATA reply", [
+    Int("blocks", 1, doc="token blocks of seq_len + 1 the dataset made"),
+])
+
 TRAIN_RUN = Body("TRAIN_RUN", [
     Str("model", 1, doc="name or path"),
-    Str("data", 1, doc="the dataset path on the first stage's host"),
+    Str("data", 1, default=None, doc="a dataset name in the first stage's --data-dir"),
+    Enum("data_format", DATA_FORMATS, default=None,
+         doc="set: the payload is the dataset's content, in this format"),
     Int("steps", 1, default=10),
     Int("batch_size", 1, default=8),
     Int("micro_batches", 1, default=2, doc="divides batch_size"),
@@ -166,8 +183,11 @@ TRAIN_RUN = Body("TRAIN_RUN", [
     Int("seed", 0, SEED, default=0),
     Bool("shuffle", default=True),
     Enum("init", INITS, default="checkpoint"),
-    Str("save", 1, default=None, doc="the checkpoint directory"),
+    Str("save", 1, default=None,
+        doc="the checkpoint's name: <state_dir>/checkpoints/<save> on the coordinator"),
     Int("save_every", 0, default=0, doc="steps between checkpoints (0: at the end only)"),
+    Bool("send_files", default=False,
+         doc="stream the final checkpoint's files back (needs save)"),
 ], doc="a split-training run, as `p2pllm train split` asks for it")
 
 
@@ -224,6 +244,8 @@ class StageParams:
     seed: int = 0
     shuffle: bool = True
     init: str = "checkpoint"
+    data_format: str | None = None  # set: the dataset's content comes in TRAIN_DATA
+    data_bytes: int | None = None
 
     def __post_init__(self) -> None:
         """Checks across fields (each field's own bounds are ASSIGN_TRAIN_STAGE's)."""
@@ -238,8 +260,14 @@ class StageParams:
             raise ValueError("exactly the first stage has no previous stage")
         if (self.next is None) != (self.index == self.num_stages - 1):
             raise ValueError("exactly the last stage has no next stage")
-        if self.index == 0 and not isinstance(self.data, str):
-            raise ValueError("the first stage needs the dataset path (data)")
+        inline = self.data_format is not None
+        if inline != (self.data_bytes is not None):
+            raise ValueError("data_format and data_bytes go together")
+        if self.index == 0 and not (isinstance(self.data, str) or inline):
+            raise ValueError("the first stage needs the dataset path (data: a name in its "
+                             "data dir) or its content (data_format, data_bytes)")
+        if self.index == 0 and isinstance(self.data, str) and inline:
+            raise ValueError("the first stage takes a dataset name or content, not both")
 
     @property
     def first(self) -> bool:
@@ -266,7 +294,8 @@ class StageParams:
                 prev=Neighbour.from_values(v["prev"]), next=Neighbour.from_values(v["next"]),
                 tied_peer=Neighbour.from_values(v["tied_peer"]), data=v["data"],
                 lora=lora_spec(**lora) if lora is not None else None, seed=v["seed"],
-                shuffle=v["shuffle"], init=v["init"],
+                shuffle=v["shuffle"], init=v["init"], data_format=v["data_format"],
+                data_bytes=v["data_bytes"],
             )
         except (ValueError, TypeError) as e:
             raise _bad(ASSIGN_TRAIN_STAGE, e) from e
@@ -277,7 +306,8 @@ class StageParams:
             "num_stages": self.num_stages,
             **{k: n.to_meta() if (n := getattr(self, k)) else None
                for k in ("prev", "next", "tied_peer")},
-            "data": self.data, "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "data": self.data, "data_format": self.data_format, "data_bytes": self.data_bytes,
+            "seq_len": self.seq_len, "batch_size": self.batch_size,
             "micro_batches": self.micro_batches, "schedule": self.schedule, "steps": self.steps,
             "seed": self.seed, "shuffle": self.shuffle, "init": self.init,
             "optim": self.optim.to_meta(), "lora": lora_meta(self.lora) if self.lora else None,
@@ -295,7 +325,7 @@ class RunSpec:
     """A TRAIN_RUN request, validated (protocol.md section 11)."""
 
     model: str
-    data: str
+    data: str | None = None  # a dataset name (stage 0's data dir), or None with data_format
     steps: int = 10
     batch_size: int = 8
     micro_batches: int = 2
@@ -311,9 +341,16 @@ class RunSpec:
     init: str = "checkpoint"
     save: str | None = None
     save_every: int = 0
+    data_format: str | None = None  # set: the request's payload is the dataset
+    send_files: bool = False
 
     def __post_init__(self) -> None:
         """Checks across fields (each field's own bounds are TRAIN_RUN's)."""
+        if (self.data is None) == (self.data_format is None):
+            raise ValueError("give a dataset name (data) or send its content (data_format and "
+                             "the payload), one of them")
+        if self.send_files and self.save is None:
+            raise ValueError("send_files needs a save name")
         if self.batch_size % self.micro_batches:
             raise ValueError(f"batch size {self.batch_size} is not a multiple of "
                              f"{self.micro_batches} micro-batches")
@@ -334,7 +371,8 @@ class RunSpec:
                 micro_batches=v["micro_batches"], seq_len=v["seq_len"], schedule=v["schedule"],
                 optim=optim, lora=lora, stages=v["stages"], layers=v["layers"],
                 nodes=v["nodes"], seed=v["seed"], shuffle=v["shuffle"], init=v["init"],
-                save=v["save"], save_every=v["save_every"],
+                save=v["save"], save_every=v["save_every"], data_format=v["data_format"],
+                send_files=v["send_files"],
             )
         except (TypeError, ValueError) as e:
             raise _bad(TRAIN_RUN, e) from e
@@ -352,12 +390,14 @@ class RunSpec:
             "lora_targets": self.lora.target_modules if self.lora else None,
             "stages": self.stages, "layers": self.layers, "nodes": self.nodes,
             "seed": self.seed, "shuffle": self.shuffle, "init": self.init, "save": self.save,
-            "save_every": self.save_every,
+            "save_every": self.save_every, "data_format": self.data_format,
+            "send_files": self.send_files,
         })
 
     def job_params(self) -> dict[str, Any]:
         """What `ctl jobs` shows of the job."""
-        return {"model": self.model, "data": self.data, "steps": self.steps,
+        return {"model": self.model, "data": self.data or f"({self.data_format} sent)",
+                "steps": self.steps,
                 "batch_size": self.batch_size, "micro_batches": self.micro_batches,
                 "seq_len": self.seq_len, "schedule": self.schedule, "lora": self.lora is not None,
                 "lr": self.optim.lr, "save": self.save}

@@ -139,8 +139,10 @@ def _pick(cands: list[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]
 
 
 def stage_params(spec: RunSpec, stages: Sequence[Stage], st: Stage,
-                 cost: StageCost) -> dict[str, Any]:
-    """The ASSIGN params of stage ``st`` of the plan ``stages`` (protocol.md section 11)."""
+                 cost: StageCost, data_bytes: int | None = None) -> dict[str, Any]:
+    """The ASSIGN params of stage ``st`` of the plan ``stages`` (protocol.md section 11);
+    ``data_bytes``: the length of the dataset's content the CLI sent (stage 0 gets it in
+    TRAIN_DATA)."""
     k, n = st.index, len(stages)
     s = spec
     tied_peer = None
@@ -151,6 +153,8 @@ def stage_params(spec: RunSpec, stages: Sequence[Stage], st: Stage,
         "prev": stages[k - 1].neighbour() if k > 0 else None,
         "next": stages[k + 1].neighbour() if k < n - 1 else None,
         "tied_peer": tied_peer, "data": s.data if k == 0 else None,
+        "data_format": s.data_format if k == 0 else None,
+        "data_bytes": data_bytes if k == 0 and s.data_format is not None else None,
         "seq_len": s.seq_len, "batch_size": s.batch_size, "micro_batches": s.micro_batches,
         "schedule": s.schedule, "steps": s.steps, "seed": s.seed, "shuffle": s.shuffle,
         "init": s.init, "optim": s.optim.to_meta(),

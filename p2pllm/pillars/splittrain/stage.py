@@ -12,6 +12,10 @@ stages, the last stage swaps its head gradient for the first stage's embedding g
 squared norm of its gradients; ``TRAIN_STEP`` then applies AdamW with the coordinator's
 learning rate and clip factor. ``TRAIN_SAVE`` streams the slice's tensors back.
 
+Stage 0's dataset is a name in this daemon's ``--data-dir`` (loaded at start, confined by
+:mod:`p2pllm.pillars.paths`) or the content the CLI sent, which the coordinator forwards in
+``TRAIN_DATA`` before the first step; no path from the wire is opened.
+
 All torch work of a stage runs, in order, on the role's worker (``Role.worker``), off the event
 loop. The worker's accounting gives each step's busy seconds (``busy_s``) and the step's wall
 time on this stage (``window_s``) in the ``TRAIN_BATCH`` answer: the coordinator's measured
@@ -36,6 +40,7 @@ from p2pllm.daemon.worker import Span
 from p2pllm.engine.errors import ModelError, ModelNotFoundError
 from p2pllm.pillars.caps import check_payload, check_train_tokens
 from p2pllm.pillars.messages import error_code
+from p2pllm.pillars.paths import dataset_path
 from p2pllm.pillars.splittrain.compute import (
     IGNORE_INDEX,
     StageModel,
@@ -46,6 +51,7 @@ from p2pllm.pillars.splittrain.data import (
     DataError,
     DatasetNotFound,
     batch_rows,
+    blocks_from_bytes,
     load_blocks,
     micro_rows,
     split_batch,
@@ -53,6 +59,7 @@ from p2pllm.pillars.splittrain.data import (
 from p2pllm.pillars.splittrain.messages import (
     TRAIN_BACKWARD,
     TRAIN_BATCH,
+    TRAIN_DATA,
     TRAIN_FORWARD,
     TRAIN_STEP,
     TRAIN_TIED,
@@ -141,8 +148,10 @@ class TrainStageRole(Role):
                params: Mapping[str, Any]) -> str | None:
         model = params.get("model")
         if isinstance(model, str) and not _model_here(config, caps, model):
+            from p2pllm.daemon.modelrefs import ModelRoots
+
             return (f"{config.name or 'this node'} does not have model {model!r} "
-                    f"(not under its --models-dir, pulled, bundled or hub-cache models)")
+                    f"(looked under {ModelRoots.of(config).describe()})")
         need = params.get("memory_bytes", 0)
         if isinstance(need, int) and need > 0:
             room = int(caps.get("mem_budget", 0)) - int(caps.get("mem_used_by_roles", 0))
@@ -166,6 +175,15 @@ class TrainStageRole(Role):
         self.step_span: Span | None = None  # the worker's busy and wall time of the last step
         self.last: dict[str, Any] = {}
         self.blocks: torch.Tensor | None = None
+        self.dataset: Path | None = None  # stage 0: the named dataset, inside --data-dir
+        if self.p.first and self.p.data is not None:
+            where = f"{self.where} on {self.ctx.config.name or 'this host'}"
+            self.dataset = dataset_path(self.ctx.config.data_dir, self.p.data, where)
+        cap = self.ctx.config.max_dataset_bytes
+        if self.p.data_bytes is not None and self.p.data_bytes > cap:
+            raise ProtocolError(ErrorCode.OVER_LIMIT,
+                                f"{self.where}: a dataset of {self.p.data_bytes} bytes is over "
+                                f"this host's max_dataset_bytes ({cap})")
         self._tied_ready = asyncio.Event()  # first stage: this step's backward is complete
         self._tied_done = asyncio.Event()  # first stage: the tied gradient was summed
         self.ops: list[Op] = stage_schedule(self.p.schedule, self.p.index, self.p.num_stages,
@@ -184,26 +202,25 @@ class TrainStageRole(Role):
             raise ProtocolError(ErrorCode.NOT_FOUND, f"{self.where}: {e}") from e
         except (ModelError, DataError, ValueError) as e:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where}: {e}") from e
-        if self.p.first and self.blocks is not None and self.blocks.shape[0] < self.p.batch_size:
-            raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                f"{self.where}: the dataset has {self.blocks.shape[0]} blocks "
-                                f"of {self.p.seq_len + 1} tokens, fewer than one batch of "
-                                f"{self.p.batch_size}")
+        self._check_blocks()
         self.hidden = self.compute.config.hidden_size
         self.vocab = self.compute.config.vocab_size
         # a micro-batch's activations (float32) and labels (int64) travel in one frame
         check_payload(self.ctx.config, self.p.mb_size * self.p.seq_len * (self.hidden * 4 + 8),
                       f"{self.where}: a micro-batch's TRAIN_FORWARD")
 
+    def _check_blocks(self) -> None:
+        if self.p.first and self.blocks is not None and self.blocks.shape[0] < self.p.batch_size:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where}: the dataset has {self.blocks.shape[0]} blocks "
+                                f"of {self.p.seq_len + 1} tokens, fewer than one batch of "
+                                f"{self.p.batch_size}")
+
     def _load(self) -> tuple[StageModel, torch.Tensor | None, Path]:
         from p2pllm.daemon.modelrefs import ModelRoots
 
         if self.ctx.config.threads:
             torch.set_num_threads(self.ctx.config.threads)
-        if self.p.first:  # a missing dataset is reported before a model is loaded
-            assert self.p.data is not None
-            if not Path(self.p.data).expanduser().exists():
-                raise DatasetNotFound(f"dataset {self.p.data} does not exist")
         # inside this daemon's roots, FORBIDDEN outside (on the worker thread: a hub
         # download, with --allow-hub, never on the event loop)
         path = ModelRoots.of(self.ctx.config).resolve(self.p.model).path
@@ -214,9 +231,10 @@ class TrainStageRole(Role):
             raise ModelError("the model ties its embedding and head, which train on different "
                              "stages, but no tied_peer was given")
         blocks = None
-        if self.p.first:
-            assert self.p.data is not None
-            blocks = load_blocks(Path(self.p.data).expanduser(), self.p.seq_len, path)
+        if self.dataset is not None:  # a name in --data-dir (content comes in TRAIN_DATA)
+            assert self.ctx.config.data_dir is not None
+            blocks = load_blocks(self.dataset, self.p.seq_len, path,
+                                 root=self.ctx.config.data_dir)
         return compute, blocks, path
 
     async def on_stop(self) -> None:
@@ -240,6 +258,7 @@ class TrainStageRole(Role):
             MsgType.TRAIN_TIED: self.on_tied,
             MsgType.TRAIN_STEP: self.on_step,
             MsgType.TRAIN_SAVE: self.on_save,
+            MsgType.TRAIN_DATA: self.on_data,
         }
 
     def summary(self) -> str:
@@ -278,8 +297,36 @@ class TrainStageRole(Role):
                                 f"{self.where} is at step {self.step}, got step {step}")
         return step
 
+    async def on_data(self, req: Request) -> Reply:
+        """Stage 0: the dataset's content (TRAIN_DATA's payload), tokenized into blocks."""
+        TRAIN_DATA.parse(req.meta)
+        if not self.p.first or self.p.data_format is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where} takes no dataset content")
+        if self.blocks is not None:
+            raise ProtocolError(ErrorCode.DUPLICATE, f"{self.where} has its dataset already")
+        got = req.frame.payload.nbytes
+        if got != self.p.data_bytes:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where}: TRAIN_DATA carries {got} "
+                                f"bytes, ASSIGN announced {self.p.data_bytes}")
+        data, fmt = bytes(req.frame.payload), self.p.data_format
+        try:
+            blocks = await self._run(blocks_from_bytes, data, fmt, self.p.seq_len,
+                                     self.model_dir, "the dataset sent")
+        except DataError as e:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.where}: {e}") from e
+        self.blocks = blocks
+        try:
+            self._check_blocks()
+        except ProtocolError:
+            self.blocks = None
+            raise
+        return Reply(MsgType.TRAIN_DATA, {"blocks": int(blocks.shape[0])})
+
     async def on_batch(self, req: Request) -> Reply:
         step = self._check_step(req)
+        if self.p.first and self.blocks is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{self.where} has no dataset yet (TRAIN_DATA comes first)")
         if self.running or self.accumulated:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"{self.where}: step {step}'s micro-batches already ran")
