@@ -318,3 +318,37 @@ def test_the_daemon_warns_about_a_secret_file_others_can_read(start, tmp_path: P
     secret.chmod(0o644)
     d = start("warn", "--no-mdns", "--secret-file", str(secret))
     assert f"secret file {secret} has mode 0644: other users of this host can read it" in d.log()
+
+
+
+DIALING = (  # every CLI command that talks to a daemon
+    ["ctl", "status"], ["ctl", "peers"], ["ctl", "ping", "b"], ["ctl", "jobs"], ["ctl", "stop", "j"],
+    ["generate", "--mode", "spec", "hi"], ["generate", "--mode", "split", "hi"], ["chat", "--mode", "spec"],
+    ["fl", "run", "--model", "shakespeare"], ["train", "split", "--model", "shakespeare", "--data", "x"],
+    ["dash", "--once"],
+)
+
+
+def test_every_command_that_dials_a_daemon_takes_the_secret(start, tmp_path: Path, capsys, monkeypatch) -> None:
+    from p2pllm.cli.main import build_parser, main
+
+    for argv in DIALING:
+        args = build_parser(argv).parse_args([*argv, "--secret-file", "/x/secret"])
+        assert args.secret_file == "/x/secret", argv
+    # Against a daemon with a secret, each command (but chat, which dials at its first turn)
+    # gets as far as the handshake without one and is refused, saying what to pass.
+    secret = tmp_path / "s"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    d = start("dialed", "--no-mdns", "--secret-file", str(secret))
+    monkeypatch.delenv("P2PLLM_SECRET_FILE", raising=False)
+    for argv in DIALING:
+        if argv[0] == "chat":
+            continue
+        rc = main([*argv, "--daemon", f"127.0.0.1:{d.port}"])
+        err = capsys.readouterr().err
+        assert rc != 0 and "requires a shared secret; pass --secret-file" in err, (argv, rc, err)
+    # With it (here through the environment), the same daemon answers.
+    monkeypatch.setenv("P2PLLM_SECRET_FILE", str(secret))
+    assert main(["ctl", "jobs", "--json", "--daemon", f"127.0.0.1:{d.port}"]) == 0
+    assert json.loads(capsys.readouterr().out)["jobs"] == []
