@@ -302,8 +302,30 @@ async def test_a_non_member_cannot_touch_a_running_split_job(pair: tuple[DaemonP
         assert stopped.meta == {"stopped": job, "where": "coordinator"}
     for d in (a, b):
         await wait_for(lambda d=d: _none(roles(d.port, job)), timeout=15, what=f"{d.name} released")
+    # the operator of a member host may stop it too: b forwards the stop to a, which obeys its
+    # member, and releases its own shard
+    async with connections() as cs:
+        operator = await hostile(a.port, kind="ctl", name="operator")
+        on_b = await hostile(b.port, kind="ctl", name="operator-b")
+        cs += [operator, on_b]
+        job2 = (await split(operator, shards=2, keep_alive=60))["job"]
+        assert job2 != job and await roles(b.port, job2)
+        stopped = await on_b.request(MsgType.JOB_STOP, {"job": job2}, timeout=30)
+        assert stopped.meta == {"stopped": job2, "where": "member"}
+
+        async def state() -> str:
+            jobs = (await operator.request(MsgType.JOBS, {"local": True}, timeout=TIMEOUT)).meta["jobs"]
+            return next(j["state"] for j in jobs if j["job"] == job2)
+
+        await wait_for(lambda: _is(state(), "stopped"), timeout=15, what="job stopped at a")
+    for d in (a, b):
+        await wait_for(lambda d=d: _none(roles(d.port, job2)), timeout=15, what=f"{d.name} released")
     await assert_still_serves(a.port)
     await assert_still_serves(b.port)
+
+
+async def _is(coro: Any, value: Any) -> bool:
+    return await coro == value
 
 
 async def test_speculative_frames_only_from_the_members_the_coordinator_named(
