@@ -166,18 +166,23 @@ async def _split(peer: Connection, node_id: str, ref: list[int]) -> None:
     got = await asyncio.gather(run("s1", s1), run("s2", s2))
     assert got[0] == got[1] == ref[:30]
     await refused(first(open_("s4", 45)), "max_session_tokens", 64)  # 20 + 45 positions
-    m = await role_metrics(peer, job, "shard0")
     await wait_for(lambda: _shard_idle(peer, job), timeout=10, what="the shard's sessions freed")
     s5, s6 = open_("s5", 8), open_("s6", 8)  # both slots are free again
     assert (await first(s5)).is_partial and (await first(s6)).is_partial
     assert await run("s5", s5) == ref[:8] and await run("s6", s6) == ref[:8]
-    assert m.get("sessions_total", 0) >= 2
+    # four sessions were opened (s1, s2, s5, s6); the refused ones never were
+    await wait_for(lambda: _shard_opened(peer, job, 4), timeout=10, what="the shard's counts")
     await peer.request(MsgType.RELEASE, {"job": job}, timeout=TIMEOUT)
 
 
 async def _shard_idle(peer: Connection, job: str) -> bool:
     m = await role_metrics(peer, job, "shard0")
     return m.get("sessions_open") == 0
+
+
+async def _shard_opened(peer: Connection, job: str, n: int) -> bool:
+    m = await role_metrics(peer, job, "shard0")
+    return m.get("sessions_total") == n and m.get("sessions_open") == 0
 
 
 # -- batch x sequence of training ----------------------------------------------------------
