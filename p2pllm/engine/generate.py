@@ -117,7 +117,7 @@ def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
         logits = model(ids, positions, cache, last_only=True)[0, -1]
         t_prefill = time.perf_counter()
         argmax = params.greedy and not penalise  # sample() would give the same token
-        token = int(logits.argmax()) if argmax else sample(
+        token = _argmax(logits) if argmax else sample(
             logits, params, gen, history[:n_prompt] if penalise else None)[0]
         t1 = time.perf_counter()
         # 2. decode: one token per step, into preallocated (1, 1) inputs
@@ -136,7 +136,7 @@ def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
             tok_t.fill_(token)
             pos_t.fill_(n_prompt + len(out) - 1)
             logits = model(tok_t, pos_t, cache, last_only=True)[0, -1]
-            token = int(logits.argmax()) if argmax else sample(
+            token = _argmax(logits) if argmax else sample(
                 logits, params, gen, history[:n_prompt + len(out)] if penalise else None)[0]
         t2 = time.perf_counter()
 
@@ -145,6 +145,12 @@ def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
         text="", prompt_tokens=n_prompt, generated_tokens=len(out), token_ids=out,
         seconds=t2 - t0, tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 else 0.0,
         time_to_first_token_s=t1 - t0, stop_reason=stop_reason, prefill_s=t_prefill - t0)
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    """The greedy token (the first maximum): through float32, whose argmax kernel is ~6x
+    faster than bfloat16's over a 49152-entry vocabulary (the values convert exactly)."""
+    return int((logits if logits.dtype == torch.float32 else logits.float()).argmax())
 
 
 def generate(model: ModelSlice, tokenizer: Any, prompt: str | Sequence[int],
