@@ -333,3 +333,26 @@ def test_sealing_piece_by_piece_gives_the_same_bytes(sizes: list[int]) -> None:
     o = Opener(key)
     o.counter = 41
     assert o.open(header, out) == body
+
+
+async def test_an_exhausted_counter_closes_the_connection() -> None:
+    client, server_side, server = await _pair()
+    try:
+        assert client._sealer is not None
+        client._sealer.counter = COUNTER_LIMIT  # sending: the next frame would reuse a nonce
+        with pytest.raises(ConnectionError):
+            await client.request(MsgType.PING, {"t": 1.0})
+        assert client.closed and "exhausted" in client.close_reason
+    finally:
+        client.close()
+        server.close()
+    client, server_side, server = await _pair()
+    try:
+        assert server_side._protocol is not None and server_side._protocol._opener is not None
+        server_side._protocol._opener.counter = COUNTER_LIMIT  # receiving side
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(client.request(MsgType.PING, {"t": 1.0}), 5)
+        assert server_side.closed and "exhausted" in server_side.close_reason
+    finally:
+        client.close()
+        server.close()
