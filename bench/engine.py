@@ -16,12 +16,12 @@ Prints one JSON object:
                  decode and prefill tokens/s of our engine (``load_slice(gguf, dtype=,
                  quant=)``), transformers (its GGUF load, float only) and llama.cpp's
                  llama-bench on the same file, ratios ours/llama.cpp, and peak RSS of each
-                 (fresh process per row). Needs ../shared/tools/build-llamacpp.sh's output
+                 (fresh process per row); medians of rounds. Needs ../shared/tools/build-llamacpp.sh's output
                  (~/.cache/p2pllm-peers/llama.cpp, or $LLAMACPP_DIR); llama.cpp columns are
                  null without it.
 
 Every figure is the best of ``--repeats`` runs, interleaved across implementations, because
-this machine is shared. Models: ../shared/models/{tinystories-656k,stories-260k} (skipped
+this machine is shared (the SmolLM2 rows: medians of ``--repeats`` rounds, see bench_smollm2). Models: ../shared/models/{tinystories-656k,stories-260k} (skipped
 when absent) and a random-initialised ~110M Llama (hidden 768, 12 layers, 12 heads,
 intermediate 2048, vocab 32000) saved to a temp dir.
 """
@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -326,8 +327,9 @@ def smol_rss(path: Path, dtype: str, quant: str) -> float | None:
 
 def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
                   with_rss: bool, with_hf: bool) -> dict[str, Any]:
-    """Rows per format x threads; every implementation timed in the same loop, best of
-    ``repeats`` (ours and transformers) or llama-bench's mean over ``repeats``."""
+    """Rows per format x threads: ``repeats`` rounds, each timing every implementation once
+    (ours, transformers, llama-bench -r 1) one after the other; figures are the medians of
+    the rounds and the ratios the medians of the rounds' ratios (the machine is shared)."""
     from transformers import AutoModelForCausalLM
 
     g = torch.Generator().manual_seed(0)
@@ -355,38 +357,45 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
         for th in threads:
             torch.set_num_threads(th)
             time_ours(ours, prompt, 4)
-            best: dict[str, float] = {}
+            # round by round, every implementation once per round (llama-bench -r 1 after
+            # its own warm-up run), so each round's ratio compares the same machine state
+            rounds: dict[str, list[float]] = {}
             for _ in range(repeats):
                 timed = [("ours", time_ours(ours, prompt, n))]
                 if packed is not None:
                     timed.append(("ours_onednn", time_ours(packed, prompt, n)))
                 if hf is not None:
                     timed.append(("hf", time_hf_manual(hf, ids, n)))
-                for key, (dec, pre) in timed:
-                    best[key + "_decode"] = max(best.get(key + "_decode", 0.0), dec)
-                    best[key + "_prefill"] = max(best.get(key + "_prefill", 0.0), pre)
-            lc, lc_rss = llama_bench(f, th, n, PROMPT_LEN, max(2, repeats))
-            dec = {k.removesuffix("_decode"): round(v, 1) for k, v in best.items()
-                   if k.endswith("_decode")}
-            pre = {k.removesuffix("_prefill"): round(v, 1) for k, v in best.items()
-                   if k.endswith("_prefill")}
-            if lc is not None:
-                dec["llama_cpp"], pre["llama_cpp"] = lc.get("decode"), lc.get("prefill")
+                lc_round, lc_rss = llama_bench(f, th, n, PROMPT_LEN, 1)
+                if lc_round is not None and "decode" in lc_round and "prefill" in lc_round:
+                    timed.append(("llama_cpp", (lc_round["decode"], lc_round["prefill"])))
+                for key, (dec_s, pre_s) in timed:
+                    rounds.setdefault(key + "_decode", []).append(dec_s)
+                    rounds.setdefault(key + "_prefill", []).append(pre_s)
+            dec = {k.removesuffix("_decode"): round(statistics.median(v), 1)
+                   for k, v in rounds.items() if k.endswith("_decode")}
+            pre = {k.removesuffix("_prefill"): round(statistics.median(v), 1)
+                   for k, v in rounds.items() if k.endswith("_prefill")}
             row: dict[str, Any] = {
                 "format": fmt, "gguf": f.name, "ours_load": {"dtype": str(ours.dtype).removeprefix(
                     "torch."), "quant": quant}, "threads": th,
-                "decode_tokens": n, "prompt_tokens": PROMPT_LEN,
+                "decode_tokens": n, "prompt_tokens": PROMPT_LEN, "rounds": repeats,
                 "decode_tok_s": dec, "prefill_tok_s": pre,
+                "decode_tok_s_rounds": {k.removesuffix("_decode"): [round(x, 1) for x in v]
+                                        for k, v in rounds.items() if k.endswith("_decode")},
                 "weight_bytes_per_token": nbytes,
-                "llama_cpp_peak_rss_mb": lc_rss,
+                "llama_cpp_peak_rss_mb": lc_rss if "llama_cpp_decode" in rounds else None,
             }
-            if lc is not None and lc.get("decode"):
-                row["decode_ratio_vs_llama_cpp"] = round(dec["ours"] / lc["decode"], 2)
-                if "ours_onednn" in dec:
-                    row["decode_ratio_onednn_vs_llama_cpp"] = round(
-                        dec["ours_onednn"] / lc["decode"], 2)
-            if lc is not None and lc.get("prefill"):
-                row["prefill_ratio_vs_llama_cpp"] = round(pre["ours"] / lc["prefill"], 2)
+            lc_dec = rounds.get("llama_cpp_decode")
+            if lc_dec:
+                for key, name in (("ours", "decode_ratio_vs_llama_cpp"),
+                                  ("ours_onednn", "decode_ratio_onednn_vs_llama_cpp")):
+                    if key + "_decode" in rounds:  # median of the rounds' ratios
+                        row[name] = round(statistics.median(
+                            a / b for a, b in zip(rounds[key + "_decode"], lc_dec, strict=True)), 2)
+                row["prefill_ratio_vs_llama_cpp"] = round(statistics.median(
+                    a / b for a, b in zip(rounds["ours_prefill"], rounds["llama_cpp_prefill"],
+                                          strict=True)), 2)
             rows.append(row)
             print(f"# smollm2 {json.dumps(row)}", file=sys.stderr, flush=True)
         if with_rss:
@@ -399,7 +408,8 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
     return {"command_note": "ours: generate_ids on a 64-token random prompt, decode = "
                             "(n-1)/time after the first token; transformers: manual "
                             "past_key_values loop on its GGUF (dequantized) load; llama.cpp: "
-                            "llama-bench -p 64 -n N (tg from an empty context); peak RSS: "
+                            "llama-bench -p 64 -n N -r 1 per round (tg from an empty context); "
+                            "medians of the rounds; peak RSS: "
                             "VmHWM of a fresh process (ours, 1 thread, load + 64-token "
                             "prefill; absolute, imports included) and llama-bench's VmHWM "
                             "(polled every 20 ms while it runs)",
