@@ -31,7 +31,15 @@ from p2pllm.wire.connection import Connection, Reply, Request, connect
 from p2pllm.wire.frame import HEADER, HEADER_SIZE, MAGIC, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta, unpack_tensors
-from tests.conftest import BUNDLED, REPO, DaemonProc, has_shared_model, real_model, wait_for
+from tests.conftest import (
+    BUNDLED,
+    REPO,
+    DaemonProc,
+    has_shared_model,
+    models_dir_args,
+    real_model,
+    wait_for,
+)
 
 MODEL = "tinystories-656k"
 # Small and quick: ~70 blocks of 64 tokens per client, 10 local steps per round.
@@ -307,7 +315,8 @@ class Cluster:
         self.coord = self._coordinator("coord")
 
     def _coordinator(self, name: str) -> DaemonProc:
-        proc = DaemonProc(name, ["--no-mdns", "--port", str(self.port), "--state-dir", str(self.state)], self.root)
+        proc = DaemonProc(name, ["--no-mdns", "--port", str(self.port), "--state-dir", str(self.state),
+                                 *models_dir_args(self.model.parent)], self.root)
         self.procs.append(proc)
         return proc
 
@@ -319,7 +328,7 @@ class Cluster:
             self.proxies[name] = await RecordingProxy(self.port).start()
             clients.append(DaemonProc(name, [
                 "--no-mdns", "--peer", self.proxies[name].address, "--data-dir", str(data),
-                "--state-dir", str(self.root / f"{name}-state"),
+                "--state-dir", str(self.root / f"{name}-state"), *models_dir_args(self.model.parent),
             ], self.root))
         self.procs.extend(clients)
         for p in [self.coord, *clients]:
