@@ -92,9 +92,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         if history is not None and not isinstance(history, torch.Tensor) and len(history) == 1 \
                 and isinstance(history[0], Sequence):
             history = history[0]
+    if params.greedy:  # distribution()'s one-hot, without a second argmax over it
+        if logits.dim() != 1:
+            raise ValueError(f"logits must be (V,) or (1, V), got {tuple(logits.shape)}")
+        x = logits.float()
+        if params.repetition_penalty != 1.0 and history is not None:
+            x = _penalise(x, history, params.repetition_penalty)
+        token = x.argmax()
+        return int(token), torch.zeros_like(x).index_fill_(0, token, 1.0)
     probs = distribution(logits, params, history)
-    if params.greedy:
-        return int(probs.argmax()), probs
     return int(torch.multinomial(probs, 1, generator=generator)), probs
 
 

@@ -136,3 +136,21 @@ def test_smollm2_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     assert top1_new >= top1_old - 2 and top1_new >= 19, (top1_new, top1_old)
     err_old, err_new = (old - ref).abs().max().item(), (new - ref).abs().max().item()
     assert err_new <= 1.25 * err_old, (err_new, err_old)
+
+
+def test_greedy_sample_is_the_distributions_one_hot() -> None:
+    from p2pllm.engine.sampling import SamplingParams, distribution, sample
+
+    g = torch.Generator().manual_seed(1)
+    hist = [3, 7, 7, 12]
+    for penalty in (1.0, 1.3):
+        p = SamplingParams(repetition_penalty=penalty)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randint(-4, 5, (500,), generator=g) * 0.5).to(dtype)  # ties
+            x[7] = 2.0  # penalised when seen: the argmax moves
+            token, probs = sample(x, p, None, hist)
+            want = distribution(x, p, hist)
+            assert torch.equal(probs, want) and token == int(want.argmax())
+            assert sample(x[None], p, None, [hist])[0] == token
+    with pytest.raises(ValueError):
+        sample(torch.zeros(2, 3, 4), SamplingParams())
