@@ -68,7 +68,8 @@ def stage_cost(spec: RunSpec, nodes: Sequence[Mapping[str, Any]],
     ``local``: the coordinator's copy, resolved in its own roots (daemon/modelrefs), None when
     it lacks the model."""
     per_param = BYTES_PER_PARAM_LORA if spec.lora is not None else BYTES_PER_PARAM_FULL
-    local_error: Exception = ModelError("not under this node's model roots")
+    local_error: Exception = ModelError("looked under this node's --models-dir, pulled, bundled "
+                                        "and hub-cache models; a hub download needs --allow-hub")
     if local is not None:
         try:
             config = ModelConfig.from_dir(local)
