@@ -168,3 +168,33 @@ def test_shard_kv_grows_and_equals_one_chunk(target: Path) -> None:
     assert small == whole == list(ref)
     assert held[0] == 64 * POSITION and held[-1] == 5 * 32 * POSITION  # 136 positions
     assert held == sorted(held)
+
+
+def test_a_shard_batch_the_budget_refuses_runs_the_rows_that_fit(target: Path) -> None:
+    """batch_decode: one row needs a new chunk the budget refuses; the other row's step still
+    runs (alone) and samples the model's own token, the refused one gets the typed error."""
+    from p2pllm.engine.errors import KVCacheFullError
+    from p2pllm.pillars.split.shard import ShardRole, _Session, _Work
+
+    engine = ShardEngine(load_slice(target), rows=2, max_len=200, chunk_bytes=32 * POSITION)
+    role = ShardRole.__new__(ShardRole)  # only what _compute uses: the engine
+    role.engine = engine
+    a_prompt, b_prompt = list(range(3, 23)), list(range(40, 72))  # 20 and 32 positions
+    sessions = []
+    for prompt in (a_prompt, b_prompt):
+        row = engine.take_row()
+        assert row is not None
+        s = _Session(f"s{row}", row, 200, Sampler(SamplingParams(), len(prompt), 10, ()))
+        (logits,) = engine.run([Step(row, 0, torch.tensor(prompt), True)])
+        tok, _ = s.sampler.next(logits)  # type: ignore[union-attr]
+        sessions.append((s, tok))
+    assert engine.cache.chunks_allocated == 2  # each row fills its chunk of 32 positions
+    engine.kv_budget.limit = engine.kv_budget.used  # no room for a third chunk
+    (a, a_tok), (b, b_tok) = sessions
+    batch = [_Work(a, Step(a.row, 20, torch.tensor([a_tok]), True)),
+             _Work(b, Step(b.row, 32, torch.tensor([b_tok]), True))]
+    out = ShardRole._compute(role, batch)
+    ref = generate_ids(load_slice(target), a_prompt, max_tokens=2, stop_ids=[]).token_ids
+    assert [a_tok, out[0][0]] == list(ref)  # type: ignore[index]
+    assert isinstance(out[1], KVBudgetError) and isinstance(out[1], KVCacheFullError)
+    assert engine.cache.lengths == [21, 32] and engine.cache.chunks_allocated == 2

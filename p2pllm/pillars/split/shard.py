@@ -102,6 +102,9 @@ class _Work:
     queued: float = field(default_factory=time.perf_counter)
 
 
+_Result = torch.Tensor | tuple[int, str | None] | None | KVCacheFullError
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -365,12 +368,28 @@ class ShardRole(Role):
             batch.append(w)
         return batch
 
-    def _compute(self, batch: list[_Work]) -> list[torch.Tensor | tuple[int, str | None] | None]:
-        """On the worker thread: the forward, then (last shard) the sampling."""
+    def _compute(self, batch: list[_Work]) -> list[_Result]:
+        """On the worker thread: the forward, then (last shard) the sampling. A batch whose
+        forward the KV cache refuses (nothing was written) runs step by step, so only the
+        sessions that cannot grow get the refusal (a KVCacheFullError in their place)."""
+        if len(batch) == 1:
+            return self._compute_steps(batch)
+        try:
+            return self._compute_steps(batch)
+        except KVCacheFullError:
+            out: list[_Result] = []
+            for w in batch:
+                try:
+                    out += self._compute_steps([w])
+                except KVCacheFullError as exc:
+                    out.append(exc)
+            return out
+
+    def _compute_steps(self, batch: list[_Work]) -> list[_Result]:
         outs = self.engine.run([w.step for w in batch])
         if not self.engine.model.has_head:
             return list(outs)
-        results: list[torch.Tensor | tuple[int, str | None] | None] = []
+        results: list[_Result] = []
         for w, logits in zip(batch, outs, strict=True):
             sampler = w.session.sampler
             results.append(sampler.next(logits) if w.step.sample and sampler else None)
@@ -393,15 +412,9 @@ class ShardRole(Role):
             t0 = time.perf_counter()
             try:
                 results = await self.worker.run(self._compute, batch)
-            except KVCacheFullError as exc:  # nothing was written; the sessions are freed
-                if isinstance(exc, KVBudgetError):
-                    code, why = ErrorCode.OVER_LIMIT, (f"shard {self.p.index}'s KV memory over "
-                                                       f"the cap {exc.limit} (config key "
-                                                       f"memory_budget): {exc}")
-                else:
-                    code, why = ErrorCode.REFUSED, f"shard {self.p.index}'s KV cache is full: {exc}"
+            except KVCacheFullError as exc:  # nothing was written; the session is freed
                 for w in batch:
-                    self._fail(w.session, code, why)
+                    self._fail(w.session, *self._kv_refusal(exc))
                 continue
             except (ModelError, ValueError) as exc:
                 for w in batch:
@@ -427,12 +440,22 @@ class ShardRole(Role):
             c["max_batch"] = max(c["max_batch"], len(batch))
             for w, result in zip(batch, results, strict=True):
                 s = w.session
+                if isinstance(result, KVCacheFullError):  # this one could not grow
+                    self._fail(s, *self._kv_refusal(result))
+                    continue
                 s.steps += 1
                 s.positions += w.step.tokens
                 s.compute_s += dt / len(batch)
                 c["positions"] += w.step.tokens
                 if not s.closed:
                     await self._emit(s, w.step, result)
+
+    def _kv_refusal(self, exc: KVCacheFullError) -> tuple[ErrorCode, str]:
+        """Past the memory budget: a cap (OVER_LIMIT); a full pool: REFUSED."""
+        if isinstance(exc, KVBudgetError):
+            return ErrorCode.OVER_LIMIT, (f"shard {self.p.index}'s KV memory over the cap "
+                                          f"{exc.limit} (config key memory_budget): {exc}")
+        return ErrorCode.REFUSED, f"shard {self.p.index}'s KV cache is full: {exc}"
 
     async def _emit(self, s: _Session, step: Step,
                     result: torch.Tensor | tuple[int, str | None] | None) -> None:
