@@ -68,6 +68,8 @@ async def client_handshake(
         meta["caps"] = caps
     limits = conn.limits
     conn.limits = PREAUTH_LIMITS  # the HELLO answer of a server not yet proven
+    if secret is not None:
+        conn.hold_reading_after(MsgType.HELLO)  # what follows the answer is read sealed (6.3)
     try:
         frame = await conn.request(MsgType.HELLO, meta, timeout=timeout)
     except RemoteError as exc:

@@ -184,7 +184,8 @@ class Connection(FrameSink):
         self.rtt: float | None = None  # seconds, from the last keepalive PING
         self._sealer: Sealer | None = None  # set once frames are sealed (both ways)
         self._overhead = 0  # bytes a frame takes on the wire beyond header+body: the tag
-        # (send key, recv key, message type, "sent"|"received"): switch after that frame
+        # (send key, recv key, message type, "sent"|"received"): switch after that frame;
+        # (b"", b"", message type, "hold"): hold reading after the response of that type
         self._seal_arm: tuple[bytes, bytes, int, str] | None = None
         # Free-form attributes the daemon attaches after the handshake (peer id, auth state).
         self.info: dict[str, Any] = {}
@@ -244,11 +245,27 @@ class Connection(FrameSink):
         if after_sent is not None and after_received is not None:
             raise ValueError("give after_sent or after_received, not both")
         if after_sent is not None:
-            self._seal_arm = (send_key, recv_key, int(after_sent), "sent")
+            self._seal_arm = (send_key, recv_key, int(after_sent), "sent")  # replaces a hold
         elif after_received is not None:
             self._seal_arm = (send_key, recv_key, int(after_received), "received")
         else:
             self._switch_sealing(send_key, recv_key)
+
+    def hold_reading_after(self, response_to: MsgType) -> None:
+        """Read no frame after the response to the next request of type `response_to`
+        (the client: the HELLO answer) until `enable_sealing` switches, which then opens what
+        waited as sealed frames, or `resume_plain_reading()`. So the client reads every frame
+        after the HELLO answer sealed (protocol.md 6.3) though it has the keys only later."""
+        if self._protocol is None:
+            raise TypeError(f"{type(self).__name__} carries no bytes and is never sealed")
+        self._seal_arm = (b"", b"", int(response_to), "hold")
+
+    def resume_plain_reading(self) -> None:
+        """Undo hold_reading_after (the peer uses no secret: frames stay plain)."""
+        if self._seal_arm is not None and self._seal_arm[3] == "hold":
+            self._seal_arm = None
+        if self._protocol is not None and self._sealer is None:
+            self._protocol.release()
 
     def _switch_sealing(self, send_key: bytes, recv_key: bytes) -> None:
         self._seal_arm = None
@@ -257,9 +274,9 @@ class Connection(FrameSink):
         if protocol.mid_frame:
             self._seal_failed("a frame was part-way in when the connection switched to sealed frames")
             return
-        protocol.set_opener(Opener(recv_key))
         self._sealer = Sealer(send_key)
         self._overhead = TAG_SIZE
+        protocol.set_opener(Opener(recv_key))  # parses, opened, what waited (hold_reading_after)
 
     def _seal_failed(self, reason: str) -> None:
         """A sealed frame did not open, or a counter ran out: close, no ERROR frame (the peer
@@ -467,10 +484,12 @@ class Connection(FrameSink):
         n = HEADER_SIZE + meta_len + header.payload_len + self._overhead
         self.bytes_in += n
         arm = self._seal_arm
-        if arm is not None and arm[3] == "received" and header.msg_type == arm[2] and not (
-            header.flags & _RESPONSE
-        ):
-            self._switch_sealing(arm[0], arm[1])  # before this frame is handled: its answer is sealed
+        if arm is not None and header.msg_type == arm[2]:
+            if arm[3] == "received" and not header.flags & _RESPONSE:
+                self._switch_sealing(arm[0], arm[1])  # before this frame is handled: its answer is sealed
+            elif arm[3] == "hold" and header.flags & _RESPONSE and self._protocol is not None:
+                self._seal_arm = None
+                self._protocol.hold()  # the frames after this one wait for the keys
         try:
             msg_type = _MSG_TYPES.get(header.msg_type)
             if msg_type is None or not meta_len:
@@ -565,6 +584,7 @@ class Connection(FrameSink):
                         await self._can_write.wait()
             except asyncio.CancelledError:
                 if self._is_closed:
+                    task = None  # type: ignore[assignment]  # see the park below
                     raise
                 if not task.cancelling():
                     self._failed(frame, None)
@@ -572,7 +592,7 @@ class Connection(FrameSink):
             except Exception as exc:
                 self._failed(frame, exc)
             finally:
-                if self._handlers.get(rid) is task:
+                if task is not None and self._handlers.get(rid) is task:
                     del self._handlers[rid]
             while task.uncancel() > 0:  # the next request starts with no cancellation pending
                 pass
@@ -582,7 +602,14 @@ class Connection(FrameSink):
                 return
             wake: asyncio.Future[Frame] = self._loop.create_future()
             idle.append((task, wake))
-            frame = await wake
+            try:
+                frame = await wake
+            except asyncio.CancelledError:
+                # Cancelled while parked (the connection closed). Drop the local first: else
+                # task -> its CancelledError -> traceback -> this frame -> task is a cycle that
+                # keeps the closed connection alive until a full GC (rare in a daemon).
+                task = None  # type: ignore[assignment]
+                raise
 
     def _maybe_resume(self) -> None:
         if self._protocol is not None and (
@@ -598,6 +625,8 @@ class Connection(FrameSink):
                 await self._handle(queue.popleft())
                 if self._protocol is not None and self._protocol.paused:
                     self._maybe_resume()
+            if self._is_closed:  # a handler closed it (GOODBYE): do not park forever
+                return
             wake = self._pump_wake = self._loop.create_future()
             await wake
 
@@ -640,6 +669,7 @@ class Connection(FrameSink):
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                task = None  # no task -> traceback -> frame -> task cycle (see _serve)
                 raise  # really cancelled: a closing connection or shutdown
             self._failed(frame, None)
         except Exception as exc:
@@ -761,11 +791,15 @@ class Connection(FrameSink):
             task.cancel()
         self._idle.clear()
         self._oneway.clear()
+        self._protocol = None  # conn <-> protocol is a cycle: freed by refcount once closed
         current = asyncio.current_task()
         if self._pump is not None and self._pump is not current:
             self._pump.cancel()
         if self._keepalive is not None and self._keepalive is not current:
             self._keepalive.cancel()
+        # Drop the tasks: a cancelled one's traceback holds its frame, which holds this
+        # connection (a cycle through self._pump / self._keepalive otherwise).
+        self._pump = self._pump_wake = self._keepalive = None
         for cb in self._close_callbacks:
             try:
                 cb(self)

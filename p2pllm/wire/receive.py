@@ -113,6 +113,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._pos = 0
         self._opener: Opener | None = None  # set once the connection reads sealed frames
         self._aad = b""  # the header of the sealed frame being received
+        self._held = False  # frames wait unparsed in the buffer (see hold())
         self.paused = False
         self._dead = False
         self.made: asyncio.Future[FrameSink] = asyncio.get_running_loop().create_future()
@@ -131,8 +132,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._dead = True
+        # Free the receive buffers now: a closed connection may sit in a reference cycle (its
+        # tasks) until a full GC, rare in a process of many long-lived objects, and 256 KiB
+        # each made a daemon's RSS grow with every connection it had closed.
+        self._view = memoryview(b"")
+        self._buf = bytearray()
+        self._header = self._body = None
         if self.conn is not None:
             self.conn._lost(f"connection lost: {exc}" if exc else "peer closed the connection")
+            self.conn = None
 
     def pause_writing(self) -> None:
         if self.conn is not None:
@@ -150,6 +158,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
             return self._body[self._pos :]
         if len(self._buf) - self._end < 4096:
             self._compact()
+            if self._held and len(self._buf) - self._end < 4096 and not self._dead:
+                self._dead = True  # a full buffer of frames while they must wait: give up
+                if self.conn is not None:
+                    self.conn._seal_failed("the peer sent too much while its frames had to wait")
+                return memoryview(bytearray(4096))
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -195,20 +208,35 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def set_opener(self, opener: Opener) -> None:
         """Open every frame whose header is read from now on (call at a frame boundary: from
-        the sink's _on_frame, or while no frame is part-way in)."""
+        the sink's _on_frame, or while no frame is part-way in); frames held (hold()) are
+        parsed now, opened."""
         if self._header is not None:
             raise RuntimeError("cannot switch to sealed frames in the middle of a frame")
         self._opener = opener
+        self.release()
+
+    def hold(self) -> None:
+        """Parse no further frame until release() or set_opener(): the bytes that arrive
+        wait in the receive buffer (at most its size; more closes the connection). Called
+        from the sink's _on_frame, so the hold starts at that frame's end: the client holds
+        what follows the HELLO answer until it has the keys to open it."""
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if not self._dead and self._end > self._start:
+                self._parse()
 
     def _parse(self) -> None:
-        if self._opener is None and not self._parse_plain():
+        if self._held or (self._opener is None and not self._parse_plain()):
             return
-        if self._opener is not None:  # sealed from the start, or switched by the last frame
+        if self._opener is not None and not self._held:  # sealed, or switched by the last frame
             self._parse_sealed()
 
     def _parse_plain(self) -> bool:
         """Plain frames; returns True when a delivered frame switched the connection to
-        sealed frames (the rest of the buffer is then parsed as sealed)."""
+        sealed frames (the rest of the buffer is then parsed as sealed) or held it."""
         conn = self.conn
         assert conn is not None
         view = self._view
@@ -247,7 +275,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self._start = start + body_len
                 self._header = None
                 conn._on_frame(header, body)
-                if self._opener is not None:
+                if self._opener is not None or self._held:
                     return True
                 continue
             # Partial body: receive the rest directly into its own buffer.

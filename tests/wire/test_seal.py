@@ -4,6 +4,7 @@ loopback sockets sealed both ways, including the handshake's switch points."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from p2pllm.wire.frame import (
     unpack_header,
 )
 from p2pllm.wire.local import LocalConnection
-from p2pllm.wire.messages import ErrorCode, MsgType
+from p2pllm.wire.messages import ErrorCode, Flags, MsgType
 from p2pllm.wire.seal import (
     COUNTER_LIMIT,
     TAG_SIZE,
@@ -90,7 +91,7 @@ def test_round_trip_in_place(size: int, inplace: bool) -> None:
         body = os.urandom(size)
         buf = memoryview(bytearray(body + bytes(TAG_SIZE)))
         s.seal_into(header, buf, size)
-        assert size == 0 or bytes(buf[:size]) != body
+        assert size < 16 or bytes(buf[:size]) != body  # (a 1-byte ciphertext may equal its plaintext)
         o.open_into(header, buf, buf[:size])
         assert bytes(buf[:size]) == body
     assert s.counter == o.counter == 3
@@ -353,6 +354,97 @@ async def test_an_exhausted_counter_closes_the_connection() -> None:
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(client.request(MsgType.PING, {"t": 1.0}), 5)
         assert server_side.closed and "exhausted" in server_side.close_reason
+    finally:
+        client.close()
+        server.close()
+
+
+async def _read_frame(reader: asyncio.StreamReader, opener: Opener | None) -> tuple[int, int, int, dict]:
+    from p2pllm.wire.frame import HEADER, decode_meta
+
+    head = await reader.readexactly(32)
+    _, _, t, flags, _, rid, mlen, plen = HEADER.unpack(head)
+    body = await reader.readexactly(mlen + plen + (TAG_SIZE if opener else 0))
+    if opener is not None:
+        body = bytes(opener.open(head, body))
+    return t, flags, rid, decode_meta(body[:mlen])
+
+
+def _frame(sealer: Sealer | None, t: int, meta: dict, flags: int, rid: int) -> bytes:
+    m = encode_meta(meta)
+    head = pack_header(t, flags, rid, len(m), 0)
+    return head + (sealer.seal(head, m) if sealer else m)
+
+
+@pytest.mark.parametrize("sealed_after_hello", [True, False])
+async def test_client_reads_everything_after_the_hello_answer_sealed(sealed_after_hello: bool) -> None:
+    """A server's frame right behind its HELLO answer (same TCP write, before the client has
+    its keys) is held, then opened sealed once the client switches at AUTH; a plain one there
+    closes the client's connection."""
+    k_c2s, k_s2c = os.urandom(32), os.urandom(32)
+    seen: list[tuple[int, int, int, dict]] = []
+    done = asyncio.Event()
+
+    async def raw_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        s2c, c2s = Sealer(k_s2c), Opener(k_c2s)
+        try:
+            t, _, rid, _ = await _read_frame(reader, None)  # HELLO
+            after = _frame(s2c if sealed_after_hello else None, MsgType.PING, {"t": 7.0}, 0, 900)
+            writer.write(_frame(None, MsgType.HELLO, {"ok": 1}, 1, rid) + after)
+            t, _, auth_rid, _ = await _read_frame(reader, None)  # AUTH, plain
+            seen.append((t, 0, auth_rid, {}))
+            if sealed_after_hello:
+                seen.append(await _read_frame(reader, c2s))  # the PONG to the held PING, sealed
+            # (a plain frame is 16 bytes short of a sealed one: the ACK's bytes complete it)
+            writer.write(_frame(s2c, MsgType.ACK, {"auth": "ok"}, 1, auth_rid))
+            await writer.drain()
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError, SealError) as exc:
+            seen.append((0, 0, 0, {"error": repr(exc)}))
+        finally:
+            done.set()
+            writer.close()
+
+    server = await asyncio.start_server(raw_server, "127.0.0.1", 0)
+    client = await connect("127.0.0.1", server.sockets[0].getsockname()[1], _echo)
+    try:
+        client.hold_reading_after(MsgType.HELLO)
+        hello = await client.request(MsgType.HELLO, {"n": 1})
+        assert hello.meta == {"ok": 1}
+        await asyncio.sleep(0.2)  # the frame behind the answer has arrived: it waits
+        assert client.frames_in == 1 and not client.closed
+        client.enable_sealing(k_c2s, k_s2c, after_sent=MsgType.AUTH)
+        if sealed_after_hello:
+            ack = await asyncio.wait_for(client.request(MsgType.AUTH, {}), 5)
+            assert ack.meta == {"auth": "ok"}
+            assert seen[0][0] == MsgType.AUTH
+            assert seen[1][:3] == (MsgType.PONG, Flags.RESPONSE, 900) and seen[1][3] == {"t": 7.0}
+        else:
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(client.request(MsgType.AUTH, {}), 5)
+            assert "did not open" in client.close_reason
+    finally:
+        client.close()
+        await asyncio.wait_for(done.wait(), 5)
+        server.close()
+
+
+async def test_a_flood_while_frames_are_held_closes() -> None:
+    async def raw_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, _, rid, _ = await _read_frame(reader, None)
+        writer.write(_frame(None, MsgType.HELLO, {"ok": 1}, 1, rid) + b"\x00" * (400 << 10))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(raw_server, "127.0.0.1", 0)
+    client = await connect("127.0.0.1", server.sockets[0].getsockname()[1], _echo)
+    try:
+        client.hold_reading_after(MsgType.HELLO)
+        assert (await client.request(MsgType.HELLO, {})).meta == {"ok": 1}
+        await asyncio.wait_for(client.wait_closed(), 5)
+        assert "too much" in client.close_reason
     finally:
         client.close()
         server.close()
