@@ -6,6 +6,7 @@ and the outputs are those of the model run locally."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from p2pllm.engine.kv_cache import GROW_CHUNK_BYTES, KVBudget, KVCache, grow_chu
 from p2pllm.engine.loader import load_slice
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.pillars.speculative.drafts import random_llama
-from p2pllm.pillars.speculative.messages import OpenRequest, VerifyWindow
+from p2pllm.pillars.speculative.messages import OpenRequest, VerifyReply, VerifyWindow
 from p2pllm.pillars.speculative.models import MODELS
 from p2pllm.pillars.speculative.verifier import VerifierEngine
 from p2pllm.pillars.split.compute import Sampler, ShardEngine, Step
@@ -198,3 +199,31 @@ def test_a_shard_batch_the_budget_refuses_runs_the_rows_that_fit(target: Path) -
     assert [a_tok, out[0][0]] == list(ref)  # type: ignore[index]
     assert isinstance(out[1], KVBudgetError) and isinstance(out[1], KVCacheFullError)
     assert engine.cache.lengths == [21, 32] and engine.cache.chunks_allocated == 2
+
+
+async def test_verifier_batch_past_the_budget_refuses_only_the_window_that_grows(
+        target: Path) -> None:
+    ref_a = generate_ids(load_slice(target), PROMPT[:17], max_tokens=8, stop_ids=[]).token_ids
+    ref_b = generate_ids(load_slice(target), PROMPT, max_tokens=40, stop_ids=[]).token_ids
+    loaded = await MODELS.acquire(target)
+    engine = VerifierEngine(loaded, max_sessions=4, chunk_bytes=32 * POSITION)
+    engine.start()
+    try:
+        a = await engine.open("j", OpenRequest(PROMPT[:17], 8, SamplingParams(), 0), 60)
+        b = await engine.open("j", OpenRequest(PROMPT, 40, SamplingParams(), 0), 60)
+        cache = engine.cache
+        assert cache is not None and cache.chunks_allocated == 2  # 16 and 32 positions
+        engine.kv_budget.limit = engine.kv_budget.used  # no third chunk
+        # both windows in one batch: a's stays in its chunk, b's needs a new one
+        ra, rb = await asyncio.gather(
+            engine.verify("j", VerifyWindow(a.session, 17, tuple(ref_a[:4]))),
+            engine.verify("j", VerifyWindow(b.session, 33, tuple(ref_b[:4]))),
+            return_exceptions=True)
+        assert isinstance(ra, VerifyReply) and (ra.accepted, ra.next) == (4, ref_a[4])
+        assert isinstance(rb, ProtocolError) and rb.code == ErrorCode.OVER_LIMIT
+        engine.kv_budget.limit = None  # room again: b's session goes on from where it was
+        r = await engine.verify("j", VerifyWindow(b.session, 33, tuple(ref_b[:4])))
+        assert (r.accepted, r.next) == (4, ref_b[4])
+    finally:
+        await engine.aclose()
+        MODELS.release(loaded)

@@ -414,6 +414,10 @@ class VerifierEngine:
         try:
             logits = self.model(ids.to(dev), pos.to(dev), cache, slots)  # (B, width, V)
         except KVCacheFullError as exc:  # nothing was written: refuse this group's windows
+            if len(works) > 1:  # ... only those that cannot grow: the others run alone
+                for w in works:
+                    self._forward_group([w])
+                return
             for w in works:
                 w.error = _kv_refusal(exc)
             return
