@@ -375,3 +375,114 @@ async def test_speculative_frames_only_from_the_members_the_coordinator_named(
             await coord_a.request(MsgType.RELEASE, {"job": j}, timeout=30)
     await assert_still_serves(a.port)
     await assert_still_serves(b.port)
+
+
+# -- JOB_STOP's decision table, on a stand-in daemon (every branch, no processes) -------------
+
+
+class _Jobs:
+    def __init__(self, running: dict[str, list[str]]) -> None:
+        self.running = running  # job -> member node ids, of jobs coordinated here
+        self.stopped: list[str] = []
+
+    def get(self, job: str) -> Any:
+        if job not in self.running:
+            return None
+        return type("J", (), {"members": [type("M", (), {"node_id": n})() for n in self.running[job]]})()
+
+    def stop(self, job: str) -> bool:
+        if job in self.running:
+            self.stopped.append(job)
+            return True
+        return False
+
+
+class _Hosting:
+    def __init__(self, held: dict[str, str]) -> None:
+        self.grants = {job: Grant(coord) for job, coord in held.items()}  # job -> coordinator
+        self.roles = {job: {"r": object()} for job in held}
+        self.released: list[str] = []
+
+    def sender(self, conn: Any) -> str:
+        return str(conn.info["node_id"])
+
+    def coordinators(self, job: str) -> set[str]:
+        return {self.grants[job].coordinator}
+
+    async def release(self, job: str, rid: Any, reason: str) -> list[str]:
+        self.released.append(job)
+        return ["r"]
+
+
+class _Daemon:
+    node_id, name = "me", "me"
+
+    def __init__(self, running: dict[str, list[str]], held: dict[str, str]) -> None:
+        self.jobs, self.hosting = _Jobs(running), _Hosting(held)
+        self.sent: list[tuple[str, MsgType, dict[str, Any]]] = []
+
+    async def request(self, node: str, t: MsgType, meta: dict[str, Any], **kw: Any) -> Any:
+        self.sent.append((node, t, meta))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"node_id": "c", "name": "coord", "address": "10.0.0.3:7411"}]
+
+
+async def test_job_stop_obeys_the_coordinators_operator_its_members_and_no_one_else() -> None:
+    from types import SimpleNamespace
+
+    from p2pllm.daemon.jobctl import JobControl
+
+    def control(running: dict[str, list[str]], held: dict[str, str],
+                elsewhere: tuple[dict[str, Any], ...] = ()) -> tuple[Any, _Daemon]:
+        d = _Daemon(running, held)
+        jc = JobControl(d)  # type: ignore[arg-type]
+
+        async def peer_jobs() -> list[list[dict[str, Any]]]:
+            return [list(elsewhere)]
+
+        jc._peer_jobs = peer_jobs  # type: ignore[method-assign]
+        return jc, d
+
+    def req(kind: str, sender: str, **meta: Any) -> tuple[Any, Any]:
+        return SimpleNamespace(info={"kind": kind, "node_id": sender}), SimpleNamespace(meta=meta)
+
+    async def stop(jc: Any, kind: str, sender: str, **meta: Any) -> Any:
+        return (await jc.on_job_stop(*req(kind, sender, **meta))).meta
+
+    async def refused(jc: Any, kind: str, sender: str, **meta: Any) -> Any:
+        with pytest.raises(Exception) as err:
+            await jc.on_job_stop(*req(kind, sender, **meta))
+        return err.value
+
+    # a ctl client of the coordinating daemon: the job stops
+    jc, d = control({"j": ["m"]}, {})
+    assert await stop(jc, "ctl", "ctl-1", job="j") == {"stopped": "j", "where": "coordinator"}
+    assert d.jobs.stopped == ["j"]
+    # a ctl client of a member: forwarded once to the coordinator, the member's roles released
+    jc, d = control({}, {"j": "c"})
+    assert await stop(jc, "ctl", "ctl-1", job="j") == {"stopped": "j", "where": "member"}
+    assert d.sent == [("c", MsgType.JOB_STOP, {"job": "j", "forwarded": True})]
+    assert d.hosting.released == ["j"]
+    # a ctl client of a daemon with no part in it: told where the job is coordinated
+    jc, d = control({}, {}, ({"job": "j", "state": "running", "coordinator": "c"},))
+    err = await refused(jc, "ctl", "ctl-1", job="j")
+    assert err.code == ErrorCode.FORBIDDEN and "coord (10.0.0.3:7411)" in err.message
+    assert d.sent == []
+    assert (await refused(jc, "ctl", "ctl-1", job="other")).code == ErrorCode.UNKNOWN_JOB
+    # peers: only the forwarded form
+    jc, d = control({"j": ["m"]}, {})
+    err = await refused(jc, "peer", "m", job="j")
+    assert err.code == ErrorCode.FORBIDDEN and "forwarded" in err.message and d.jobs.stopped == []
+    # ... at the coordinator from a member (its operator stopped it there), not from others
+    assert (await refused(jc, "peer", "x", job="j", forwarded=True)).code == ErrorCode.FORBIDDEN
+    assert d.jobs.stopped == []
+    assert await stop(jc, "peer", "m", job="j", forwarded=True) == {"stopped": "j", "where": "coordinator"}
+    # ... at a member from the coordinator, not from another member or a stranger
+    jc, d = control({}, {"j": "c"})
+    for who in ("m2", "x"):
+        assert (await refused(jc, "peer", who, job="j", forwarded=True)).code == ErrorCode.FORBIDDEN
+    assert d.hosting.released == []
+    assert await stop(jc, "peer", "c", job="j", forwarded=True) == {"stopped": "j", "where": "member"}
+    assert d.sent == []  # a forwarded stop is never forwarded again
+    assert (await refused(jc, "peer", "c", job="nope", forwarded=True)).code == ErrorCode.UNKNOWN_JOB
