@@ -33,6 +33,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _view(read: Callable[[], Any], default: Any) -> Any:
+    """A role's status view (summary, memory), or `default` when it cannot tell yet."""
+    try:
+        value = read()
+        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+            return default
+        return value
+    except Exception as exc:
+        log.debug("a role's view failed (%s: %s)", type(exc).__name__, exc)
+        return default
+
+
 class RoleHost:
     def __init__(self, daemon: Daemon, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
         self.d = daemon
@@ -46,11 +58,13 @@ class RoleHost:
     # -- views --------------------------------------------------------------------------------
 
     def memory_used(self) -> int:
-        return sum(r.memory_bytes() for roles in self.roles.values() for r in roles.values())
+        return sum(_view(r.memory_bytes, 0) for roles in self.roles.values() for r in roles.values())
 
     def held(self) -> list[dict[str, Any]]:
+        # A role is listed from ASSIGN on, while it may still be starting: its views must not
+        # fail HELLO / AUTH / STATUS for everyone (caps_now() reads them).
         return [
-            {"job": job, "rid": rid, "role": r.kind, "summary": r.summary()}
+            {"job": job, "rid": rid, "role": r.kind, "summary": _view(r.summary, "starting")}
             for job, roles in self.roles.items()
             for rid, r in roles.items()
         ]
@@ -207,6 +221,8 @@ class RoleHost:
                 f"{t.name} for job {job} from node {sender[:16]}: {d.name} takes the job's "
                 f"frames only from its coordinator and the members it named"))
         rid = req.meta.get("rid")
+        if rid is not None and not isinstance(rid, str):  # a list or map is unhashable below
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{t.name}: rid must be a string, got {type(rid).__name__}")
         if rid is not None:
             handler = self._handlers.get((job, rid), {}).get(t)
         else:

@@ -53,7 +53,7 @@ class JobControl:
             jobs = frame.meta.get("jobs")
             if not isinstance(jobs, list):
                 return []
-            return [{**j, "reported_by": link.node_id} for j in jobs if isinstance(j, dict) and "job" in j]
+            return [{**j, "reported_by": link.node_id} for j in jobs if _well_formed(j)]
 
         return list(await asyncio.gather(*(one(link) for link in list(self.d.peers.links.values()))))
 
@@ -115,3 +115,12 @@ class JobControl:
                 f"JOB_STOP for job {job} from node {sender[:16]}: only the job's coordinator "
                 f"may stop its roles on {d.name}"))
         raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no job {job} on {d.name}")
+
+
+def _well_formed(j: Any) -> bool:
+    """A peer's job entry we can merge, sort and forward to (a hostile or broken peer's junk
+    would fail JOBS and JOB_STOP for everyone): a string job id, a numeric start, a string
+    coordinator."""
+    return (isinstance(j, dict) and isinstance(j.get("job"), str)
+            and (j.get("started") is None or (isinstance(j["started"], int | float) and not isinstance(j["started"], bool)))
+            and (j.get("coordinator") is None or isinstance(j["coordinator"], str)))

@@ -70,6 +70,8 @@ class StatusHandlers:
         if not isinstance(interval, int | float) or not 0.05 <= interval <= 60:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "interval must be within 0.05..60 seconds")
         count = req.meta.get("count")  # None = until cancelled
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"SUBSCRIBE: count must be an integer, got {count!r:.60}")
         per, cfg = self._of(conn), d.config
         if per.subscriptions >= cfg.max_subscriptions_per_conn:
             raise _over(f"SUBSCRIBE stream {per.subscriptions + 1} of this connection",
