@@ -229,8 +229,7 @@ class QuantWeight:
         if self.kind == "int8":
             y = torch._weight_int8pack_mm(x2, self.packed, self.scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group,
-                                                           self.scales)
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales)
         return y.view(*x.shape[:-1], self.shape[0])
 
 
