@@ -262,6 +262,11 @@ class Daemon:
 
     async def _dispatch(self, conn: Connection, req: Request) -> Reply | None:
         t = req.frame.msg_type
+        if t in (MsgType.HELLO, MsgType.AUTH) and conn.info.get("authed"):
+            # a connection's kind and node id are fixed once it is authenticated (protocol.md 4.4)
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"{t.name} after the handshake: this connection "
+                                f"is already authenticated as {conn.info.get('kind')} "
+                                f"{str(conn.info.get('node_id'))[:16]}")
         if t == MsgType.HELLO:
             return await self.handshake.on_hello(conn, req)
         if t == MsgType.AUTH:

@@ -25,6 +25,7 @@ from p2pllm.daemon.runner import JobRunner, MemberLost, Slot
 from p2pllm.engine.generate import generate_ids
 from p2pllm.engine.loader import load_slice
 from p2pllm.engine.sampling import SamplingParams
+from p2pllm.net.auth import hello_meta
 from p2pllm.pillars.speculative.messages import DraftRun
 from p2pllm.wire.connection import Connection, RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -218,6 +219,13 @@ async def test_connection_kinds_and_the_echo_role(pair: tuple[DaemonProc, Daemon
         cs += [fake_self, fake_a]
         for conn in (fake_self, fake_a):
             assert await code_of(conn.request(MsgType.STATUS, {}, timeout=TIMEOUT)) == ErrorCode.FORBIDDEN
+        # nor become one by a second HELLO: kind and node id are fixed at the handshake
+        again = hello_meta("peer-again", "again", "peer", 0, bytes(16))
+        for t, meta in ((MsgType.HELLO, again), (MsgType.AUTH, {"proof": bytes(32)})):
+            with pytest.raises(RemoteError) as err:
+                await ctl.request(t, meta, timeout=TIMEOUT)
+            assert err.value.code == ErrorCode.FORBIDDEN and "already authenticated as ctl" in err.value.message
+        assert await code_of(ctl.request(MsgType.ASSIGN, echo, timeout=TIMEOUT)) == ErrorCode.FORBIDDEN
         # echo only where --test-roles turned it on
         on_b = await hostile(b.port, kind="peer", name="coordinator")
         cs.append(on_b)
