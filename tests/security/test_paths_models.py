@@ -306,3 +306,28 @@ async def test_allow_hub_fetches_in_a_thread_while_the_daemon_keeps_answering(
         ctl.close()
         ping.close()
     await assert_still_serves(d.port)
+
+
+def test_models_dirs_from_repeated_flags_and_config_files(tmp_path: Path) -> None:
+    """--models-dir is repeatable (the first is models_dir, the rest models_dirs); a config
+    file's models_dir keeps working, models_dirs adds more; flags replace the file's dirs."""
+    from p2pllm.cli.p2pllmd import build_parser
+    from p2pllm.config import load_config
+    from p2pllm.daemon.modelrefs import ModelRoots, config_models_dirs
+
+    old = tmp_path / "old.yaml"
+    old.write_text("models_dir: /srv/models\n")
+    assert config_models_dirs(load_config(str(old), {})) == ("/srv/models",)
+    both = tmp_path / "both.yaml"
+    both.write_text("models_dir: /srv/models\nmodels_dirs: [/data/a, /data/b]\nallow_hub: true\n")
+    cfg = load_config(str(both), {})
+    assert config_models_dirs(cfg) == ("/srv/models", "/data/a", "/data/b") and cfg.allow_hub
+    args = vars(build_parser().parse_args(["--models-dir", "/x", "--models-dir", "/y",
+                                           "--allow-hub"]))
+    flags = {k: v for k, v in args.items() if k not in ("config", "print_port")}
+    cfg = load_config(str(both), flags)
+    assert config_models_dirs(cfg) == ("/x", "/y") and cfg.allow_hub
+    roots = ModelRoots.of(cfg)
+    assert [str(d) for k, d in roots.model_roots() if k == "models-dir"] == ["/x", "/y"]
+    assert roots.may_fetch("org/name") and not roots.may_fetch("/etc")
+    assert not load_config(None, {}).allow_hub  # off by default
