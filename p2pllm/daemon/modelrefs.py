@@ -236,13 +236,6 @@ class ModelRoots:
             f"mode {mode} does not merge adapters: run --mode local with --adapter, or merge "
             f"the adapter into a checkpoint first"))
 
-    def wire_name(self, ref: object) -> str:
-        """What a coordinator sends its members for ``ref``: the name under this daemon's root
-        when it has the model; else ``ref`` itself if it is a name (the members resolve it);
-        FORBIDDEN for a path outside the roots."""
-        found = self.find(ref)
-        return found.name if found is not None else str(ref)
-
     # -- adapters -----------------------------------------------------------------------------
 
     def adapter(self, ref: object) -> ModelRef:
@@ -349,12 +342,6 @@ class ModelRoots:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"model {repo_id!r} in the hub cache "
                                 f"({real}) is not a checkpoint (no config.json)")
         return ModelRef(repo_id, real, "hf-cache")
-
-    # -- what a daemon advertises ------------------------------------------------------------
-
-    def scan_dirs(self) -> list[tuple[str, Path]]:
-        """(kind, dir) of the roots whose direct sub-folders are listed as models."""
-        return [(k, d) for k, d in self.model_roots() if k != "hf-cache"]
 
 
 def _check_ref(ref: object, what: str) -> str:
