@@ -306,8 +306,8 @@ class Pipeline:
         return self.broken is not None and not self.ready.done()
 
     def usable(self, up: set[str]) -> bool:
-        if self.closing:
-            return False
+        if self.closing or (self.job is not None and self.job.stopped):
+            return False  # a stopped job's pipeline is being released: never hand it out
         if self.replaying:
             return True
         if self.broken:
