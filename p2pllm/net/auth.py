@@ -64,8 +64,8 @@ async def client_handshake(
     """
     nonce_c = os.urandom(16)
     meta = hello_meta(node_id, name, kind, port, nonce_c)
-    if caps is not None:
-        meta["caps"] = caps
+    if caps is not None and secret is None:
+        meta["caps"] = caps  # with a secret they travel sealed, after the ACK (protocol.md 6)
     limits = conn.limits
     conn.limits = PREAUTH_LIMITS  # the HELLO answer of a server not yet proven
     if secret is not None:
@@ -100,11 +100,13 @@ async def client_handshake(
         try:
             ack = await conn.request(
                 MsgType.AUTH,
-                {"proof": proof(secret, b"client", nonce_s, nonce_c, peer_id, node_id), "caps": caps},
+                {"proof": proof(secret, b"client", nonce_s, nonce_c, peer_id, node_id)},
                 timeout=timeout,
             )
         except RemoteError as exc:
             raise HandshakeError(f"authentication failed: {exc.message}") from exc
+        if caps is not None:  # the first sealed frame: what a listener must not read
+            await conn.notify(MsgType.CAPS_UPDATE, {"caps": caps})
         m = {**m, "caps": ack.meta.get("caps", {})}
     elif secret is not None:
         raise HandshakeError("the peer does not use the shared secret; refusing it")

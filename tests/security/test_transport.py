@@ -31,6 +31,7 @@ from p2pllm.wire.connection import Connection, ConnectionClosed, connect
 from p2pllm.wire.frame import HEADER, HEADER_SIZE, PREAUTH_MAX_BODY, Limits, encode_meta
 from p2pllm.wire.messages import ErrorCode, Flags, MsgType
 from p2pllm.wire.seal import TAG_SIZE
+from tests.conftest import wait_for
 from tests.security.conftest import (
     SECRET,
     TIMEOUT,
@@ -324,3 +325,28 @@ async def test_an_unfinished_handshake_is_closed_after_the_timeout(daemons, secr
     assert d.log().count("no handshake within 1.0s") == 2
     assert not log_problems(d.log())
 
+
+
+async def test_a_dialing_daemons_caps_cross_only_sealed(daemons, secret_file) -> None:
+    """With a secret, what a dialing peer's caps say (models, memory, held jobs) is not in its
+    plain HELLO or AUTH: it comes in a sealed CAPS_UPDATE after the ACK, and the daemon has it."""
+    d = daemons("t-caps", "--no-mdns", "--secret-file", str(secret_file))
+    marker = "caps-marker-" + uuid.uuid4().hex
+    proxy = await FrameProxy(d.port).start()
+    conn = await connect("127.0.0.1", proxy.port, _ack, limits=Limits(), timeout=TIMEOUT)
+    try:
+        node_id = "peer-" + uuid.uuid4().hex[:12]
+        await client_handshake(conn, node_id=node_id, name="caps-peer", kind="peer", port=1,
+                               secret=SECRET, caps={"platform": marker, "models": []})
+
+        async def peer_caps() -> Any:
+            status = await conn.request(MsgType.STATUS, {}, timeout=TIMEOUT)
+            return next((p for p in status.meta["peers"] if p["node_id"] == node_id
+                         and p.get("platform") == marker), None)
+
+        await wait_for(peer_caps, timeout=10, interval=0.1, what="the daemon to have the peer's caps")
+        assert marker.encode() not in proxy.up, "the dialer's caps crossed the wire in the clear"
+    finally:
+        conn.close()
+        proxy.close()
+    assert not log_problems(d.log())
