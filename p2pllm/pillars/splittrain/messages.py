@@ -7,6 +7,9 @@ as a name (in stage 0's ``--data-dir``) or as content (TRAIN_RUN's payload, then
 to stage 0), an output as a name (under the coordinator's state dir); never as a path. Each ``from_meta`` raises
 ``ProtocolError(BAD_REQUEST)`` naming the body and the field; checks that need the role's state
 (the current step, the micro-batch count, the hidden size) stay in the role.
+
+Size: one module because it is the one table of section 11's bodies (each a declarative
+schema plus its dataclass), which tests/wire/test_schema.py checks against protocol.md.
 """
 
 from __future__ import annotations
