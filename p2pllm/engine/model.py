@@ -94,19 +94,19 @@ with contextlib.suppress(AttributeError, RuntimeError):  # the overload: ~1-3 us
     _onednn = torch.ops.mkldnn._linear_pointwise.default
 # Fast paths of the no-grad forward, each a switch so tests can compare it with the plain path
 ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available()  # wide float32 linears through oneDNN
-ONEDNN_MIN_ROWS = 2048  # (see _dense_linear)
+ONEDNN_MIN_NUMEL = 1 << 17  # 512 KiB of float32 (see _dense_linear)
 BF16_DECODE_ATTENTION_FP32 = True  # one bfloat16 query attends in float32 (see Attention)
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """No-grad ``F.linear``; a float32 CPU weight of at least ``ONEDNN_MIN_ROWS`` outputs goes
-    through oneDNN's matmul on the plain (unpacked) weight, which for one token reads it
-    1.35-1.4x faster than MKL's GEMV at SmolLM2's 3072-row gate/up and its 49152-row head,
-    while narrower weights (576, 960 rows) are as fast or faster through ``F.linear`` and a
-    oneDNN call costs ~40 us more on a tiny one; the weight is left as it is (no packed
-    copy: parameters and training unchanged)."""
+    """No-grad ``F.linear``; a float32 CPU weight of at least ``ONEDNN_MIN_NUMEL`` elements
+    goes through oneDNN's matmul on the plain (unpacked) weight. For one token streaming a
+    weight from memory it reads ~17 GB/s on one core here against MKL's ~10 (SmolLM2 f32
+    decode 1.18x, in-process A/B; all its linears qualify, 576x576 the smallest), but a call
+    costs ~10 us more, so a small weight (in cache, or a tiny model's) keeps ``F.linear``. The
+    weight is left as it is (no packed copy: parameters and training unchanged)."""
     if (ONEDNN_FLOAT32 and w.dtype == torch.float32 and x.dtype == torch.float32
-            and w.shape[0] >= ONEDNN_MIN_ROWS and w.device.type == "cpu"
+            and w.numel() >= ONEDNN_MIN_NUMEL and w.device.type == "cpu"
             and w.is_contiguous() and x.is_contiguous()):
         return _onednn(x, w, b, "none", [], "")
     return F.linear(x, w, b)

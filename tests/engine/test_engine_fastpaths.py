@@ -64,7 +64,7 @@ def test_float32_onednn_linears_equal_f_linear(tiny: dict[str, Any], arch: str,
     counted = _Count(model_mod._onednn)
     monkeypatch.setattr(model_mod, "_onednn", counted)
     monkeypatch.setattr(model_mod, "ONEDNN_FLOAT32", True)
-    monkeypatch.setattr(model_mod, "ONEDNN_MIN_ROWS", 0)  # the tiny weights too
+    monkeypatch.setattr(model_mod, "ONEDNN_MIN_NUMEL", 0)  # the tiny weights too
     fast = _decode_logits(model, prompt, 8)
     # every linear of every step: 9 forwards x (fused qkv, o, fused gate/up, down) x 3 + head
     assert counted.calls >= 9 * (4 * 3 + 1)
@@ -128,8 +128,8 @@ def test_smollm2_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     counted = _Count(model_mod._onednn)
     monkeypatch.setattr(model_mod, "_onednn", counted)
     assert generate_ids(f32, prompt, max_tokens=1, stop_ids=[]).token_ids == ids[:1]
-    if torch.backends.mkldnn.is_available():  # gate/up (3072 rows) of 30 layers, the head
-        assert counted.calls == 30 + 1
+    if torch.backends.mkldnn.is_available():  # qkv, o, gate/up, down of 30 layers, the head
+        assert counted.calls == 4 * 30 + 1
     monkeypatch.setattr(model_mod, "ONEDNN_FLOAT32", False)
     assert generate_ids(f32, prompt, max_tokens=24, stop_ids=[]).token_ids == ids
     bf16 = load_slice(SMOLLM2, dtype=torch.bfloat16)
