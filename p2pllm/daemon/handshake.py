@@ -62,7 +62,8 @@ class Handshake:
                 log.info("closing %s: no handshake within %ss", conn.peername, timeout)
                 conn.close("handshake timeout")
 
-        loop.call_later(timeout, expire)
+        timer = loop.call_later(timeout, expire)
+        conn.on_close(lambda _c: timer.cancel())  # else the timer holds a closed connection
 
         def refused(c: Connection) -> None:
             hello = c.info.get("hello")

@@ -181,7 +181,9 @@ def encode_meta(meta: Mapping[str, Any]) -> bytes:
 def meta_packer() -> Callable[[Mapping[str, Any]], bytes]:
     """A reusable metadata encoder (same bytes as :func:`encode_meta`, without building a
     Packer per call). Not thread-safe: one per connection, used on its event loop."""
-    return msgpack.Packer(use_bin_type=True).pack  # type: ignore[no-any-return]
+    # buf_size: msgpack's default initial buffer is 256 KiB per Packer, i.e. per connection
+    # (a flood of short-lived connections held that much each); it grows when a meta needs it.
+    return msgpack.Packer(use_bin_type=True, buf_size=4096).pack  # type: ignore[no-any-return]
 
 
 def decode_meta(data: Buffer) -> dict[str, Any]:

@@ -350,3 +350,26 @@ async def test_a_dialing_daemons_caps_cross_only_sealed(daemons, secret_file) ->
         conn.close()
         proxy.close()
     assert not log_problems(d.log())
+
+
+async def test_short_lived_connections_leave_no_memory_behind(daemons) -> None:
+    """1,000 outsiders that connect, send junk and go, within the handshake timeout: the
+    daemon's RSS stays flat (each once held a 256 KiB msgpack buffer until its handshake
+    timer fired, ~75 MiB per 1,000; a flood could exhaust the host)."""
+    d = daemons("t-flood", "--no-mdns")
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(b"P2PL" + bytes(range(60)))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.read(100), TIMEOUT)
+        writer.close()
+
+    for _ in range(5):  # warm up (allocator pools, first frames' code paths)
+        await asyncio.gather(*(one() for _ in range(20)))
+    base = rss_bytes(d.proc.pid)
+    for _ in range(50):
+        await asyncio.gather(*(one() for _ in range(20)))
+    grown = rss_bytes(d.proc.pid) - base
+    assert grown < 16 << 20, f"RSS grew {grown / 2**20:.1f} MiB over 1,000 closed connections"
+    await assert_still_serves(d.port, None)
