@@ -78,6 +78,10 @@ class DaemonConfig:
     memory_budget: int = 0  # bytes roles may use; 0 = the free memory measured at start
     compute_bench_seconds: float = 0.2
     dashboard: bool = False
+    # Prometheus text on GET /metrics (issue 17 item 2; p2pllm/daemon/httpd.py): None or "off" =
+    # no listener; "PORT" = 127.0.0.1:PORT; "HOST:PORT". Closed by default like `host`: a
+    # non-loopback address needs secret_file (the endpoint itself has no authentication).
+    metrics: str | None = None
     # Host the test-only echo role (p2pllmd --test-roles; tests turn it on). Off: ASSIGN echo
     # is an unknown role (issue 12, A).
     test_roles: bool = False
@@ -111,12 +115,37 @@ class DaemonConfig:
                 f"host, and start `p2pllmd --secret-file PATH --host {self.host or '0.0.0.0'}` "
                 "(without a secret, keep the default --host 127.0.0.1)"
             )
+        where = self.metrics_address()
+        if where is not None and not listens_on_loopback_only(where[0]) and not self.secret_file:
+            raise ConfigError(
+                f"--metrics {self.metrics} lets other hosts read this daemon's metrics (jobs, peers, "
+                "figures), so it needs a shared secret like a LAN --host: run `p2pllm secret new` "
+                "once, copy the file to every host and start with --secret-file PATH "
+                "(without a secret, keep metrics on loopback: --metrics PORT or --metrics 127.0.0.1:PORT)"
+            )
         if loopback and self.mdns and self.interface is not None and not listens_on_loopback_only(self.interface):
             raise ConfigError(
                 f"--interface {self.interface} would announce this daemon to the LAN, but it "
                 f"listens only on {self.host}: peers there could not reach it; give it a secret "
                 "and a LAN --host, or use --no-mdns"
             )
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics listener binds: None when off; a bare port means 127.0.0.1."""
+        text = "" if self.metrics is None else str(self.metrics).strip()
+        if not text or text.lower() == "off":
+            return None
+        if text.isdigit():
+            text = f"127.0.0.1:{text}"
+        if text.startswith("[") or text.count(":") == 1:
+            host, port_s = (text[1:].partition("]")[::2] if text.startswith("[")
+                            else text.split(":"))
+            port_s = port_s.lstrip(":")
+        else:
+            host, port_s = text, ""
+        if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+            raise ConfigError(f"--metrics wants PORT or HOST:PORT (port 0..65535), got {self.metrics!r}")
+        return host, int(port_s)
 
     def mdns_interface(self) -> str | None:
         """The address mDNS uses: --interface, or for a loopback-only daemon its loopback

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="where jobs keep checkpoints and state")
     p.add_argument("--threads", type=int, help="torch threads for the roles on this host")
     p.add_argument("--keepalive-timeout", type=float, help="seconds of silence before a peer is down")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics on GET /metrics (off by default; a bare port "
+                   "binds 127.0.0.1; a LAN address needs --secret-file)")
     p.add_argument("--dashboard", action="store_const", const=True, help="show the live dashboard")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--print-port", action="store_true", help="print 'PORT <n>' on stdout once listening")
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if ready in done:
             if args.print_port:
                 print(f"PORT {daemon.port} NODE {daemon.node_id}", flush=True)
+                if daemon.metrics_listener is not None:
+                    print(f"METRICS {daemon.metrics_listener.address}", flush=True)
             if config.dashboard:
                 from p2pllm.cli.dashboard import run_dashboard_inline
 

@@ -64,6 +64,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self.metrics_listener: Any = None  # httpd.MetricsListener with --metrics
         self._local: LocalConnection | None = None
         self._running_jobs: dict[str, Any] = {}
         self.hosting = RoleHost(self, self._spawn)
@@ -129,6 +130,11 @@ class Daemon:
                 await self.dialer.start_discovery()
             self._spawn(self._tick_loop())
             self._spawn(self.peers.probe_loop())
+            if (where := self.config.metrics_address()) is not None:
+                from p2pllm.daemon.httpd import MetricsListener  # aiohttp only when asked
+
+                self.metrics_listener = MetricsListener(self.metrics_snapshot)
+                await self.metrics_listener.start(*where)
             self._ready.set()
             await self._stop.wait()
         finally:
@@ -156,6 +162,9 @@ class Daemon:
         self.peers.close_all("daemon shutting down")
         if self._local is not None:
             self._local.close("daemon shutting down")
+        if self.metrics_listener is not None:
+            with contextlib.suppress(Exception):
+                await self.metrics_listener.stop()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -179,6 +188,14 @@ class Daemon:
 
     def snapshot(self) -> dict[str, Any]:
         return ev.snapshot(self.state, time.time())
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The snapshot GET /metrics renders (daemon/metrics.py): STATUS's, with the node's
+        memory figures read now."""
+        snap = self.snapshot()
+        _, free = memory_bytes()
+        snap["node"] = {**snap["node"], "mem_free": free, "mem_used_by_roles": self.hosting.memory_used()}
+        return snap
 
     def caps_now(self) -> dict[str, Any]:
         _, free = memory_bytes()
