@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "read here)")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--ignore-eos", action="store_true",
-                   help="do not stop at end tokens: generate exactly --max-tokens (local mode; "
+                   help="do not stop at end tokens: generate exactly --max-tokens (every mode; "
                         "for benchmarks, as llama.cpp's --ignore-eos)")
     spec = p.add_argument_group("speculative decoding (--mode spec)")
     spec.add_argument("--draft-model", default=None,
@@ -112,9 +112,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.mode == "local":
         return run_local(args)
-    if getattr(args, "ignore_eos", False):
-        print("p2pllm generate: --ignore-eos works in --mode local only", file=sys.stderr)
-        return 2
     if args.mode == "spec" and args.draft_model is None and args.model == DEFAULT_MODEL:
         args.draft_model = DEFAULT_DRAFT_MODEL
     if getattr(args, "chat", False):

@@ -18,7 +18,7 @@ from p2pllm.wire.messages import MsgType
 
 GENERATE_KEYS = (
     "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "quant", "draft_quant",
-    "max_tokens",
+    "max_tokens", "ignore_eos",
     "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
     "shards", "layers", "wire_dtype", "batch_decode", "keep_alive",
 )
@@ -33,7 +33,7 @@ def generate_meta(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if key in ("model", "draft_model", "adapter") and isinstance(value, str):
             value = cli_model_ref(value)
-        if value is not None:
+        if value is not None and value is not False:  # ignore_eos: sent only when set
             meta[key] = value
     return meta
 

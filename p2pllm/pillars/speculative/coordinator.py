@@ -77,6 +77,7 @@ class GenerateSpec:
     min_window: int = 1
     max_window: int = 16
     session_timeout: float = 120.0
+    ignore_eos: bool = False  # no end id stops the reply (generate --ignore-eos)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> GenerateSpec:
@@ -186,8 +187,9 @@ class SpecPillar:
         run = DraftRun(
             prompt=tuple(self.prompt_ids), max_tokens=spec.max_tokens, params=spec.params,
             seed=self.seed, window=spec.window, verifier=verifier.node_id,
-            stop=_stop_ids(self.tokenizer), q_top_k=spec.q_top_k, q_mass=spec.q_mass,
-            overlap=spec.overlap, min_window=spec.min_window, max_window=spec.max_window)
+            stop=() if spec.ignore_eos else _stop_ids(self.tokenizer), q_top_k=spec.q_top_k,
+            q_mass=spec.q_mass, overlap=spec.overlap, min_window=spec.min_window,
+            max_window=spec.max_window, ignore_eos=spec.ignore_eos)
         result = await _run(self.host, job, self.req, drafter, verifier, run, self.tokenizer)
         result.update(verifier=verifier.name, drafter=drafter.name, seed=self.seed,
                       load_s=round(load_s, 6), job=job.id)

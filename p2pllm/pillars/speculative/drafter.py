@@ -367,7 +367,7 @@ class SpecSession:
         # positions: the verifier checks start + γ <= limit; the draft KV must hold them too
         limit = opened.limit
         draft_max = self.loaded.config.max_position_embeddings
-        stops = set(opened.eos) | set(run.stop)
+        stops = set() if run.ignore_eos else set(opened.eos) | set(run.stop)
         state = await self.worker.run(
             DraftState, self.loaded, min(limit, draft_max), run.params, run.seed, run.q_top_k,
             opened.vocab_size, run.q_mass)

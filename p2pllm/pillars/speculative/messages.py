@@ -132,6 +132,7 @@ SPEC_DRAFT_RUN = Body("SPEC_DRAFT_RUN", [
           doc="a fixed draft window, or adaptive"),
     Str("verifier", 1, 256, doc="the verifier's node id"),
     List("stop", TOKEN, max_len=64, default=(), doc="extra stop ids"),
+    Bool("ignore_eos", default=False, doc="stop at no end id (neither eos nor stop)"),
     Int("q_top_k", 0, MAX_Q_ENTRIES, default=256, doc="most entries of q per position, 0 = no cap"),
     Float("q_mass", 0.0, 1.0, lo_open=True, default=0.999, doc="... and no more than this mass"),
     OneOf("overlap", (Bool(""), AUTO), default="auto", doc="the look-ahead (8.2)"),
@@ -151,6 +152,7 @@ GENERATE_SPEC = Body("GENERATE spec", [
     OneOf("draft_tokens", (Int("", 0, MAX_WINDOW), AUTO), default="auto",
           doc="a fixed draft window, or adaptive"),
     Int("max_tokens", 1, MAX_TOKENS, default=128, doc="tokens to generate, at most"),
+    Bool("ignore_eos", default=False, doc="no end id stops the reply: max_tokens of them"),
     *(SAMPLING.by_name[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")),
     Int("seed", 0, SEED, default=None, doc="nil: a random one (the result names it)"),
     Enum("dtype", COMPUTE_DTYPES, default="float32", doc="target weights"),
@@ -348,13 +350,15 @@ class DraftRun:
     # verifier shares this host (then both compete for its cores: measured in bench/spec.py)
     min_window: int = 1
     max_window: int = 16
+    ignore_eos: bool = False  # no end id stops the session (neither the target's nor stop)
 
     def to_meta(self, job: str) -> dict[str, Any]:
         return SPEC_DRAFT_RUN.to_meta({
             "job": job, "rid": "drafter", "prompt": self.prompt, "max_tokens": self.max_tokens,
             "params": params_to_meta(self.params), "seed": self.seed,
             "window": "auto" if self.window is None else self.window, "verifier": self.verifier,
-            "stop": self.stop, "q_top_k": self.q_top_k, "q_mass": self.q_mass,
+            "stop": self.stop, "ignore_eos": True if self.ignore_eos else None,
+            "q_top_k": self.q_top_k, "q_mass": self.q_mass,
             "overlap": "auto" if self.overlap is None else self.overlap,
             "min_window": self.min_window, "max_window": self.max_window,
         })
@@ -374,6 +378,7 @@ class DraftRun:
             window=None if v["window"] == "auto" else v["window"],
             verifier=v["verifier"],
             stop=v["stop"],
+            ignore_eos=v["ignore_eos"],
             q_top_k=v["q_top_k"],
             q_mass=v["q_mass"],
             overlap=None if v["overlap"] == "auto" else v["overlap"],

@@ -118,6 +118,7 @@ GENERATE_SPLIT = Body("GENERATE split", [
     Str("prompt", 1, MAX_PROMPT_TEXT, default=None, doc="text; needed without prompt_ids"),
     List("prompt_ids", TOKEN, 1, MAX_LEN, default=None, doc="token ids (prompt is then ignored)"),
     Int("max_tokens", 1, MAX_LEN, default=128, doc="tokens to generate, at most"),
+    Bool("ignore_eos", default=False, doc="no end id stops the reply: max_tokens of them"),
     *(SAMPLING.by_name[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty",
                                     "seed")),
     Enum("dtype", (*COMPUTE_DTYPES, "auto"), default="float32",

@@ -106,6 +106,7 @@ class SplitRequest:
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     max_tokens: int = 128
+    ignore_eos: bool = False  # no end id stops the reply (generate --ignore-eos)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     dtype: str = "float32"
     wire_dtype: str = "float32"
@@ -684,7 +685,7 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"the prompt has {len(prompt_ids)} tokens; "
                             f"the model takes at most {limit}")
     budget = min(r.max_tokens, limit - len(prompt_ids) + 1)
-    stops = model.stop_ids()
+    stops = () if r.ignore_eos else model.stop_ids()
     stream = TextStream(model.tokenizer, prompt_ids) if model.tokenizer is not None else None
 
     async def on_token(token: int) -> None:
