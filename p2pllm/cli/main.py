@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train", "p2pllm.cli.train", "split training across hosts"),
     ("dash", "p2pllm.cli.dashboard", "live terminal dashboard"),
     ("secret", "p2pllm.cli.secret", "make the cluster's shared secret (mode 0600) for --secret-file"),
+    ("bench", "p2pllm.cli.bench_matrix", "benchmarks through the daemons (matrix: modes x context x batch, heatmaps)"),
 )
 
 

@@ -1,0 +1,1 @@
+"""The lab's instruments: benchmark grids and their plots (issue 17)."""
