@@ -51,6 +51,7 @@ __all__ = [
     "resolve_model",
     "save_hf_checkpoint",
     "slice_tensor_names",
+    "slice_weight_bytes",
     "weight_bytes",
 ]
 
@@ -377,7 +378,16 @@ def weight_bytes(path: str | Path, dtype: torch.dtype = torch.float32,
         path = resolve_model(str(path))
     config = ModelConfig.from_dir(path)
     start, end = layers if layers is not None else (0, config.num_layers)
-    model = _meta_slice(config, start, end, start == 0, end == config.num_layers)
+    return slice_weight_bytes(config, start, end, start == 0, end == config.num_layers, dtype,
+                              quant, device, pack)
+
+
+def slice_weight_bytes(config: ModelConfig, start: int, end: int, embed: bool, head: bool,
+                       dtype: torch.dtype = torch.float32, quant: str | None = None,
+                       device: torch.device | str = "cpu", pack: bool | None = None) -> int:
+    """:func:`weight_bytes` of a slice of ``config`` (layers ``[start, end)``, with or without
+    the embedding and the head), no checkpoint needed: what a planner charges a stage."""
+    model = _meta_slice(config, start, end, embed, head)
     model.tie_weights()
     if pack is None:
         pack = can_pack(dtype, device)

@@ -50,7 +50,7 @@ from p2pllm.daemon.runner import Exclusions, JobRunner, Lost, MemberLost, Slot
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.generate import TextStream, continuation_text
-from p2pllm.engine.loader import load_tokenizer
+from p2pllm.engine.loader import load_tokenizer, slice_weight_bytes
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.pillars.messages import error_code
 from p2pllm.pillars.split.messages import (
@@ -63,12 +63,12 @@ from p2pllm.pillars.split.messages import (
     parse_generate,
     parse_result,
 )
-from p2pllm.plan.layers import free_bytes, kv_bytes_per_token_layer, model_stage_cost, plan_stages
+from p2pllm.plan.layers import StageCost, free_bytes, kv_bytes_per_token_layer, plan_stages
 from p2pllm.plan.partition import NodeBudget, PlanError
 from p2pllm.wire.connection import ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import Frame, ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
-from p2pllm.wire.tensors import tensor_meta
+from p2pllm.wire.tensors import tensor_meta, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,23 @@ class Stage:
         return f"shard {self.index} (layers {self.start}-{self.end}) on {self.name}"
 
 
+def shard_cost(config: ModelConfig, dtype: str, quant: str) -> StageCost:
+    """What the planner charges a shard of ``config``: per layer its weights as the engine
+    holds them (``slice_weight_bytes``: ``dtype``, with ``quant`` the linears at their codes
+    and scales) plus a KV reserve of KV_RESERVE_TOKENS; the embedding (first stage) and the
+    final norm and head (last stage, an untied copy of a tied table) likewise."""
+    wdtype = torch_dtype(dtype)
+
+    def weights(embed: bool, head: bool) -> int:
+        return slice_weight_bytes(config, 0, 1, embed, head, wdtype, quant)
+
+    layer = weights(False, False)
+    reserve = kv_bytes_per_token_layer(config, _BYTES[dtype]) * KV_RESERVE_TOKENS
+    return StageCost(num_layers=config.num_layers, layer_bytes=layer + reserve,
+                     first_extra_bytes=weights(True, False) - layer,
+                     last_extra_bytes=weights(False, True) - layer)
+
+
 def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
                   req: SplitRequest, excluded: Exclusions | None = None,
                   share: bool = False) -> list[Stage]:
@@ -215,9 +232,7 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
             f"{want or 1} shard(s) of {model.ref} need as many nodes with the model; nodes "
             f"that have it: {have}" + (f"; {'; '.join(lacking)}" if lacking else "")))
     # 2. costs and budgets
-    nbytes = _BYTES[req.dtype]
-    reserve = kv_bytes_per_token_layer(model.config, nbytes) * KV_RESERVE_TOKENS
-    cost = model_stage_cost(model.config, bytes_per_param=nbytes, reserve_bytes_per_layer=reserve)
+    cost = shard_cost(model.config, req.dtype, req.quant)
     repeats = {n["node_id"]: sum(1 for m, _ in cands if m["node_id"] == n["node_id"])
                for n, _ in cands}
     labels = [label(n) + (f" shard {i}" if repeats[n["node_id"]] > 1 else "")
