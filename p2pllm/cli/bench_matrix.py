@@ -45,6 +45,7 @@ from p2pllm.lab.matrix import (
     Cell,
     cell_label,
     cell_status,
+    combine_reps,
     expand_grid,
     parse_list,
     parse_modes,
@@ -67,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--context", default="64,256,1024", help="prompt lengths in tokens")
     m.add_argument("--batch", default="1,4,16", help="concurrent requests per cell")
     m.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
+    m.add_argument("--reps", type=int, default=1,
+                   help="rounds per cell; tokens/s and TTFT are their medians (default 1)")
+    m.add_argument("--stop-at-eos", action="store_true",
+                   help="let an end token stop a request early (default: every request "
+                        "generates exactly --new-tokens, GENERATE ignore_eos)")
     m.add_argument("--out", required=True, help="output folder (results.jsonl, *.png)")
     m.add_argument("--daemon", metavar="HOST:PORT", default=None,
                    help="use this running daemon (its cluster) instead of starting daemons")
@@ -162,7 +168,7 @@ def request_meta(mode: str, args: argparse.Namespace, max_sessions: int) -> dict
     from p2pllm.daemon.modelrefs import cli_model_ref
 
     meta: dict[str, Any] = {"model": cli_model_ref(args.model), "max_tokens": args.new_tokens,
-                            "temperature": 0.0}
+                            "temperature": 0.0, "ignore_eos": not args.stop_at_eos}
     if mode == "spec":
         return meta | {"mode": "spec", "draft_model": cli_model_ref(args.draft_model)}
     shards = 1 if mode == "local" else args.shards
@@ -175,22 +181,29 @@ def _reason(exc: BaseException) -> str:
 
 
 async def run_cell(cell: Cell, address: str, secret_file: str | None, base: dict[str, Any],
-                   vocab: int, daemons: list[StartedDaemon]) -> tuple[str, str | None,
-                                                                      dict[str, Any], set[str]]:
-    """(status, reason, figures, jobs seen) of one measured cell."""
+                   vocab: int, daemons: list[StartedDaemon], reps: int = 1
+                   ) -> tuple[str, str | None, dict[str, Any], set[str]]:
+    """(status, reason, figures, jobs seen) of one measured cell: `reps` rounds of `batch`
+    requests at once, combined by :func:`combine_reps` (the peak RSS spans them all)."""
     for d in daemons:
         d.reset_peak()
-    metas = [base | {"prompt_ids": prompt_ids(cell.context, i, vocab)} for i in range(cell.batch)]
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(one_session(address, secret_file, m) for m in metas),
-                                   return_exceptions=True)
-    wall = time.perf_counter() - t0
-    errors = [r for r in results if isinstance(r, BaseException)]
-    good = [r for r in results if isinstance(r, dict)]
-    jobs = {str(r["job"]) for r in good if r.get("job")}
-    if errors:
-        return FAILED, f"{len(errors)}/{cell.batch} requests failed: {_reason(errors[0])}", {}, jobs
-    return OK, None, summarize(cell, good, wall), jobs
+    jobs: set[str] = set()
+    rounds = []
+    for rep in range(reps):
+        metas = [base | {"prompt_ids": prompt_ids(cell.context, rep * cell.batch + i, vocab)}
+                 for i in range(cell.batch)]
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_session(address, secret_file, m) for m in metas),
+                                       return_exceptions=True)
+        wall = time.perf_counter() - t0
+        errors = [r for r in results if isinstance(r, BaseException)]
+        good = [r for r in results if isinstance(r, dict)]
+        jobs |= {str(r["job"]) for r in good if r.get("job")}
+        if errors:
+            return (FAILED, f"{len(errors)}/{cell.batch} requests failed: {_reason(errors[0])}",
+                    {}, jobs)
+        rounds.append(summarize(cell, good, wall))
+    return OK, None, combine_reps(rounds), jobs
 
 
 async def stop_jobs(address: str, secret_file: str | None, jobs: set[str]) -> None:
@@ -223,8 +236,8 @@ def prepare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if p is not None and p.exists():
             models_dirs.append(str(p.resolve().parent))
     max_sessions = min(256, max(8, *batches))
-    config = {k: getattr(args, k) for k in ("model", "draft_model", "new_tokens", "daemon",
-                                            "nodes", "shards", "threads")}
+    config = {k: getattr(args, k) for k in ("model", "draft_model", "new_tokens", "reps", "stop_at_eos",
+                                            "daemon", "nodes", "shards", "threads")}
     config |= {"modes": modes, "contexts": contexts, "batches": batches, "model_facts": facts,
                "max_sessions": max_sessions, "daemons": "--daemon" if args.daemon else "started",
                "peak_rss": "not measured (--daemon)" if args.daemon else
@@ -297,7 +310,7 @@ async def run_matrix(args: argparse.Namespace, plan: dict[str, Any], fh: Any,
                     emit(c, UNAVAILABLE, why)
                     continue
                 status, reason, figs, seen = await run_cell(c, address, args.secret_file,
-                                                            base, vocab, daemons)
+                                                            base, vocab, daemons, args.reps)
                 jobs |= seen
                 peaks = {d.name: d.peak_rss() for d in daemons} if daemons else None
                 emit(c, status, reason, figures=figs, rss_per_daemon=peaks,

@@ -88,6 +88,28 @@ def summarize(cell: Cell, sessions: Sequence[dict[str, Any]], wall_s: float) -> 
     }
 
 
+def combine_reps(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's figures from its rounds (each a :func:`summarize`): tokens/s and TTFT are
+    the rounds' medians, each round's tokens/s kept in tokens_per_s_reps; one round is
+    returned as it is."""
+    if not rounds:
+        raise ValueError("no rounds")
+    if len(rounds) == 1:
+        return dict(rounds[0])
+
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in rounds if r.get(key) is not None]
+        return round(statistics.median(vals), 6) if vals else None
+
+    return {"generated_tokens": sum(r["generated_tokens"] for r in rounds),
+            "wall_s": round(sum(r["wall_s"] for r in rounds), 6),
+            "tokens_per_s": med("tokens_per_s"), "ttft_s": med("ttft_s"),
+            "ttft_s_max": max((r["ttft_s_max"] for r in rounds if r.get("ttft_s_max") is not None),
+                              default=None),
+            "daemon_ttft_s": med("daemon_ttft_s"),
+            "tokens_per_s_reps": [r["tokens_per_s"] for r in rounds], "reps": len(rounds)}
+
+
 def record(cell: Cell, status: str, *, reason: str | None = None,
            figures: dict[str, Any] | None = None, peak_rss_bytes: int | None = None,
            rss_per_daemon: dict[str, int] | None = None, context: dict[str, Any] | None = None,

@@ -17,6 +17,7 @@ from p2pllm.lab.matrix import (
     TP_UNAVAILABLE,
     Cell,
     cell_status,
+    combine_reps,
     expand_grid,
     heatmap_grid,
     parse_list,
@@ -76,6 +77,19 @@ def test_record_and_summary() -> None:
         to_jsonl(record(cell, "ok", figures={"tokens_per_s": math.nan}))
 
 
+def test_combine_reps_takes_medians() -> None:
+    cell = Cell("local", 8, 1)
+    rounds = [summarize(cell, [{"generated_tokens": 4, "ttft_s": t}], w)
+              for t, w in ((0.1, 1.0), (0.5, 0.5), (0.2, 2.0))]
+    assert combine_reps(rounds[:1]) == rounds[0]
+    got = combine_reps(rounds)
+    assert got["tokens_per_s"] == 4.0 and got["tokens_per_s_reps"] == [4.0, 8.0, 2.0]
+    assert got["ttft_s"] == 0.2 and got["ttft_s_max"] == 0.5 and got["generated_tokens"] == 12
+    assert got["reps"] == 3 and got["wall_s"] == 3.5
+    with pytest.raises(ValueError):
+        combine_reps([])
+
+
 def test_heatmap_and_ratio_grids() -> None:
     recs = [record(Cell("local", 8, 1), "ok", figures={"tokens_per_s": 10.0}),
             record(Cell("local", 8, 2), "ok", figures={"tokens_per_s": 20.0}),
@@ -97,7 +111,7 @@ def _lines(out: Path) -> list[dict[str, Any]]:
 
 def _check_ok(rec: dict[str, Any], batch: int, new_tokens: int, rss: bool) -> None:
     assert rec["status"] == "ok" and rec["reason"] is None, rec
-    assert 0 < rec["generated_tokens"] <= batch * new_tokens
+    assert rec["generated_tokens"] == batch * new_tokens  # ignore_eos: exactly new_tokens each
     assert rec["tokens_per_s"] == pytest.approx(rec["generated_tokens"] / rec["wall_s"], rel=1e-2)
     assert 0 < rec["ttft_s"] <= rec["ttft_s_max"] <= rec["wall_s"]
     if rss:  # a daemon holding the shakespeare model and torch is well over 100 MB
@@ -149,12 +163,16 @@ def test_matrix_against_a_running_daemon(daemons: Any, tmp_path: Path) -> None:
     out = tmp_path / "solo"
     rc = main(["bench", "matrix", "--daemon", d.address, "--model", str(BUNDLED),
                "--modes", "local,split", "--context", "8", "--batch", "1,3",
-               "--new-tokens", "4", "--out", str(out)])
+               "--new-tokens", "4", "--reps", "2", "--out", str(out)])
     assert rc == 0
     by = {(r["mode"], r["batch"]): r for r in _lines(out)}
     assert len(by) == 4
-    _check_ok(by["local", 1], 1, 4, rss=False)
-    _check_ok(by["local", 3], 3, 4, rss=False)
+    for b in (1, 3):  # two rounds each
+        rec = by["local", b]
+        assert rec["status"] == "ok" and rec["reps"] == 2 and rec["peak_rss_bytes"] is None
+        assert rec["generated_tokens"] == 2 * b * 4
+        assert rec["tokens_per_s"] == pytest.approx(sum(rec["tokens_per_s_reps"]) / 2, rel=1e-3)
+        assert 0 < rec["ttft_s"] <= rec["ttft_s_max"] <= rec["wall_s"]
     for b in (1, 3):
         assert by["split", b]["status"] == "unavailable"
         assert by["split", b]["reason"] == "not enough nodes for split: 1 up, 2 needed"
