@@ -27,7 +27,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "p2pllm_role_items_total": ("counter", "Work items a role's worker finished."),
     "p2pllm_role_queued": ("gauge", "Work items waiting on a role's worker."),
     "p2pllm_roles_memory_bytes": ("gauge", "Bytes the roles held here use (weights, KV)."),
-    "p2pllm_memory_free_bytes": ("gauge", "Free memory of this host, measured now."),
+    "p2pllm_memory_free_bytes": ("gauge", "Free memory of the device roles run on (RAM, or the CUDA device), measured now."),
     "p2pllm_jobs": ("gauge", "Jobs this daemon coordinates (and recently finished) by state."),
     "p2pllm_job_state": ("gauge", "1 for each job this daemon coordinates, in its state."),
     "p2pllm_job_tokens_total": ("counter", "Tokens a job generated."),
