@@ -8,11 +8,18 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
-from p2pllm.cli.dashboard import job_metrics_text, links_table, peers_table, role_text
+from p2pllm.cli.dashboard import (
+    INDENT,
+    job_metrics_text,
+    links_table,
+    node_lines,
+    role_text,
+    table_rows,
+    wrap_items,
+)
 from p2pllm.wire.messages import MsgType
 
 
@@ -90,33 +97,65 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def render_status(console: Console, snap: dict[str, Any]) -> None:
-    """This node, its peers and links, then jobs: the dashboard's tables, printed once."""
-    # Every column (node id, address, models too), folded to the terminal's width.
-    console.print(peers_table(snap, True))
+    """This node and its peers, links, then jobs, laid out for ``console.width`` (80 when piped)."""
+    for line in status_lines(snap, console.width):
+        console.print(line)
     console.print(links_table(snap, True))
     if snap.get("jobs"):
         render_jobs(console, snap)
 
 
 def render_jobs(console: Console, meta: dict[str, Any]) -> None:
+    for line in jobs_lines(meta, console.width):
+        console.print(line)
+
+
+# -- layout: pure functions of a snapshot and a width (the helpers are the dashboard's) -------
+
+
+def _names(meta: dict[str, Any]) -> dict[str, str]:
     names: dict[str, str] = {}
     if "node" in meta:
         names[meta["node"]["node_id"]] = meta["node"]["name"]
         names.update({p["node_id"]: p["name"] for p in meta.get("peers", [])})
-    table = Table(title="jobs", box=None, title_justify="left", title_style="bold", expand=True)
-    for col in ("job", "pillar", "coordinator", "state", "started", "members", "key metric"):
-        table.add_column(col, overflow="fold")
-    for j in meta.get("jobs", []):
-        members = ", ".join(
-            f"{names.get(m['node_id'], m['node_id'][:8])}:{m['role']}" for m in j.get("members", [])
-        )
+    return names
+
+
+def status_lines(snap: dict[str, Any], width: int) -> list[Text]:
+    """Every node with its id, address, models and roles (see ``node_lines``)."""
+    nodes = 1 + len(snap.get("peers", []))
+    up = 1 + sum(1 for p in snap.get("peers", []) if p.get("state") == "up")
+    return [Text(f"nodes {nodes}, {up} up  (* this node; --json for scripts)", style="bold"),
+            *node_lines(snap, width, detail=True)]
+
+
+def jobs_lines(meta: dict[str, Any], width: int) -> list[Text]:
+    """Every job: id, pillar, state, start and coordinator on one line, members and live
+    figures under it; then the roles this daemon holds."""
+    names = _names(meta)
+    jobs = meta.get("jobs", [])
+    out = [Text(f"jobs {len(jobs)}" if jobs else "jobs: none", style="bold")]
+    fields = []
+    for j in jobs:
         started = time.strftime("%H:%M:%S", time.localtime(j["started"])) if j.get("started") else "-"
         coord = j.get("coordinator") or ""
-        table.add_row(
-            j["job"], j["pillar"], names.get(coord, coord[:8]), j["state"], started,
-            Text(members or "-"), Text(job_metrics_text(j)),
-        )
-    console.print(table)
+        fields.append([j["job"], j["pillar"], j["state"], f"started {started}",
+                       f"by {names.get(coord, coord[:8] or '-')}"])
+    for j, head in zip(jobs, table_rows(fields, width), strict=True):
+        members = [f"{names.get(m['node_id'], m['node_id'][:8])}:{m['role']}"
+                   + (f"[{m['summary']}]" if m.get("summary") else "") for m in j.get("members", [])]
+        lines = list(head)
+        lines += wrap_items(f"{' ' * INDENT}members ({len(members)}):", members or ["-"], width,
+                            indent=INDENT + 2)
+        lines += wrap_items(f"{' ' * INDENT}live:", job_metrics_text(j).split("  "), width, "  ",
+                            indent=INDENT + 2)
+        if j.get("error"):
+            lines += wrap_items(f"{' ' * INDENT}error:", str(j["error"]).split(), width, " ",
+                                indent=INDENT + 2)
+        texts = [Text(x) for x in lines]
+        texts[0].stylize("bold", 0, len(j["job"]))
+        out += texts
     if meta.get("roles"):
-        held = ", ".join(role_text(r, job=True) for r in meta["roles"])
-        console.print(Text(f"roles held here: {held}"))
+        out += [Text(x) for x in wrap_items("roles held here:",
+                                            [role_text(r, job=True) for r in meta["roles"]], width)]
+    return out

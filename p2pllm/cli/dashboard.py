@@ -2,8 +2,12 @@
 
 `render(snapshot, history)` is a pure function of a STATUS snapshot (and the sparkline history
 kept by the caller); the live loop subscribes to snapshots (SUBSCRIBE) and never reaches into
-roles. It fits an 80x24 terminal (tables collapse their least important columns) and uses a
-wider one for more columns.
+roles. It fits an 80x24 terminal and uses a wider one for more detail: one line per node and
+per job with the essentials, its lists (models, roles, members, figures) wrapped under it
+between items, so names are never cut and no cell folds to a few characters a line.
+
+Size: over 400 lines because the line layout (``wrap_items``, ``table_rows``, ``node_lines``)
+lives here with the figures it lays out, and ``ctl status``/``ctl jobs`` print the same lines.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ class History:
 
     def update(self, snap: dict[str, Any]) -> None:
         for job in snap.get("jobs", []):
-            m = job.get("metrics", {})
+            m = live_metrics(job)
             v = m.get("tokens_per_s")
             if v is None:
                 v = m.get("loss", m.get("eval_loss"))
@@ -103,43 +107,86 @@ class History:
         return list(self.series.get(job, ()))
 
 
-def peers_table(snap: dict[str, Any], wide: bool) -> Table:
-    t = Table(title="peers", box=None, expand=True, title_justify="left", pad_edge=False, title_style="bold")
-    t.add_column("name", no_wrap=True, ratio=2)
-    t.add_column("state", no_wrap=True)
-    t.add_column("dev", no_wrap=True)
-    t.add_column("mem used/free", no_wrap=True)
-    t.add_column("score", no_wrap=True, justify="right")
-    t.add_column("roles", ratio=3, overflow="fold")
-    if wide:
-        t.add_column("node id", no_wrap=True)
-        t.add_column("address", no_wrap=True)
-        t.add_column("models", ratio=2, overflow="fold")
-    node = snap["node"]
-    rows = [(node, True)] + [(p, False) for p in snap.get("peers", [])]
-    for p, me in rows:
-        state = p.get("state", "?")
-        style = {"up": "green", "down": "red"}.get(state, "yellow")
-        cells: list[RenderableType] = [
-            Text(p["name"] + (" *" if me else "")),
-            Text(state, style=style),
-            str(p.get("device", "-")),
-            f"{_mem(p.get('mem_used_by_roles'))}/{_mem(p.get('mem_free'))}",
-            _num(p.get("compute_score"), "{:.1f}"),
-            Text(_roles_text(p.get("roles", []))),
-        ]
-        if wide:
-            cells += [
-                p["node_id"][:12],
-                p.get("address", "-"),
-                Text(", ".join(m["name"] for m in p.get("models", [])) or "-"),
-            ]
-        t.add_row(*cells)
-    return t
+# -- line layout: one line per node with the essentials, its lists wrapped under it item by
+# item, so that names are never cut and no cell folds to a few characters a line.
+
+INDENT = 4
+WIDE = 100  # wider than this, a node's id and address join its first line
 
 
-def links_table(snap: dict[str, Any], wide: bool) -> Table:
-    t = Table(title="links", box=None, expand=True, title_justify="left", pad_edge=False, title_style="bold")
+def wrap_items(head: str, items: list[str], width: int, sep: str = ", ",
+               indent: int = INDENT) -> list[str]:
+    """``head`` then ``items`` joined by ``sep``, broken between items so that no line is over
+    ``width``; continuation lines are indented by ``indent``; only an item wider than a whole
+    line is folded."""
+    width = max(width, indent + 20)
+    pad, joiner, tail = " " * indent, sep[len(sep.rstrip()):], sep.rstrip()
+    lines: list[str] = []
+    cur, empty = head, True
+    for i, item in enumerate(items):
+        piece = item + (tail if i < len(items) - 1 else "")
+        gap = (" " if cur.strip() else "") if empty else joiner
+        if cur.strip() and len(cur) + len(gap) + len(piece) > width:
+            lines.append(cur)
+            cur = pad + piece
+        else:
+            cur += gap + piece
+        empty = False
+        while len(cur) > width:
+            lines.append(cur[:width])
+            cur = pad + cur[width:]
+    lines.append(cur)
+    return [line.rstrip() for line in lines]
+
+
+def table_rows(rows: list[list[str]], width: int) -> list[list[str]]:
+    """Each row's fields as aligned columns on one line, or wrapped when that line is too wide."""
+    cols = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows else []
+    out = []
+    for r in rows:
+        line = "  ".join(f.ljust(w) for f, w in zip(r, cols, strict=True)).rstrip()
+        out.append([line] if len(line) <= width else wrap_items("", r, width, sep="  "))
+    return out
+
+
+def node_lines(snap: dict[str, Any], width: int, detail: bool) -> list[Text]:
+    """Every node: name, state, device, memory and score on its first line (the node id and
+    address too when wider than WIDE), then its roles; with ``detail`` also its id and address
+    (under the first line when narrow) and its models."""
+    wide = width > WIDE
+    nodes = [(snap["node"], True)] + [(p, False) for p in snap.get("peers", [])]
+    fields = []
+    for p, me in nodes:
+        f = [p["name"] + (" *" if me else ""), str(p.get("state", "?")), str(p.get("device", "-")),
+             f"mem {_mem(p.get('mem_used_by_roles'))}/{_mem(p.get('mem_free'))}",
+             f"score {_num(p.get('compute_score'), '{:.1f}')}"]
+        fields.append([*f, p["node_id"][:12], p.get("address") or "-"] if wide else f)
+    out: list[Text] = []
+    pad = " " * INDENT
+    for (p, _), head in zip(nodes, table_rows(fields, width), strict=True):
+        lines = list(head)
+        if detail and not wide:
+            lines += wrap_items(pad, [p["node_id"][:12], p.get("address") or "-"], width, "  ")
+        models = [m["name"] for m in p.get("models", [])]
+        if detail or wide:
+            lines += wrap_items(f"{pad}models ({len(models)}):", models or ["-"], width,
+                                indent=INDENT + 2)
+        roles = [role_text(r, job=detail) for r in p.get("roles", [])]
+        if detail or roles:
+            lines += wrap_items(f"{pad}roles ({len(roles)}):", roles or ["-"], width,
+                                indent=INDENT + 2)
+        texts = [Text(x) for x in lines]
+        texts[0].stylize("bold", 0, len(p["name"]))
+        state = str(p.get("state", "?"))
+        at = texts[0].plain.find(f"  {state}", len(p["name"]))
+        if at >= 0:
+            texts[0].stylize({"up": "green", "down": "red"}.get(state, "yellow"), at + 2, at + 2 + len(state))
+        out += texts
+    return out
+
+
+def links_table(snap: dict[str, Any], wide: bool, expand: bool = True) -> Table:
+    t = Table(title="links", box=None, expand=expand, title_justify="left", pad_edge=False, title_style="bold")
     t.add_column("peer", no_wrap=True)
     t.add_column("rtt ms", justify="right", no_wrap=True)
     t.add_column("MB/s", justify="right", no_wrap=True)
@@ -156,15 +203,40 @@ def links_table(snap: dict[str, Any], wide: bool) -> Table:
     return t
 
 
+def live_metrics(job: dict[str, Any]) -> dict[str, Any]:
+    """A job's metrics with the live figures its pillar publishes under other names filled
+    in: a split job's tok/s is its latest session's, its sessions those done (+ open); a
+    spec job's tokens per round is its mean; fl rounds and train steps read "n/total"."""
+    m = dict(job.get("metrics") or {})
+    pillar = job.get("pillar")
+    if pillar == "split":
+        recent = [r for r in m.get("recent_sessions") or [] if isinstance(r, dict)]
+        if "tokens_per_s" not in m and recent and isinstance(recent[-1].get("tokens_per_s"), int | float):
+            m["tokens_per_s"] = recent[-1]["tokens_per_s"]
+        if "sessions" not in m and ("sessions_active" in m or "sessions_done" in m):
+            active = m.get("sessions_active") or 0
+            m["sessions"] = f"{m.get('sessions_done', 0)}" + (f" (+{active} open)" if active else "")
+    elif pillar == "spec":
+        if "tokens_per_round" not in m and isinstance(m.get("mean_tokens_per_round"), int | float):
+            m["tokens_per_round"] = m["mean_tokens_per_round"]
+    total = {"fl": ("round", "rounds"), "train": ("step", "steps_total"),
+             "splittrain": ("step", "steps_total")}.get(str(pillar))
+    if total and isinstance(m.get(total[0]), int) and isinstance(m.get(total[1]), int):
+        m[total[0]] = f"{m[total[0]]}/{m[total[1]]}"
+    return m
+
+
 def job_metrics_text(job: dict[str, Any]) -> str:
     """The key live figures of one job, by pillar."""
-    m = job.get("metrics", {})
+    m = live_metrics(job)
     pillar = job.get("pillar")
     keys: tuple[tuple[str, str], ...]
     if pillar == "spec":
-        keys = (("tokens_per_s", "tok/s"), ("acceptance_rate", "accept"), ("tokens_per_round", "tok/round"), ("draft_tokens", "γ"))
+        keys = (("tokens_per_s", "tok/s"), ("tokens", "tokens"), ("rounds", "rounds"),
+                ("acceptance_rate", "accept"), ("tokens_per_round", "tok/round"), ("draft_tokens", "γ"))
     elif pillar == "split":
-        keys = (("tokens_per_s", "tok/s"), ("sessions", "sessions"), ("shard_busy", "busy"))
+        keys = (("tokens_per_s", "tok/s"), ("sessions", "sessions"), ("shard_busy", "busy"),
+                ("tokens", "tokens"))
     elif pillar == "fl":
         keys = (("round", "round"), ("clients_answered", "clients"), ("eval_loss", "eval loss"), ("train_loss", "train loss"))
     elif pillar in ("train", "splittrain"):
@@ -175,7 +247,7 @@ def job_metrics_text(job: dict[str, Any]) -> str:
         keys = tuple((k, k) for k in list(m)[:4])
     parts = []
     for key, label in keys:
-        if key in m:
+        if key in m and m[key] is not None:
             v = m[key]
             if isinstance(v, dict):
                 v = " ".join(f"{k}:{_num(x, '{:.0%}') if isinstance(x, float) and x <= 1 else _num(x)}" for k, x in v.items())
@@ -187,34 +259,31 @@ def job_metrics_text(job: dict[str, Any]) -> str:
     return "  ".join(parts) or "-"
 
 
-def jobs_table(snap: dict[str, Any], history: History, wide: bool) -> Table:
-    t = Table(title="jobs", box=None, expand=True, title_justify="left", pad_edge=False, title_style="bold")
-    t.add_column("job", no_wrap=True)
-    t.add_column("state", no_wrap=True)
-    t.add_column("members", ratio=2, overflow="fold")
-    t.add_column("live", ratio=3, overflow="fold")
-    if wide:
-        t.add_column("trend", no_wrap=True)
+def job_lines(snap: dict[str, Any], history: History, width: int, trend: bool) -> list[Text]:
+    """The latest jobs (running first): id, state and live figures (and the trend) on one line,
+    wrapped between figures; its members under it."""
     names = {snap["node"]["node_id"]: snap["node"]["name"]}
     names.update({p["node_id"]: p["name"] for p in snap.get("peers", [])})
-    jobs = sorted(snap.get("jobs", []), key=lambda j: (j["state"] != "running", -j.get("started", 0)))
-    for j in jobs[:6]:
-        members = ", ".join(
-            f"{names.get(m['node_id'], m['node_id'][:6])}:{m['role']}"
-            + (f"[{m['summary']}]" if m.get("summary") else "")
-            for m in j.get("members", [])
-        )
+    jobs = sorted(snap.get("jobs", []), key=lambda j: (j["state"] != "running", -j.get("started", 0)))[:6]
+    out = [Text("jobs", style="bold")] + ([] if jobs else [Text("-")])
+    jw = max((len(j["job"]) for j in jobs), default=0)
+    sw = max((len(j["state"]) for j in jobs), default=0)
+    for j in jobs:
+        head = f"{j['job'].ljust(jw)}  {j['state'].ljust(sw)} "
+        figures = job_metrics_text(j).split("  ")
+        spark = sparkline(history.get(j["job"])) if trend else ""
+        lines = wrap_items(head, figures + ([spark] if spark else []), width, "  ",
+                           indent=min(len(head) + 1, width // 2))
+        members = [f"{names.get(m['node_id'], m['node_id'][:6])}:{m['role']}"
+                   + (f"[{m['summary']}]" if m.get("summary") else "") for m in j.get("members", [])]
+        if members:
+            lines += wrap_items(" " * INDENT + "on", members, width, indent=INDENT + 2)
+        texts = [Text(x) for x in lines]
         style = {"running": "green", "failed": "red", "stopped": "yellow"}.get(j["state"], "")
-        cells: list[RenderableType] = [
-            j["job"],
-            Text(j["state"], style=style),
-            Text(members or "-"),
-            Text(job_metrics_text(j)),
-        ]
-        if wide:
-            cells.append(sparkline(history.get(j["job"])))
-        t.add_row(*cells)
-    return t
+        if style:
+            texts[0].stylize(style, jw + 2, jw + 2 + len(j["state"]))
+        out += texts
+    return out
 
 
 def render(snap: dict[str, Any], history: History | None = None, width: int = 80) -> RenderableType:
@@ -233,15 +302,19 @@ def render(snap: dict[str, Any], history: History | None = None, width: int = 80
         f"net in {_bytes(total_in)} out {_bytes(total_out)}",
         ("  q quits" if wide else "", "dim"),
     )
-    parts: list[RenderableType] = [header, peers_table(snap, wide)]
+    parts: list[RenderableType] = [header, Text("peers", style="bold"),
+                                   *node_lines(snap, width, detail=False)]
     if wide:
-        grid = Table.grid(expand=True, padding=(0, 3))
+        links = links_table(snap, wide, expand=False)
+        gap = 3
+        rest = width - Console(width=width).measure(links).maximum - gap
+        grid = Table.grid(expand=True, padding=(0, gap))
+        grid.add_column()  # the links at their natural width, the jobs take the rest
         grid.add_column(ratio=1)
-        grid.add_column(ratio=2)
-        grid.add_row(links_table(snap, wide), jobs_table(snap, history, wide))
+        grid.add_row(links, Group(*job_lines(snap, history, rest, trend=True)))
         parts.append(grid)
     else:
-        parts += [links_table(snap, wide), jobs_table(snap, history, wide)]
+        parts += [links_table(snap, wide), *job_lines(snap, history, width, trend=False)]
     return Group(*parts)
 
 
