@@ -57,6 +57,16 @@ from p2pllm.lab.matrix import (
 DEFAULT_MODEL, DEFAULT_DRAFT = "shakespeare", "shakespeare-draft"
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     m = sub.add_parser("matrix", help="modes x context x batch through the daemons, heatmaps",
@@ -67,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--modes", default="local,spec,split,tp", help="local,spec,split,tp")
     m.add_argument("--context", default="64,256,1024", help="prompt lengths in tokens")
     m.add_argument("--batch", default="1,4,16", help="concurrent requests per cell")
-    m.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
-    m.add_argument("--reps", type=int, default=1,
+    m.add_argument("--new-tokens", type=_positive, default=16, help="tokens generated per request")
+    m.add_argument("--reps", type=_positive, default=1,
                    help="rounds per cell; tokens/s and TTFT are their medians (default 1)")
     m.add_argument("--stop-at-eos", action="store_true",
                    help="let an end token stop a request early (default: every request "
@@ -77,9 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--daemon", metavar="HOST:PORT", default=None,
                    help="use this running daemon (its cluster) instead of starting daemons")
     m.add_argument("--secret-file", default=None, help="with --daemon: the cluster's secret")
-    m.add_argument("--nodes", type=int, default=2, help="daemons started for spec/split (2)")
-    m.add_argument("--shards", type=int, default=2, help="split mode's shards (default 2)")
-    m.add_argument("--threads", type=int, default=1, help="torch threads per started daemon")
+    m.add_argument("--nodes", type=_positive, default=2, help="daemons started for spec/split (2)")
+    m.add_argument("--shards", type=_positive, default=2, help="split mode's shards (default 2)")
+    m.add_argument("--threads", type=_positive, default=1, help="torch threads per started daemon")
     m.add_argument("--models-dir", action="append", default=[],
                    help="models dir for the started daemons and to read the model's config")
     m.add_argument("--no-plots", action="store_true", help="results.jsonl only")
