@@ -53,6 +53,7 @@ from p2pllm.lab.matrix import (
     summarize,
     to_jsonl,
 )
+from p2pllm.lab.runlog import RunLogError, add_log_arguments, open_runlog
 
 DEFAULT_MODEL, DEFAULT_DRAFT = "shakespeare", "shakespeare-draft"
 
@@ -93,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--models-dir", action="append", default=[],
                    help="models dir for the started daemons and to read the model's config")
     m.add_argument("--no-plots", action="store_true", help="results.jsonl only")
+    add_log_arguments(m)
 
 
 # -- facts about the run ---------------------------------------------------------------------
@@ -262,8 +264,9 @@ def prepare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 async def run_matrix(args: argparse.Namespace, plan: dict[str, Any], fh: Any,
-                     progress: Any = None) -> list[dict[str, Any]]:
-    """Run every cell of `plan` (from :func:`prepare`), writing each record to `fh` as it
+                     progress: Any = None, runlog: Any = None) -> list[dict[str, Any]]:
+    """Run every cell of `plan` (from :func:`prepare`), writing each record to `fh` (and
+    to `runlog`, a :class:`p2pllm.lab.runlog.RunLog`, without the run's context) as it
     comes; returns the records."""
     cells, modes, facts, vocab = plan["cells"], plan["modes"], plan["facts"], plan["vocab"]
     flags, max_sessions, log_dir, ctx = plan["flags"], plan["max_sessions"], plan["log_dir"], plan["ctx"]
@@ -276,6 +279,9 @@ async def run_matrix(args: argparse.Namespace, plan: dict[str, Any], fh: Any,
         records.append(rec)
         fh.write(to_jsonl(rec))
         fh.flush()
+        if runlog is not None:
+            runlog.log({"event": "cell", **{k: v for k, v in rec.items() if k not in ctx}},
+                       step=len(records) - 1)
         if progress is not None:
             progress.update(task, advance=1, description=f"{cell.mode} ctx={cell.context} "
                             f"batch={cell.batch}")
@@ -355,10 +361,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     console = Console(stderr=True)
     plan = prepare(args, out)
-    with open(out / "results.jsonl", "w") as fh, Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console) as progress:
-        records = asyncio.run(run_matrix(args, plan, fh, progress))
+    try:
+        runlog = open_runlog(args, "bench-matrix", plan["ctx"])
+    except RunLogError as exc:
+        print(f"p2pllm bench matrix: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with open(out / "results.jsonl", "w") as fh, Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=console) as progress:
+            records = asyncio.run(run_matrix(args, plan, fh, progress, runlog))
+    except BaseException as exc:
+        if runlog is not None:
+            runlog.finish(None, f"{type(exc).__name__}: {exc}")
+        raise
     pngs: list[Path] = []
     if not args.no_plots:
         try:
@@ -372,6 +388,8 @@ def run(args: argparse.Namespace) -> int:
             pngs = write_heatmaps(out, records, plan["modes"], plan["contexts"],
                                   plan["batches"])
     counts = {s: sum(r["status"] == s for r in records) for s in (OK, UNAVAILABLE, FAILED)}
+    if runlog is not None:
+        runlog.finish({"results": str(out / "results.jsonl"), "cells": counts})
     print(json.dumps({"results": str(out / "results.jsonl"), "cells": counts,
                       "heatmaps": [str(p) for p in pngs]}))
     return 0 if counts[FAILED] == 0 else 1

@@ -21,6 +21,13 @@ from typing import Any
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.cli.files import FileSink, OutputError, check_target, run_name_from
+from p2pllm.lab.runlog import (
+    RunLog,
+    RunLogError,
+    add_log_arguments,
+    noting_errors,
+    open_runlog,
+)
 from p2pllm.wire.messages import MsgType
 
 # (flag, key in FL_RUN, type, help)
@@ -62,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", default=None, help="directory (on this host) for the final adapter (peft format) and the plot")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     r.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    add_log_arguments(r)
 
 
 def run_meta(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,8 +103,19 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
+def log_event(log: RunLog, m: dict[str, Any]) -> None:
+    """One FL_RUN partial into the run log: a round's record (step = its round), the eval
+    loss before training (step 0), anything else as it came."""
+    if "record" in m:
+        log.log({"event": "round", **m["record"]}, step=int(m["record"]["round"]))
+    elif "initial_eval_loss" in m:
+        log.log({"event": "initial_eval", **m}, step=0)
+    else:
+        log.log(m)
+
+
 async def stream_run(args: argparse.Namespace, meta: dict[str, Any], echo: bool,
-                     sink: FileSink | None = None) -> dict[str, Any]:
+                     sink: FileSink | None = None, log: RunLog | None = None) -> dict[str, Any]:
     conn = await open_daemon(args.daemon, args.secret_file)
     try:
         result: dict[str, Any] = {}
@@ -107,8 +126,12 @@ async def stream_run(args: argparse.Namespace, meta: dict[str, Any], echo: bool,
                 if sink is None:
                     raise OutputError("the daemon sent files nobody asked for")
                 sink.add(frame.meta, frame.payload)
-            elif echo:
+            elif log is not None or echo:
                 m = frame.meta
+                if log is not None:
+                    log_event(log, m)
+                if not echo:
+                    continue
                 if "record" in m:
                     r = m["record"]
                     extra = ""
@@ -144,11 +167,22 @@ async def stream_run(args: argparse.Namespace, meta: dict[str, Any], echo: bool,
 def run(args: argparse.Namespace) -> int:
     meta = run_meta(args)
     try:
+        log = open_runlog(args, "fl-run", meta)
+    except RunLogError as exc:
+        print(f"p2pllm: {exc}", file=sys.stderr)
+        return 1
+    result = None
+    try:
         sink = FileSink(check_target(args.out, args.overwrite), args.overwrite) if args.out else None
-        result, rc = run_daemon_call(stream_run(args, meta, not args.json, sink), "fl run")
+        result, rc = run_daemon_call(
+            noting_errors(stream_run(args, meta, not args.json, sink, log), log), "fl run")
     except OutputError as exc:
         print(f"p2pllm: --out: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if log is not None:
+            log.finish(result, None if result is not None else
+                       log.error or "the run did not finish")
     if result is None:
         return rc
     if args.json:

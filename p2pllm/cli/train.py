@@ -24,6 +24,13 @@ from typing import Any
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.cli.files import FileSink, OutputError, check_target, run_name_from
+from p2pllm.lab.runlog import (
+    RunLog,
+    RunLogError,
+    add_log_arguments,
+    noting_errors,
+    open_runlog,
+)
 from p2pllm.wire.messages import MsgType
 
 
@@ -84,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--daemon", metavar="HOST:PORT",
                    help="daemon to ask (default 127.0.0.1:7411 or $P2PLLM_DAEMON)")
     s.add_argument("--secret-file", help="shared secret file, if the cluster uses one")
+    add_log_arguments(s)
     s.set_defaults(train_run=run_split)
     s = sub.add_parser("local", help="the same training in this process (no daemon)")
     _common(s)
@@ -157,7 +165,8 @@ def train_request(args: argparse.Namespace) -> tuple[dict[str, Any], bytes]:
 
 async def stream_train(address: str | None, secret_file: str | None, meta: dict[str, Any],
                        echo: bool, payload: bytes = b"",
-                       sink: FileSink | None = None) -> dict[str, Any]:
+                       sink: FileSink | None = None,
+                       log: RunLog | None = None) -> dict[str, Any]:
     conn = await open_daemon(address, secret_file)
     try:
         result: dict[str, Any] = {}
@@ -168,8 +177,12 @@ async def stream_train(address: str | None, secret_file: str | None, meta: dict[
                 if sink is None:
                     raise OutputError("the daemon sent files nobody asked for")
                 sink.add(frame.meta, frame.payload)
-            elif echo:
-                _print_event(frame.meta, meta["steps"])
+            else:
+                if log is not None:
+                    ev = frame.meta
+                    log.log(ev, step=ev["step"] if ev.get("event") == "step" else None)
+                if echo:
+                    _print_event(frame.meta, meta["steps"])
         if sink is not None and result:
             result["checkpoint"] = result.get("saved")
             result["saved"] = str(sink.finish())
@@ -206,16 +219,22 @@ def run_split(args: argparse.Namespace) -> int:
         if args.save:
             sink = FileSink(check_target(args.save, args.overwrite), args.overwrite)
         meta, payload = train_request(args)
-    except (OutputError, OSError, ValueError) as exc:
+        log = open_runlog(args, "train-split", meta)
+    except (OutputError, OSError, ValueError, RunLogError) as exc:
         print(f"p2pllm: {exc}", file=sys.stderr)
         return 1
+    result = None
     try:
         result, rc = run_daemon_call(
-            stream_train(args.daemon, args.secret_file, meta, not args.json, payload, sink),
-            "split training")
+            noting_errors(stream_train(args.daemon, args.secret_file, meta, not args.json,
+                                       payload, sink, log), log), "split training")
     except OutputError as exc:
         print(f"p2pllm: --save: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if log is not None:
+            log.finish(result, None if result is not None else
+                       log.error or "the training did not finish")
     if result is None:
         return rc
     if args.json:
