@@ -30,14 +30,20 @@ SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 40
 
 
-def sparkline(values: list[float], width: int = 20) -> str:
+def sparkline(values: list[float], width: int = 20, top: float | None = None) -> str:
+    """The last ``width`` values as blocks scaled to ``top`` (their max when not given; a
+    fraction passes ``top=1`` so that 10% reads low however flat the series)."""
     vals = [v for v in values if v is not None][-width:]
     if not vals:
         return ""
-    hi = max(vals)
+    hi = max(vals) if top is None else top
     if hi <= 0:
         return SPARK[0] * len(vals)
-    return "".join(SPARK[min(len(SPARK) - 1, int(v / hi * (len(SPARK) - 1) + 0.5))] for v in vals)
+    return "".join(SPARK[max(0, min(len(SPARK) - 1, int(v / hi * (len(SPARK) - 1) + 0.5)))] for v in vals)
+
+
+def _real(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def _mem(n: Any) -> str:
@@ -89,10 +95,17 @@ def _roles_text(roles: list[dict[str, Any]]) -> str:
 
 
 class History:
-    """Per-job series for sparklines, fed one snapshot at a time."""
+    """Series for sparklines, fed one snapshot at a time: per job its tok/s (or loss); per
+    link (peer node id) its measured RTT and throughput; per role (node id, job, rid) its
+    worker's busy fraction; per split job and shard the busy fraction the shard reported."""
 
     def __init__(self) -> None:
         self.series: dict[str, deque[float]] = {}
+        self.trends: dict[tuple[str, ...], deque[float]] = {}
+
+    def _add(self, key: tuple[str, ...], v: Any) -> None:
+        if (x := _real(v)) is not None:
+            self.trends.setdefault(key, deque(maxlen=HISTORY)).append(x)
 
     def update(self, snap: dict[str, Any]) -> None:
         for job in snap.get("jobs", []):
@@ -102,9 +115,23 @@ class History:
                 v = m.get("loss", m.get("eval_loss"))
             if isinstance(v, int | float):
                 self.series.setdefault(job["job"], deque(maxlen=HISTORY)).append(float(v))
+            busy = m.get("shard_busy")
+            for rid, b in (busy.items() if isinstance(busy, dict) else ()):
+                self._add(("shard", job["job"], str(rid)), b)
+        for p in snap.get("peers", []):
+            self._add(("rtt", p["node_id"]), p.get("rtt_ms"))
+            self._add(("mbps", p["node_id"]), p.get("throughput_mbps"))
+        for p in [snap["node"], *snap.get("peers", [])]:
+            for r in p.get("roles", []):
+                self._add(("busy", p["node_id"], str(r.get("job")), str(r.get("rid"))), worker_busy(r))
 
     def get(self, job: str) -> list[float]:
         return list(self.series.get(job, ()))
+
+    def trend(self, *key: str) -> list[float]:
+        """A link's ("rtt"|"mbps", node id), a role's ("busy", node id, job, rid) or a split
+        shard's ("shard", job, rid) series, oldest first."""
+        return list(self.trends.get(key, ()))
 
 
 # -- line layout: one line per node with the essentials, its lists wrapped under it item by
@@ -149,10 +176,12 @@ def table_rows(rows: list[list[str]], width: int) -> list[list[str]]:
     return out
 
 
-def node_lines(snap: dict[str, Any], width: int, detail: bool) -> list[Text]:
+def node_lines(snap: dict[str, Any], width: int, detail: bool,
+               history: History | None = None) -> list[Text]:
     """Every node: name, state, device, memory and score on its first line (the node id and
-    address too when wider than WIDE), then its roles; with ``detail`` also its id and address
-    (under the first line when narrow) and its models."""
+    address too when wider than WIDE), then its roles (with ``history``, each role's busy
+    sparkline after its busy figure); with ``detail`` also its id and address (under the first
+    line when narrow) and its models."""
     wide = width > WIDE
     nodes = [(snap["node"], True)] + [(p, False) for p in snap.get("peers", [])]
     fields = []
@@ -172,6 +201,10 @@ def node_lines(snap: dict[str, Any], width: int, detail: bool) -> list[Text]:
             lines += wrap_items(f"{pad}models ({len(models)}):", models or ["-"], width,
                                 indent=INDENT + 2)
         roles = [role_text(r, job=detail) for r in p.get("roles", [])]
+        if history is not None:
+            sparks = [sparkline(history.trend("busy", p["node_id"], str(r.get("job")), str(r.get("rid"))),
+                                SPARK_W, top=1.0) for r in p.get("roles", [])]
+            roles = [f"{t} {s}" if s else t for t, s in zip(roles, sparks, strict=True)]
         if detail or roles:
             lines += wrap_items(f"{pad}roles ({len(roles)}):", roles or ["-"], width,
                                 indent=INDENT + 2)
@@ -185,21 +218,33 @@ def node_lines(snap: dict[str, Any], width: int, detail: bool) -> list[Text]:
     return out
 
 
-def links_table(snap: dict[str, Any], wide: bool, expand: bool = True) -> Table:
+SPARK_W = 8  # blocks per link/role/shard sparkline: the last 8 snapshots
+JOBS_MIN = 60  # wide: the jobs sit right of the links when that leaves them this many columns
+
+
+def links_table(snap: dict[str, Any], wide: bool, expand: bool = True,
+                history: History | None = None) -> Table:
+    """Each link's measured RTT and throughput (with ``history``, each followed by its
+    sparkline over the last SPARK_W snapshots) and its bytes in and out."""
+    peers = snap.get("peers", [])
+    spark = {(k, p["node_id"]): sparkline(history.trend(k, p["node_id"]), SPARK_W)
+             for p in peers for k in ("rtt", "mbps")} if history is not None else {}
+    cols = [k for k in ("rtt", "mbps") if any(spark.get((k, p["node_id"])) for p in peers)]
     t = Table(title="links", box=None, expand=expand, title_justify="left", pad_edge=False, title_style="bold")
     t.add_column("peer", no_wrap=True)
     t.add_column("rtt ms", justify="right", no_wrap=True)
+    if "rtt" in cols:
+        t.add_column("", no_wrap=True, min_width=SPARK_W)
     t.add_column("MB/s", justify="right", no_wrap=True)
+    if "mbps" in cols:
+        t.add_column("", no_wrap=True, min_width=SPARK_W)
     t.add_column("in", justify="right", no_wrap=True)
     t.add_column("out", justify="right", no_wrap=True)
-    for p in snap.get("peers", []):
-        t.add_row(
-            p["name"],
-            _num(p.get("rtt_ms"), "{:.2f}"),
-            _num(p.get("throughput_mbps"), "{:.0f}"),
-            _bytes(p.get("bytes_in")),
-            _bytes(p.get("bytes_out")),
-        )
+    for p in peers:
+        rtt = [_num(p.get("rtt_ms"), "{:.2f}")] + ([spark[("rtt", p["node_id"])]] if "rtt" in cols else [])
+        mbps = ([_num(p.get("throughput_mbps"), "{:.0f}")]
+                + ([spark[("mbps", p["node_id"])]] if "mbps" in cols else []))
+        t.add_row(p["name"], *rtt, *mbps, _bytes(p.get("bytes_in")), _bytes(p.get("bytes_out")))
     return t
 
 
@@ -272,6 +317,11 @@ def job_lines(snap: dict[str, Any], history: History, width: int, trend: bool) -
         head = f"{j['job'].ljust(jw)}  {j['state'].ljust(sw)} "
         figures = job_metrics_text(j).split("  ")
         spark = sparkline(history.get(j["job"])) if trend else ""
+        busy = (live_metrics(j).get("shard_busy") or {}) if trend else {}
+        shards = [f"{rid} {s}" for rid in (busy if isinstance(busy, dict) else {})
+                  if (s := sparkline(history.trend("shard", j["job"], str(rid)), SPARK_W, top=1.0))]
+        if shards:  # each shard's busy trend, one figure (kept whole by the wrap)
+            figures.append("busy trend " + " ".join(shards))
         lines = wrap_items(head, figures + ([spark] if spark else []), width, "  ",
                            indent=min(len(head) + 1, width // 2))
         members = [f"{names.get(m['node_id'], m['node_id'][:6])}:{m['role']}"
@@ -303,18 +353,20 @@ def render(snap: dict[str, Any], history: History | None = None, width: int = 80
         ("  q quits" if wide else "", "dim"),
     )
     parts: list[RenderableType] = [header, Text("peers", style="bold"),
-                                   *node_lines(snap, width, detail=False)]
-    if wide:
-        links = links_table(snap, wide, expand=False)
-        gap = 3
-        rest = width - Console(width=width).measure(links).maximum - gap
+                                   *node_lines(snap, width, detail=False, history=history)]
+    links = links_table(snap, wide, expand=False, history=history) if wide else None
+    gap = 3
+    rest = width - Console(width=width).measure(links).maximum - gap if links is not None else 0
+    if links is not None and rest < JOBS_MIN:  # long names and sparklines: links above the jobs
+        parts += [links, *job_lines(snap, history, width, trend=True)]
+    elif links is not None:
         grid = Table.grid(expand=True, padding=(0, gap))
         grid.add_column()  # the links at their natural width, the jobs take the rest
         grid.add_column(ratio=1)
         grid.add_row(links, Group(*job_lines(snap, history, rest, trend=True)))
         parts.append(grid)
     else:
-        parts += [links_table(snap, wide), *job_lines(snap, history, width, trend=False)]
+        parts += [links_table(snap, wide, history=history), *job_lines(snap, history, width, trend=False)]
     return Group(*parts)
 
 
