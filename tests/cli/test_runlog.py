@@ -190,3 +190,62 @@ def test_bench_matrix_log_to_and_wandb(daemons: Any, tmp_path: Path,
     assert [c[0] for c in calls] == ["init", "log", "finish"]
     assert calls[1][1][0]["tokens_per_s"] == rec["tokens_per_s"] and calls[1][1][1] == 0
     assert calls[0][1]["dir"].startswith(str(run))
+
+
+def test_fl_run_cli_logs_each_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`fl run --log-to` from the CLI's parser to the log, its daemon replaced by a stream of
+    the frames FL_RUN sends (a real FL cluster is tests/e2e/test_fl.py's, minutes long)."""
+    import p2pllm.cli.fl as fl
+
+    rec = {"round": 1, "clients_asked": 2, "clients_answered": 2, "train_loss": 2.0,
+           "eval_loss": 2.5, "bytes_sent": 10, "bytes_received": 20, "seconds": 0.1}
+    frames = [
+        types.SimpleNamespace(is_partial=True, payload=b"",
+                              meta={"round": 0, "initial_eval_loss": 3.0, "clients": ["a"]}),
+        types.SimpleNamespace(is_partial=True, payload=b"", meta={"round": 1, "record": rec}),
+        types.SimpleNamespace(is_partial=False, payload=b"",
+                              meta={"rounds": [rec], "final_eval_loss": 2.5, "run_name": "r"}),
+    ]
+    sent: list[dict[str, Any]] = []
+
+    class Conn:
+        async def stream(self, msg_type: Any, meta: dict[str, Any]) -> Any:
+            sent.append(meta)
+            for f in frames:
+                yield f
+
+        def close(self) -> None:
+            pass
+
+    async def open_daemon(address: Any, secret_file: Any) -> Conn:
+        return Conn()
+
+    monkeypatch.setattr(fl, "open_daemon", open_daemon)
+    logs = tmp_path / "logs"
+    assert main(["fl", "run", "--model", "m", "--rounds", "1", "--log-to", str(logs)]) == 0
+    assert "round 1: 2/2 clients" in capsys.readouterr().err  # still echoed
+    run = _run_dir(logs)
+    assert json.loads((run / "config.json").read_text())["config"] == sent[0] == {
+        "model": "m", "rounds": 1}
+    lines = _lines(run / "metrics.jsonl")
+    assert [(x["event"], x["round"]) for x in lines] == [("initial_eval", 0), ("round", 1)]
+    assert json.loads((run / "summary.json").read_text())["result"]["final_eval_loss"] == 2.5
+    # The daemon goes away after the first round: the lines so far stay, the summary says why.
+    frames[2:] = []
+
+    class Gone(Conn):
+        async def stream(self, msg_type: Any, meta: dict[str, Any]) -> Any:
+            for f in frames:
+                yield f
+            raise TimeoutError("no answer in 600s")
+
+    async def open_gone(address: Any, secret_file: Any) -> Conn:
+        return Gone()
+
+    monkeypatch.setattr(fl, "open_daemon", open_gone)
+    assert main(["fl", "run", "--model", "m", "--log-to", str(tmp_path / "gone")]) == 1
+    run = _run_dir(tmp_path / "gone")
+    assert len(_lines(run / "metrics.jsonl")) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert not summary["ok"] and summary["error"] == "TimeoutError: no answer in 600s"

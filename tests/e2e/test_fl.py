@@ -519,3 +519,20 @@ async def test_coordinator_killed_after_round_2_resumes_from_round_3(cluster: Cl
     assert resumed["rounds"][2]["eval_loss"] == pytest.approx(reference["rounds"][2]["eval_loss"], abs=1e-6)
     ckpt3 = load_checkpoint(ckpt_file)
     assert ckpt3 is not None and ckpt3.round == 3
+
+
+async def test_fl_run_log_to_writes_each_round(cluster: Cluster, tmp_path: Path) -> None:
+    """`fl run --log-to` (issue 17 item 4): config.json, one metrics.jsonl line per round
+    (and the eval before training), summary.json with the result."""
+    logs = tmp_path / "logs"
+    rc, out, err = await fl_cli(*cluster.fl("--run-name", "logged", "--rounds", "1",
+                                            "--local-steps", "2", "--json", "--log-to", str(logs)))
+    assert rc == 0, err + cluster.coord.log()
+    result = json.loads(out)
+    [run] = list(logs.iterdir())
+    assert json.loads((run / "config.json").read_text())["config"]["rounds"] == 1
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["event"] for x in lines] == ["initial_eval", "round"]
+    assert lines[0]["initial_eval_loss"] == result["initial_eval_loss"]
+    assert lines[1]["round"] == 1 and lines[1]["eval_loss"] == result["rounds"][0]["eval_loss"]
+    assert json.loads((run / "summary.json").read_text())["result"]["rounds"] == result["rounds"]
