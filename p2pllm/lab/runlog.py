@@ -8,7 +8,7 @@ events the daemon streams) and, when the run ends, ``summary.json`` (the final r
 error). With ``--wandb PROJECT`` the same config, the numeric fields of each line and the
 summary go to Weights & Biases too: ``wandb`` is imported only then (it is not a dependency),
 runs offline (``WANDB_MODE=offline``) unless the user set WANDB_MODE, and keeps its files
-under the run's folder (``DIR/<run-id>/wandb``).
+under the run's folder (wandb makes ``DIR/<run-id>/wandb/``).
 """
 
 from __future__ import annotations
@@ -124,8 +124,7 @@ class RunLog:
         self.error: str | None = None
         if wandb_project is not None:
             try:
-                self._wandb = _WandbSink(wandb_project, self.run_id, kind, config,
-                                         self.path / "wandb")
+                self._wandb = _WandbSink(wandb_project, self.run_id, kind, config, self.path)
             except BaseException:
                 self.close()
                 raise
