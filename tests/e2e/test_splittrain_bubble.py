@@ -77,3 +77,28 @@ def test_measured_bubble_is_idle_time_over_the_longest_window() -> None:
     assert measured_bubble([5.0, 1.0], [4.0, 4.0]) == [0.0, 0.75]  # clamped to [0, 1]
     with pytest.raises(ValueError):
         measured_bubble([1.0], [1.0, 2.0])
+
+
+async def test_unbalanced_stages_show_a_bubble_the_formula_does_not(daemons, ctl, tmp_path: Path) -> None:
+    """Stage 1 holds three of the four layers and the (tied) head, stage 0 one layer: with 8
+    micro-batches the formula says (K-1)/(M+K-1) = 1/9 whatever the split, but stage 0 waits
+    on the slow stage, and the measured bubble (what the dashboard shows) says so."""
+    ds = start_cluster(daemons, 2, tmp_path)
+    await all_up(ctl, ds)
+    data = bundled_ids(tmp_path)
+    conn = await ctl(ds[0].port)
+    meta = {"model": str(BUNDLED), "data_format": "safetensors", "steps": 2, "batch_size": 8,
+            "micro_batches": 8, "seq_len": 32, "schedule": "gpipe", "layers": "0-1,1-4",
+            "lr": 1e-3, "seed": 1}
+    partials, result = await train(conn, meta, data.read_bytes())
+    steps = [p for p in partials if p["event"] == "step"]
+    assert len(steps) == 2
+    for rec in steps:
+        check_step(rec)
+    assert result["bubble_theory"] == pytest.approx(1 / 9)
+    assert 0.0 <= result["bubble"] < 1.0
+    assert result["bubble"] > result["bubble_theory"] + 0.05, result
+    # the light stage idles more than the heavy one: it waits for it every micro-batch
+    s0, s1 = result["stages"]
+    assert s0["bubble"] > s1["bubble"], result["stages"]
+    print({"bubble": result["bubble"], "theory": result["bubble_theory"], "stages": [s["bubble"] for s in result["stages"]]})
