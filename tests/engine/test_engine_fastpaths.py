@@ -15,7 +15,7 @@ import p2pllm.engine.model as model_mod
 from p2pllm.engine.generate import _argmax, generate_ids
 from p2pllm.engine.loader import load_slice
 from p2pllm.engine.model import ModelSlice
-from tests.conftest import SHARED_MODELS
+from tests.conftest import SHARED_MODELS, SHARED_SKIP
 from tests.engine.conftest import ARCHS
 
 SMOLLM2 = SHARED_MODELS / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,7 +114,7 @@ def test_argmax_through_float32_is_bfloat16_argmax() -> None:
         assert _argmax(y) == int(y.argmax())
 
 
-@pytest.mark.skipif(not SMOLLM2.is_file(), reason="needs ../shared/models/smollm2-135m-instruct")
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SHARED_SKIP}: {SMOLLM2} is not present")
 def test_smollm2_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """float32: the same greedy ids with and without oneDNN. bfloat16 (greedy ids of two
     bf16 roundings part at near-ties, so teacher-forced on the float32 ids): the float32
