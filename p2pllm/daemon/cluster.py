@@ -137,7 +137,9 @@ def has_model(caps: Mapping[str, Any], model: str,
 
 
 def _bundled_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "models"
+    from p2pllm.engine.registry import BUNDLED_MODELS_DIR
+
+    return BUNDLED_MODELS_DIR
 
 
 def _is_gguf_model(p: Path) -> bool:

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from p2pllm.engine.registry import BUNDLED_MODELS_DIR, HUB_PATTERNS
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode
 
@@ -52,8 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+BUNDLED_DIR = BUNDLED_MODELS_DIR
 MAX_REF = 4096
 ADD_ROOT_HINT = "the operator can add a root with `p2pllmd --models-dir DIR` (repeatable)"
 

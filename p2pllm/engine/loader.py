@@ -38,7 +38,7 @@ from p2pllm.engine.layout import (
 )
 from p2pllm.engine.model import ModelSlice
 from p2pllm.engine.quant import GGUF_QUANT_TYPES, check_quant
-from p2pllm.engine.registry import PULLABLE, pulled_models_dir
+from p2pllm.engine.registry import BUNDLED_MODELS_DIR, HUB_PATTERNS, PULLABLE, pulled_models_dir
 
 __all__ = [
     "BUNDLED_MODELS_DIR",
@@ -57,8 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F64": torch.float64}
 _CHUNK_BYTES = 16 << 20
@@ -133,7 +131,7 @@ def _from_hub(repo_id: str, where: str) -> Path:
         raise ModelNotFoundError(f"model {repo_id!r}: {where}; huggingface_hub is missing") from e
     try:
         return _checked_dir(Path(snapshot_download(repo_id, local_files_only=True,
-                                                   allow_patterns=_HUB_PATTERNS)))
+                                                   allow_patterns=HUB_PATTERNS)))
     except ModelError:
         raise
     except Exception as e:
@@ -145,7 +143,7 @@ def _from_hub(repo_id: str, where: str) -> Path:
             f"local checkpoint directory instead, e.g. --model /path/to/model (a folder with "
             f"config.json and *.safetensors).")
     try:
-        return _checked_dir(Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)))
+        return _checked_dir(Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)))
     except ModelError:
         raise
     except Exception as e:

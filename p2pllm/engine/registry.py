@@ -7,7 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PULLABLE", "Pullable", "pulled_models_dir"]
+__all__ = ["BUNDLED_MODELS_DIR", "HUB_PATTERNS", "PULLABLE", "Pullable", "pulled_models_dir"]
+
+# Where the models that ship with the package live (p2pllm/models), and the files a Hugging
+# Face hub snapshot needs; the engine's loader and the daemon's model roots share both.
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
 @dataclass(frozen=True)
