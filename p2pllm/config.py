@@ -75,6 +75,9 @@ class DaemonConfig:
     max_probe_rate: float = 10.0  # LINK_PROBE requests per second per connection (burst: as many)
     # bytes of a dataset a CLI sends with TRAIN_RUN (and this host takes as stage 0) (P)
     max_dataset_bytes: int = 64 << 20
+    # bytes on disk of the models cache (<state_dir>/models-cache: model pieces fetched from
+    # peers, issue 16; protocol.md 4.5 and 13): a fetch that would take it past this is refused
+    max_models_cache_bytes: int = 64 << 30
     memory_budget: int = 0  # bytes roles may use; 0 = the free memory measured at start
     compute_bench_seconds: float = 0.2
     dashboard: bool = False
@@ -169,7 +172,8 @@ class DaemonConfig:
     def _check_caps(self) -> None:
         """The resource caps (C): whole numbers >= 1 (max_session_tokens: 0 = the model's)."""
         for key in ("max_payload", "max_sessions_per_role", "max_train_tokens",
-                    "max_subscriptions_per_conn", "max_subscriptions", "max_probe_bytes"):
+                    "max_subscriptions_per_conn", "max_subscriptions", "max_probe_bytes",
+                    "max_models_cache_bytes"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a whole number >= 1, got {v!r}")

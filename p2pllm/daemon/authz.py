@@ -5,7 +5,8 @@ JobControl call it.
 Connection kinds (HELLO ``kind``, protocol.md 6):
 
 - ``"ctl"``: a CLI of this host's operator. It may send only client requests
-  (:data:`CLIENT_REQUESTS`): status, jobs, stop, and the requests that start a job here.
+  (:data:`CLIENT_REQUESTS`): status, jobs, stop, and the requests that start a job (or a
+  fetch of model pieces, WEIGHTS_PULL) here; not WEIGHTS_MANIFEST/READ, served to peers.
 - ``"peer"``: another daemon. Anything but the requests that start a job on behalf of a local
   operator (:data:`OPERATOR_ONLY`); its JOB_STOP must be the forwarded form (checked by
   JobControl, which knows the job).
@@ -33,8 +34,9 @@ __all__ = [
     "kind_refusal",
 ]
 
-# Requests that start a job with this daemon as its coordinator, for its local operator.
-OPERATOR_ONLY = frozenset({MsgType.GENERATE, MsgType.FL_RUN, MsgType.TRAIN_RUN})
+# Requests that start a job with this daemon as its coordinator (or a fetch of model pieces
+# into its models cache, WEIGHTS_PULL), for its local operator.
+OPERATOR_ONLY = frozenset({MsgType.GENERATE, MsgType.FL_RUN, MsgType.TRAIN_RUN, MsgType.WEIGHTS_PULL})
 # What a "ctl" connection may send (PING is answered by the wire layer, listed for the table).
 CLIENT_REQUESTS = frozenset({
     MsgType.STATUS, MsgType.SUBSCRIBE, MsgType.JOBS, MsgType.JOB_STOP, MsgType.LINK_PROBE,
@@ -57,8 +59,8 @@ def kind_refusal(kind: str, msg_type: MsgType, *, local: bool) -> str | None:
                 f"({', '.join(sorted(t.name for t in CLIENT_REQUESTS))}), not {msg_type.name}")
     if kind == "peer":
         if msg_type in OPERATOR_ONLY:
-            return (f"{msg_type.name} starts a job for this host's operator: only a ctl client "
-                    f"of this daemon may send it, not a peer")
+            return (f"{msg_type.name} starts a job (or a fetch) for this host's operator: only a "
+                    f"ctl client of this daemon may send it, not a peer")
         return None
     return f"unknown connection kind {kind!r}"
 

@@ -2,7 +2,8 @@
 
 Every number here is part of the protocol: see protocol.md, which changes in the same commit.
 Ranges: 0x00xx core, 0x01xx speculative, 0x02xx split inference, 0x03xx federated,
-0x04xx split training, 0x05xx jobs submitted by a CLI to its local daemon.
+0x04xx split training, 0x05xx jobs submitted by a CLI to its local daemon, 0x06xx weights
+(models travelling peer to peer).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class MsgType(IntEnum):
     GENERATE = 0x0500  # {"mode": "spec"|"split"|..., ...} streamed tokens, final result
     FL_RUN = 0x0501
     TRAIN_RUN = 0x0502
+    WEIGHTS_PULL = 0x0503  # ctl -> its daemon: fetch a model (a slice) from peers, progress streamed
+
+    # -- weights: a model's manifest and pieces, served to peers -----------------------------
+    WEIGHTS_MANIFEST = 0x0600  # {"model"} -> {"model", "digest", "manifest"}
+    WEIGHTS_READ = 0x0601  # {"model", "digest", "pieces"} -> {"pieces", "lengths"} + raw bytes
 
 
 class Flags(IntFlag):

@@ -48,11 +48,12 @@ def test_ctl_may_send_only_client_requests() -> None:
               MsgType.CAPS_UPDATE, MsgType.GOODBYE, MsgType.ROLE_CALL):
         assert "only client requests" in (kind_refusal("ctl", t, local=False) or ""), t
     assert {MsgType.STATUS, MsgType.SUBSCRIBE, MsgType.JOBS, MsgType.JOB_STOP, MsgType.LINK_PROBE,
-            MsgType.PING, MsgType.GENERATE, MsgType.FL_RUN, MsgType.TRAIN_RUN} == CLIENT_REQUESTS
+            MsgType.PING, MsgType.GENERATE, MsgType.FL_RUN, MsgType.TRAIN_RUN,
+            MsgType.WEIGHTS_PULL} == CLIENT_REQUESTS
 
 
 def test_a_peer_may_send_anything_but_the_operators_job_requests() -> None:
-    assert OPERATOR_ONLY == {MsgType.GENERATE, MsgType.FL_RUN, MsgType.TRAIN_RUN}
+    assert OPERATOR_ONLY == {MsgType.GENERATE, MsgType.FL_RUN, MsgType.TRAIN_RUN, MsgType.WEIGHTS_PULL}
     for t in MsgType:
         why = kind_refusal("peer", t, local=False)
         assert (why is None) == (t not in OPERATOR_ONLY), t
