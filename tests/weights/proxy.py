@@ -9,7 +9,8 @@ It forwards both directions of every connection it accepts to one upstream addre
   frame the client's, carry a 16-byte tag) and count them by type;
 - corrupt: flip one byte in the middle of the payload of `WEIGHTS_READ` response frames (type
   0x0601 with the RESPONSE flag), never in a header or in metadata;
-- pause and resume forwarding, drop every connection.
+- pause and resume forwarding (also by itself: `pause_when`, checked after each write, e.g.
+  right after the first WEIGHTS_READ answer went through), drop every connection.
 
 Counters (read them any time): bytes forwarded per direction ("c2s": client to upstream,
 "s2c": upstream to client), frames per direction, frames and payload bytes per (direction,
@@ -229,6 +230,8 @@ class Proxy:
         self._open = asyncio.Event()
         self._open.set()
         self._event = asyncio.Event()
+        # checked after each write: once it returns true the proxy pauses (and forgets it)
+        self.pause_when: Callable[[Proxy], bool] | None = None
 
     # -- control ---------------------------------------------------------------------------
 
@@ -251,6 +254,10 @@ class Proxy:
 
     def resume(self) -> None:
         self._open.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
 
     def drop(self) -> None:
         """Abort every open connection (both sockets), as a broken link would."""
@@ -350,6 +357,9 @@ class Proxy:
             self._changed()
             try:
                 await asyncio.gather(self._pump(reader, up_writer, C2S, pair), self._pump(up_reader, writer, S2C, pair))
+            except asyncio.CancelledError:
+                pass  # stop(): the connection goes with the proxy (asyncio's accept callback
+                # would log a cancelled task as an error)
             finally:
                 self._conns.discard(pair)
                 for w in pair:
@@ -386,6 +396,9 @@ class Proxy:
                             w.transport.abort()
                         return
                     self.bytes[direction] += len(part)
+                    if self.pause_when is not None and self.pause_when(self):
+                        self.pause_when = None
+                        self.pause()
                     self._changed()
             if writer.can_write_eof():
                 with contextlib.suppress(OSError):

@@ -253,3 +253,23 @@ def test_proxy_thread_for_synchronous_callers(tmp_path: Path) -> None:
             assert p.frames_of(MsgType.HELLO) == 1 and p.frames_of(MsgType.AUTH, C2S, False) == 1
     finally:
         d.stop()
+
+
+async def test_pause_when_stops_after_a_frame(echo: int) -> None:
+    """pause_when: the proxy holds everything after the write that completed the first PING
+    echoed back; a second frame waits for resume()."""
+    ping = frame(MsgType.PING, {"t": 1.0}, rid=1)
+    async with Proxy(echo) as proxy:
+        proxy.pause_when = lambda p: p.frames_of(MsgType.PING, S2C, False) >= 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(ping)
+        assert await asyncio.wait_for(reader.readexactly(len(ping)), 10) == ping
+        await proxy.wait(lambda p: p.paused, what="paused by pause_when")
+        assert proxy.pause_when is None
+        writer.write(ping)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(len(ping)), 0.3)
+        proxy.resume()
+        assert await asyncio.wait_for(reader.readexactly(len(ping)), 10) == ping
+        assert proxy.frames_of(MsgType.PING, C2S, False) == 2
+        writer.close()
