@@ -103,8 +103,15 @@ def scan_models(config_or_dir: Any) -> list[dict[str, Any]]:
                 "num_layers": m.num_layers,
                 "param_bytes": m.param_bytes,
                 "format": m.format,
+                "disk_bytes": _disk_bytes(m.path),  # what fetching it whole moves (issue 16)
             })
     return out
+
+
+def _disk_bytes(path: Path) -> int:
+    from p2pllm.daemon.cluster import model_disk_bytes
+
+    return model_disk_bytes(path)
 
 
 def scan_fl_data(data_dir: str | None) -> dict[str, Any]:
@@ -146,4 +153,7 @@ def measure(config: Any) -> dict[str, Any]:
         "fl_data": scan_fl_data(config.data_dir),
         "accepts": sorted(config.roles),
         "roles_held": [],
+        # serves its models' pieces to peers and fetches the pieces a role needs (section 13):
+        # planners place roles for a model on a node without it only when both ends say so
+        "weights": True,
     }

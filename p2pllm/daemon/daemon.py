@@ -224,8 +224,12 @@ class Daemon:
             }
         ]
         for link in self.peers.live():
+            # the link's measured throughput (peers.py's probe; None until the first one):
+            # planners charge a fetch of model pieces with it (daemon/cluster.fetch_estimate)
+            mbps = (self.state.peers.get(link.node_id) or {}).get("throughput_mbps")
             out.append(
-                {"node_id": link.node_id, "name": link.name, "address": link.address, "caps": link.caps, "self": False}
+                {"node_id": link.node_id, "name": link.name, "address": link.address, "caps": link.caps, "self": False,
+                 "throughput_mbps": mbps}
             )
         return out
 

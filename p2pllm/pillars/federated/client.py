@@ -22,12 +22,13 @@ from torch import Tensor
 
 from p2pllm.daemon.capabilities import device_kind
 from p2pllm.daemon.modelrefs import ModelRoots
-from p2pllm.daemon.roles import Refused, Role, RoleHandler
+from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler
 from p2pllm.pillars.caps import check_payload, check_train_tokens
 from p2pllm.pillars.federated.data import DataError, data_files
 from p2pllm.pillars.federated.lora import check_same_layout, quantize_refusal
 from p2pllm.pillars.federated.messages import ClientParams, RoundConfig
 from p2pllm.pillars.federated.training import LocalTrainer
+from p2pllm.pillars.rolemodel import need_whole, role_model_path
 from p2pllm.wire.connection import Reply, Request
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -41,17 +42,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def find_model(params: ClientParams, config: DaemonConfig) -> Path:
+async def find_model(params: ClientParams, ctx: RoleContext) -> Path:
     """The base model here: the name, resolved in this daemon's own roots
     (:class:`~p2pllm.daemon.modelrefs.ModelRoots`; a hub download, with --allow-hub, in a
-    thread). ``model_path`` is never opened: a path a peer sends is not trusted. FORBIDDEN for
-    a path outside the roots, REFUSED when this host lacks the model."""
-    try:
-        return (await ModelRoots.of(config).aresolve(params.model)).path
-    except ProtocolError as exc:
-        if exc.code == ErrorCode.NOT_FOUND:
-            raise Refused(exc.message) from None
-        raise
+    thread), or fetched whole from ``params.sources`` into the models cache when this host
+    lacks it. ``model_path`` is never opened: a path a peer sends is not trusted. FORBIDDEN for
+    a path outside the roots, REFUSED when this host lacks the model and cannot fetch it."""
+    need = need_whole() if params.sources else None
+    return await role_model_path(ctx, params.model, need, params.sources)
 
 
 class FLClientRole(Role):
@@ -78,7 +76,7 @@ class FLClientRole(Role):
         assert self.ctx.config.data_dir is not None  # refuse() checked
         if not data_files(self.ctx.config.data_dir):
             raise Refused(f"no .txt or .jsonl files under {self.ctx.config.data_dir}")
-        path = await find_model(self.config, self.ctx.config)
+        path = await find_model(self.config, self.ctx)
         try:
             self.trainer = await self.worker.run(
                 LocalTrainer.load, path, self.config, self.ctx.config.data_dir, device_kind()

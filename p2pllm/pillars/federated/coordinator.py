@@ -35,7 +35,14 @@ from typing import Any
 
 from torch import Tensor
 
-from p2pllm.daemon.cluster import takes_role
+from p2pllm.daemon.cluster import (
+    FETCH,
+    FetchCost,
+    fetch_estimate,
+    model_disk_bytes,
+    model_tier,
+    takes_role,
+)
 from p2pllm.daemon.jobs import Job, JobHost
 from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.runner import Exclusions, JobRunner, Slot
@@ -81,6 +88,16 @@ def eligible_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]
     ]
     out.sort(key=lambda n: (-int(n["caps"]["fl_data"].get("bytes", 0)), str(n["name"]), str(n["node_id"])))
     return out
+
+
+def client_fetch(nodes: Sequence[Mapping[str, Any]], node: Mapping[str, Any], model: str,
+                 model_path: Path) -> FetchCost | None:
+    """The fetch of the whole base model (``model_path``: this node's copy, its size on disk)
+    by a client on ``node``, when that node lacks it and other nodes list it; else None."""
+    tier, _, sources = model_tier(nodes, node, model)
+    if tier != FETCH:
+        return None
+    return fetch_estimate(nodes, str(node["node_id"]), sources, model_disk_bytes(model_path))
 
 
 def run_dir(state_dir: str, run_name: str) -> Path:
@@ -281,9 +298,15 @@ class FLRun:
                 f"need at least {cfg.min_clients} fl-clients, {len(chosen)} can take one "
                 f"(nodes with data: {', '.join(str(n['name']) for n in found)}; refusals: {refused})",
                 code=ErrorCode.REFUSED)
-        params = self._client_params()
-        return [Slot(ROLE, ROLE, str(n["node_id"]), params, summary=f"fl-client of {cfg.name}",
-                     label=f"fl-client {n['name']}") for n in chosen]
+        slots = []
+        for n in chosen:
+            # a client without the base model fetches it whole from the nodes that list it
+            fetch = client_fetch(nodes, n, self.model_name, self.model_path)
+            params = self._client_params(fetch.sources if fetch is not None else ())
+            summary = f"fl-client of {cfg.name}" + (f" ({fetch.text()})" if fetch else "")
+            slots.append(Slot(ROLE, ROLE, str(n["node_id"]), params, summary=summary,
+                              label=f"fl-client {n['name']}"))
+        return slots
 
     async def run(self, job: Job, members: Mapping[tuple[str, str], Slot]) -> Reply:
         cfg = self.cfg
@@ -333,7 +356,7 @@ class FLRun:
     def _active(self) -> list[Client]:
         return sorted((c for c in self.clients.values() if c.assigned), key=lambda c: c.node_id)
 
-    def _client_params(self) -> dict[str, Any]:
+    def _client_params(self, sources: Sequence[str] = ()) -> dict[str, Any]:
         c = self.cfg
         return ClientParams(
             model=self.model_name,
@@ -343,6 +366,7 @@ class FLRun:
             eval_fraction=c.eval_fraction,
             seed=c.seed,
             quantize=c.quantize,
+            sources=tuple(sources),
         ).to_meta()
 
     async def _wait_for_clients(self) -> None:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from p2pllm.pillars.federated.lora import DEFAULT_TARGETS, QUANTIZE_CHOICES, LoraSpec
-from p2pllm.pillars.messages import JOB, RID
+from p2pllm.pillars.messages import JOB, NODE, RID
 from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, OneOf, Str, Tensor
 
 AGGREGATIONS = ("fedavg", "fedavgm")
@@ -80,6 +80,8 @@ ASSIGN_FL_CLIENT = Body("ASSIGN fl-client", [
     Float("eval_fraction", 0.0, 0.9, lo_open=True, default=0.1),
     Int("seed", 0, SEED, default=0),
     Enum("quantize", QUANTIZE_CHOICES, default=None),
+    List("sources", NODE(""), 0, 64, default=(),
+         doc="nodes holding the model whole: fetch the base model from them when this node lacks it (13)"),
 ], doc="ASSIGN params of an fl-client role")
 
 _ADAPTER = Tensor("*", ("float32",), min_rank=1, max_rank=2, doc="adapter tensors, peft's names")
@@ -231,9 +233,11 @@ class ClientParams:
     eval_fraction: float
     seed: int
     quantize: str | None = None
+    sources: tuple[str, ...] = ()  # node ids holding the model whole (this node may lack it)
 
     def to_meta(self) -> dict[str, Any]:
-        return ASSIGN_FL_CLIENT.to_meta({**asdict(self), "lora": self.lora.to_meta()})
+        return ASSIGN_FL_CLIENT.to_meta({**asdict(self), "lora": self.lora.to_meta(),
+                                         "sources": list(self.sources)})
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> ClientParams:
@@ -244,7 +248,7 @@ class ClientParams:
             raise ASSIGN_FL_CLIENT.error("", f"lora: {exc}") from exc
         return cls(model=v["model"], model_path=v["model_path"] or v["model"], lora=lora,
                    block_size=v["block_size"], eval_fraction=v["eval_fraction"], seed=v["seed"],
-                   quantize=v["quantize"])
+                   quantize=v["quantize"], sources=v["sources"])
 
 
 @dataclass(frozen=True)

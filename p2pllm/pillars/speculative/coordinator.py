@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from p2pllm.daemon.cluster import advertised_disk_bytes, fetch_estimate, model_disk_bytes
 from p2pllm.daemon.jobs import Job, JobHost
 from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.runner import Exclusions, JobRunner, MemberLost, Slot
@@ -168,15 +169,21 @@ class SpecPillar:
             size_hint=model_bytes(dp, spec.draft_dtype, spec.draft_quant) if dp else None,
             pin=spec.drafter), excluded, "drafter", spec.draft_model)
         self.verifier, self.drafter = verifier, drafter
+        # a node that lacks its model fetches it whole from the nodes that list it
+        vfetch = _fetch(nodes, verifier, self.target_name, tp)
+        dfetch = _fetch(nodes, drafter, self.draft_name, dp)
         return [
             Slot("verifier", "verifier", verifier.node_id,
                  {"model": self.target_name, "dtype": spec.dtype,
-                  "quant": spec.quant, "session_timeout": spec.session_timeout},
-                 summary=f"verifier {self.target_name}", label=f"verifier {verifier.name}"),
+                  "quant": spec.quant, "session_timeout": spec.session_timeout,
+                  **({"sources": list(verifier.sources)} if verifier.sources else {})},
+                 summary=f"verifier {self.target_name}" + (f" ({vfetch})" if vfetch else ""),
+                 label=f"verifier {verifier.name}"),
             Slot("drafter", "drafter", drafter.node_id,
                  {"model": self.draft_name, "dtype": spec.draft_dtype,
-                  "quant": spec.draft_quant},
-                 summary=f"drafter {self.draft_name}",
+                  "quant": spec.draft_quant,
+                  **({"sources": list(drafter.sources)} if drafter.sources else {})},
+                 summary=f"drafter {self.draft_name}" + (f" ({dfetch})" if dfetch else ""),
                  label=f"drafter {drafter.name}"),
         ]
 
@@ -194,6 +201,17 @@ class SpecPillar:
         result.update(verifier=verifier.name, drafter=drafter.name, seed=self.seed,
                       load_s=round(load_s, 6), job=job.id)
         return result
+
+
+def _fetch(nodes: Sequence[Mapping[str, Any]], cand: Candidate, model: str,
+           local: Path | None) -> str:
+    """``fetch 270.0 MB ~2.7 s`` for a candidate that fetches ``model`` whole ('' if none):
+    its size on disk here (``local``), else as its first source advertises it."""
+    if not cand.sources:
+        return ""
+    nbytes = model_disk_bytes(local) if local is not None else (
+        advertised_disk_bytes(nodes, model, cand.sources) or 0)
+    return fetch_estimate(nodes, cand.node_id, cand.sources, nbytes).text()
 
 
 def _best(ranked: list[Candidate], excluded: Exclusions, role: str, model: str) -> Candidate:

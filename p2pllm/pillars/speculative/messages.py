@@ -22,6 +22,7 @@ from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.engine.sampling import SamplingParams
 from p2pllm.pillars.messages import (
     JOB,
+    NODE,
     RID,
     SAMPLING,
     SEED,
@@ -81,6 +82,8 @@ ASSIGN_SPEC = Body("ASSIGN drafter/verifier", [
     Enum("quant", QUANT_MODES, default="none", doc="weight-only quantized linears (engine/quant.py)"),
     Float("session_timeout", 0.0, lo_open=True, default=120.0,
           doc="verifier: seconds a session may stay idle"),
+    List("sources", NODE(""), 0, 64, default=(),
+         doc="nodes holding the model whole: fetch the model from them when this node lacks it (13)"),
 ], doc="ASSIGN params of the drafter and verifier roles")
 
 SPEC_OPEN = Body("SPEC_OPEN", [

@@ -4,7 +4,9 @@ Verifier: a node that has the target (listed in its capabilities, or — for a c
 — possibly readable there), with room for it in its memory budget, the highest compute score
 first. Drafter: a node that has the draft; the coordinating node first when it has it, then
 nodes other than the verifier's (so drafting and verifying run on different hosts), then by
-compute score. ``--verifier`` / ``--drafter`` pin a role to one node.
+compute score. Nodes that lack the model but can fetch it whole from nodes that list it (tier
+FETCH, with its ``sources``) rank after every node that has it. ``--verifier`` /
+``--drafter`` pin a role to one node.
 
 The coordinator takes the best of each ranking that the JobRunner has not excluded: a
 refusal is a value to plan around, not the end of the job. Node lookups, model and role
@@ -18,11 +20,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from p2pllm.daemon.cluster import HAS, MAYBE, accepts_role, find_node, free_bytes, has_model
+from p2pllm.daemon.cluster import (
+    FETCH,
+    HAS,
+    MAYBE,
+    accepts_role,
+    find_node,
+    free_bytes,
+    has_model,
+    model_tier,
+)
 from p2pllm.plan.partition import PlanError
 from p2pllm.wire.messages import ErrorCode
 
-__all__ = ["HAS", "MAYBE", "Candidate", "PlanError", "find_node", "holds", "rank_drafters",
+__all__ = ["FETCH", "HAS", "MAYBE", "Candidate", "PlanError", "find_node", "holds", "rank_drafters",
            "rank_verifiers"]
 
 
@@ -31,9 +42,10 @@ class Candidate:
     node_id: str
     name: str
     local: bool
-    tier: int  # HAS or MAYBE
+    tier: int  # HAS, MAYBE or FETCH
     fits: bool  # the model fits the node's free memory budget (or its size is unknown)
     score: float
+    sources: tuple[str, ...] = ()  # FETCH: the nodes it fetches the model from
 
 
 holds = has_model  # (tier, param_bytes) of a model on a node with these caps
@@ -50,9 +62,9 @@ def _candidates(nodes: Sequence[Mapping[str, Any]], model: str, local_path: str 
     why: list[str] = []
     for n in pool:
         caps = n.get("caps", {}) or {}
-        tier, size = holds(caps, model, local_path)
+        tier, size, sources = model_tier(nodes, n, model, local_path)
         if n.get("self") and local_has:
-            tier = HAS
+            tier, sources = HAS, ()
         if tier == 0 and pin:
             tier = MAYBE  # pinned: let the node say why it cannot
         if tier == 0:
@@ -71,7 +83,7 @@ def _candidates(nodes: Sequence[Mapping[str, Any]], model: str, local_path: str 
                        f"needed, {max(free_bytes(caps), 0) / 1e6:.0f} MB free)")
             continue
         out.append(Candidate(n["node_id"], n["name"], bool(n.get("self")), tier, fits,
-                             float(caps.get("compute_score", 0.0) or 0.0)))
+                             float(caps.get("compute_score", 0.0) or 0.0), sources))
     return out, why
 
 

@@ -21,6 +21,7 @@ from p2pllm.daemon.roles import Refused, Role, RoleContext, RoleHandler
 from p2pllm.engine.errors import ModelError
 from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.pillars.caps import check_session_tokens, check_sessions, set_kv_limit
+from p2pllm.pillars.rolemodel import need_whole, role_model_path, sources_param
 from p2pllm.pillars.speculative.drafter import SessionMetrics, SpecSession
 from p2pllm.pillars.speculative.messages import SPEC_CLOSE, DraftRun, OpenRequest, VerifyWindow
 from p2pllm.pillars.speculative.models import (
@@ -63,11 +64,17 @@ def _refuse_model(config: DaemonConfig, caps: Mapping[str, Any], params: Mapping
         model, dtype, quant = _model_param(params)
     except Refused as exc:
         return exc.message
+    try:
+        sources = sources_param(params)
+    except Refused as exc:
+        return exc.message
     roots = ModelRoots.of(config)
     found = roots.find(model)  # FORBIDDEN for a path outside this daemon's roots
     if found is None:
         if roots.may_fetch(model):
             return None  # a hub id, downloaded (in a thread) when the role starts
+        if sources:
+            return None  # fetched whole from the sources when the role starts
         return f"model {model!r} is not on this host (looked under {roots.describe()})"
     path = found.path
     if any(key[0] == str(path) and key[1] == dtype and key[3] == quant
@@ -96,6 +103,7 @@ class _ModelRole(Role):
     def __init__(self, ctx: RoleContext, params: Mapping[str, Any]) -> None:
         super().__init__(ctx, params)
         self.model_name, self.dtype, self.quant = _model_param(params)
+        self.sources = sources_param(params)  # nodes to fetch the model from (this one lacks it)
         self.path: Path | None = None
         self._reported = 0.0
 
@@ -105,14 +113,10 @@ class _ModelRole(Role):
 
     async def _resolve(self) -> Path:
         """The model inside this daemon's roots (a hub download, with --allow-hub, in a
-        thread); FORBIDDEN outside them, REFUSED when this host lacks it."""
-        try:
-            found = await ModelRoots.of(self.ctx.config).aresolve(self.model_name)
-        except ProtocolError as exc:
-            if exc.code == ErrorCode.NOT_FOUND:
-                raise Refused(exc.message) from None
-            raise
-        return found.path
+        thread), or fetched whole from the sources into the models cache; FORBIDDEN outside
+        the roots, REFUSED when this host lacks it or the fetch cannot complete."""
+        need = need_whole() if self.sources else None
+        return await role_model_path(self.ctx, self.model_name, need, self.sources)
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()

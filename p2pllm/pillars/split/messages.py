@@ -13,7 +13,15 @@ from typing import Any
 
 from p2pllm.engine.quant import QUANT_MODES
 from p2pllm.engine.sampling import SamplingParams
-from p2pllm.pillars.messages import JOB, MAX_TOKEN, RID, SAMPLING, TOKEN, sampling_from_values
+from p2pllm.pillars.messages import (
+    JOB,
+    MAX_TOKEN,
+    NODE,
+    RID,
+    SAMPLING,
+    TOKEN,
+    sampling_from_values,
+)
 from p2pllm.pillars.messages import sampling_to_meta as _sampling_to_meta
 from p2pllm.wire.schema import Body, Bool, Enum, Float, Int, List, Map, Str, Tensor
 from p2pllm.wire.tensors import COMPUTE_DTYPES
@@ -73,6 +81,8 @@ ASSIGN_SHARD = Body("ASSIGN shard", [
     Int("stage_bytes", 0, default=0, doc="what the planner charged this stage"),
     Int("hidden_size", 0, default=0, doc="the plan's model (0 = unchecked)"),
     Int("vocab_size", 0, default=0, doc="the plan's model (0 = unchecked)"),
+    List("sources", NODE(""), 0, 64, default=(),
+         doc="nodes holding the model whole: fetch the slice from them when this node lacks it (13)"),
 ], doc="ASSIGN params of a shard role")
 
 SHARD_OPEN = Body("SHARD_OPEN", [
@@ -207,6 +217,7 @@ class ShardParams:
     stage_bytes: int = 0  # what the planner charged this stage (checked against the budget)
     hidden_size: int = 0  # fingerprint of the model the plan was made for (0 = unchecked)
     vocab_size: int = 0
+    sources: tuple[str, ...] = ()  # node ids holding the model whole (this node may lack it)
 
     @property
     def is_first(self) -> bool:

@@ -43,7 +43,15 @@ from typing import Any
 
 import torch
 
-from p2pllm.daemon.cluster import has_model, label, takes_role
+from p2pllm.daemon.cluster import (
+    FETCH,
+    FetchCost,
+    fetch_estimate,
+    label,
+    model_disk_bytes,
+    model_tier,
+    takes_role,
+)
 from p2pllm.daemon.jobs import Job, JobHost
 from p2pllm.daemon.modelrefs import ModelRoots, is_path_ref
 from p2pllm.daemon.runner import Exclusions, JobRunner, Lost, MemberLost, Slot
@@ -161,10 +169,25 @@ class Stage:
     end: int
     planned_bytes: int
     model_ref: str  # the name that node resolves in its own roots (never a path)
+    fetch: FetchCost | None = None  # the node lacks the model: its slice comes from peers
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Nodes holding the model whole, where the shard fetches its slice (none: local)."""
+        return self.fetch.sources if self.fetch is not None else ()
+
+    @property
+    def fetch_bytes(self) -> int:
+        return self.fetch.nbytes if self.fetch is not None else 0
+
+    @property
+    def fetch_s(self) -> float:
+        return self.fetch.seconds if self.fetch is not None else 0.0
 
     def describe(self) -> dict[str, Any]:
         return {"index": self.index, "node_id": self.node_id, "name": self.name,
-                "rid": self.rid, "layers": [self.start, self.end]}
+                "rid": self.rid, "layers": [self.start, self.end],
+                **(self.fetch.describe() if self.fetch is not None else {})}
 
     @property
     def label(self) -> str:
@@ -188,10 +211,25 @@ def shard_cost(config: ModelConfig, dtype: str, quant: str) -> StageCost:
                      last_extra_bytes=weights(False, True) - layer)
 
 
+def slice_fetch_bytes(config: ModelConfig, disk_bytes: int, start: int, end: int) -> int:
+    """Bytes a shard of layers [start, end) fetches from a model of ``disk_bytes`` on disk:
+    the model's size times the slice's share of the weights (engine estimate, float32, the
+    embedding on the first shard, the norm and head on the last; a tied head reads the
+    embedding table). An estimate: the exact count is the manifest's pieces_for the slice."""
+    n = config.num_layers
+    part = slice_weight_bytes(config, start, end, start == 0, end == n)
+    whole = slice_weight_bytes(config, 0, n, True, True)
+    return min(disk_bytes, round(disk_bytes * part / whole)) if whole > 0 else disk_bytes
+
+
 def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
                   req: SplitRequest, excluded: Exclusions | None = None,
                   share: bool = False) -> list[Stage]:
     """Pick and order the nodes that can hold a shard, and give them layer ranges.
+
+    Nodes that have the model come first; when the request wants more shards than they can
+    take, nodes that lack it join (tier FETCH: other nodes list it whole, the shard fetches
+    its slice from them before loading; the stage carries the fetch's bytes and time).
 
     ``excluded``: (node, role) pairs that refused and nodes lost in this job (left out).
     ``share``: when fewer nodes can take a shard than there are shards (after a loss), a
@@ -202,6 +240,7 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
     """
     # 1. candidates: nodes that have the model and take shard roles; self first
     cands: list[tuple[Mapping[str, Any], str]] = []
+    fetchers: list[tuple[Mapping[str, Any], tuple[str, ...]]] = []  # nodes that would fetch
     lacking: list[str] = []
     ordered = sorted(nodes, key=lambda n: (not n.get("self"), str(n.get("name")), n["node_id"]))
     for n in ordered:
@@ -217,20 +256,34 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
         # roots; a node that lists it has it, a nested name or hub id (org/name) it may have,
         # and so may every node when the user named a path (resolved inside this node's roots:
         # others may share that root); they check on ASSIGN. Advertised paths are never sent.
-        if n.get("self") or has_model(caps, model.ref)[0] > 0 or is_path_ref(req.model):
+        tier, _, sources = model_tier(nodes, n, model.ref)
+        if n.get("self") or (tier > FETCH) or is_path_ref(req.model):
             cands.append((n, model.ref))
+        elif tier == FETCH:
+            fetchers.append((n, sources))
         else:
             lacking.append(f"{name} lacks model {model.ref!r}")
     want = req.shards if req.shards is not None else (
         len(req.layers.split(",")) if req.layers else None)
+    fetch_from: dict[str, tuple[str, ...]] = {}
+    if want is not None and want > len(cands) and fetchers:
+        # more shards than nodes with the model: nodes that fetch their slice join, in the
+        # order of every node (this node first, then by name)
+        extra = dict((str(n["node_id"]), s) for n, s in fetchers[:want - len(cands)])
+        fetch_from.update(extra)
+        chosen = {str(n["node_id"]) for n, _ in cands} | set(extra)
+        cands = [(n, model.ref) for n in ordered if str(n["node_id"]) in chosen]
     if share and cands and want is not None and want > len(cands):
         # consecutive ranges on one node: e.g. 3 shards on (a, c) -> a, a, c
         cands = [cands[i * len(cands) // want] for i in range(want)]
     if not cands or (want is not None and want > len(cands)):
-        have = ", ".join(f"{n.get('name')}({str(n['node_id'])[:8]})" for n, _ in cands) or "none"
+        have = ", ".join(f"{n.get('name')}({str(n['node_id'])[:8]})" for n, _ in cands
+                         if str(n["node_id"]) not in fetch_from) or "none"
+        fetching = ", ".join(map(label, (n for n, _ in fetchers))) or "none"
         raise ProtocolError(ErrorCode.NOT_FOUND, (
-            f"{want or 1} shard(s) of {model.ref} need as many nodes with the model; nodes "
-            f"that have it: {have}" + (f"; {'; '.join(lacking)}" if lacking else "")))
+            f"{want or 1} shard(s) of {model.ref} need as many nodes with the model or able to "
+            f"fetch it from a peer; nodes that have it: {have}; that can fetch it: {fetching}"
+            + (f"; {'; '.join(lacking)}" if lacking else "")))
     # 2. costs and budgets
     cost = shard_cost(model.config, req.dtype, req.quant)
     repeats = {n["node_id"]: sum(1 for m, _ in cands if m["node_id"] == n["node_id"])
@@ -246,11 +299,17 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
         code = ErrorCode.REFUSED if exc.shortfalls or "fit" in str(exc) else ErrorCode.BAD_REQUEST
         raise ProtocolError(code, f"cannot plan {model.ref}: {exc}") from None
     by_label = dict(zip(labels, cands, strict=True))
+    disk = model_disk_bytes(model.path) if fetch_from else 0
     stages = []
     for i, r in enumerate(ranges):
         node, ref = by_label[r.node_id]
-        stages.append(Stage(i, str(node["node_id"]), str(node.get("name")), f"shard{i}",
-                            r.start, r.end, r.planned_bytes, ref))
+        nid = str(node["node_id"])
+        fetch = None
+        if nid in fetch_from:
+            nbytes = slice_fetch_bytes(model.config, disk, r.start, r.end)
+            fetch = fetch_estimate(nodes, nid, fetch_from[nid], nbytes)
+        stages.append(Stage(i, nid, str(node.get("name")), f"shard{i}",
+                            r.start, r.end, r.planned_bytes, ref, fetch))
     return stages
 
 
@@ -359,7 +418,7 @@ class Pipeline:
             first=Hop(first.node_id, first.rid) if stage is last else None,
             max_sessions=self.req.max_sessions, max_len=self.model.max_len,
             batch_decode=self.req.batch_decode, stage_bytes=stage.planned_bytes,
-            hidden_size=c.hidden_size, vocab_size=c.vocab_size)
+            hidden_size=c.hidden_size, vocab_size=c.vocab_size, sources=stage.sources)
 
     def job_params(self) -> dict[str, Any]:
         return {"model": self.model.ref, "dtype": self.req.dtype, "quant": self.req.quant,
@@ -373,7 +432,8 @@ class Pipeline:
         self.stages = plan_pipeline(nodes, self.model, self.req, excluded,
                                     share=bool(excluded.lost))
         return [Slot(s.rid, "shard", s.node_id, self.shard_params(s).to_meta(),
-                     summary=f"layers {s.start}-{s.end} of {self.model.path.name}",
+                     summary=f"layers {s.start}-{s.end} of {self.model.path.name}"
+                     + (f" ({s.fetch.text()})" if s.fetch is not None else ""),
                      label=s.label) for s in self.stages]
 
     async def run(self, job: Job, members: Mapping[tuple[str, str], Slot]) -> None:

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from p2pllm.daemon.modelrefs import ModelRoots
 from p2pllm.daemon.roles import Refused, Role, RoleHandler
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import KVBudgetError, KVCacheFullError, ModelError
 from p2pllm.engine.loader import load_slice
 from p2pllm.pillars.caps import check_session_tokens, check_sessions, set_kv_limit
+from p2pllm.pillars.rolemodel import model_refusal, need_layers, role_model_path
 from p2pllm.pillars.split.compute import Sampler, ShardEngine, Step
 from p2pllm.pillars.split.messages import (
     Hop,
@@ -121,10 +121,11 @@ class ShardRole(Role):
             p = ShardParams.from_meta(params)
         except ProtocolError as exc:
             return f"bad shard parameters: {exc.message}"
-        roots = ModelRoots.of(config)
-        # FORBIDDEN (raised) for a path outside this node's roots
-        if roots.find(p.model) is None and not roots.may_fetch(p.model):
-            return f"model {p.model!r} is not on this node (looked under {roots.describe()})"
+        # FORBIDDEN (raised) for a path outside this node's roots; a model held by the
+        # sources is fetched (its slice only) when the role starts
+        refusal = model_refusal(config, p.model, p.sources)
+        if refusal is not None:
+            return refusal
         avail = free_bytes(caps)
         if p.stage_bytes > avail:
             return (f"not enough memory for layers {p.layers}: they need {p.stage_bytes} "
@@ -135,12 +136,10 @@ class ShardRole(Role):
 
     async def on_start(self) -> None:
         self.p = p = ShardParams.from_meta(self.params)
-        try:  # inside this node's roots (a hub download, with --allow-hub, in a thread)
-            path = (await ModelRoots.of(self.ctx.config).aresolve(p.model)).path
-        except ProtocolError as exc:
-            if exc.code == ErrorCode.NOT_FOUND:
-                raise Refused(exc.message) from None
-            raise
+        # inside this node's roots (a hub download, with --allow-hub, in a thread), or the
+        # pieces of this slice fetched from the sources into the models cache
+        need = need_layers(p.start, p.end, p.num_layers) if p.sources else None
+        path = await role_model_path(self.ctx, p.model, need, p.sources)
         try:
             config = ModelConfig.from_dir(path)
         except ModelError as exc:

@@ -37,8 +37,10 @@ class TrainPillar:
     """What the JobRunner runs for one TRAIN_RUN."""
 
     def __init__(self, spec: RunSpec, cost: StageCost, local_path: str | None,
-                 req: Request, save_dir: Path | None = None, data: bytes | None = None) -> None:
+                 req: Request, save_dir: Path | None = None, data: bytes | None = None,
+                 model_dir: Path | None = None) -> None:
         self.spec = spec
+        self.model_dir = model_dir  # this node's copy (prices fetches), None when it lacks it
         self.cost = cost
         self.local_path = local_path
         self.req = req
@@ -47,11 +49,12 @@ class TrainPillar:
         self.stages: list[Stage] = []
 
     def plan(self, nodes: Sequence[Mapping[str, Any]], excluded: Exclusions) -> list[Slot]:
-        self.stages = plan_stages_for(self.spec, nodes, self.cost, excluded, self.local_path)
+        self.stages = plan_stages_for(self.spec, nodes, self.cost, excluded, self.local_path,
+                                      self.model_dir)
         data_bytes = len(self.data) if self.data is not None else None
         return [Slot(st.rid, ROLE, st.node_id,
                      stage_params(self.spec, self.stages, st, self.cost, data_bytes),
-                     summary=f"layers {st.start}-{st.end}", label=st.describe())
+                     summary=st.summary(), label=st.describe())
                 for st in self.stages]
 
     async def run(self, job: Job, members: Mapping[tuple[str, str], Slot]) -> Reply:
@@ -102,6 +105,7 @@ async def coordinate(host: JobHost, req: Request) -> Reply:
         spec = dataclasses.replace(spec, model=local.name)  # same name = same model
     cost, _tied = stage_cost(spec, host.cluster.nodes(), local.path if local else None)
     async with host.job("splittrain", spec.job_params()) as job:
-        pillar = TrainPillar(spec, cost, local_path, req, save_dir, data)
+        pillar = TrainPillar(spec, cost, local_path, req, save_dir, data,
+                             local.path if local is not None else None)
         result: Reply = await JobRunner(job, pillar, what="split training stopped").run()
         return result

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pllm.pillars.messages import JOB, RID
+from p2pllm.pillars.messages import JOB, NODE, RID
 from p2pllm.pillars.splittrain.compute import (
     LORA_TARGETS,
     LR_DECAYS,
@@ -109,6 +109,8 @@ ASSIGN_TRAIN_STAGE = Body("ASSIGN train-stage", [
     Map("optim", OPTIM, default={}),
     Map("lora", TRAIN_LORA, default=None, doc="nil: train the weights"),
     Int("memory_bytes", 0, default=0, doc="what the planner charged this stage"),
+    List("sources", NODE(""), 0, 64, default=(),
+         doc="nodes holding the model whole: fetch the stage's layers from them when this node lacks it (13)"),
 ], doc="ASSIGN params of a train-stage role")
 
 TRAIN_FORWARD = Body("TRAIN_FORWARD", [
@@ -249,6 +251,7 @@ class StageParams:
     init: str = "checkpoint"
     data_format: str | None = None  # set: the dataset's content comes in TRAIN_DATA
     data_bytes: int | None = None
+    sources: tuple[str, ...] = ()  # node ids holding the model whole (this node may lack it)
 
     def __post_init__(self) -> None:
         """Checks across fields (each field's own bounds are ASSIGN_TRAIN_STAGE's)."""
@@ -298,7 +301,7 @@ class StageParams:
                 tied_peer=Neighbour.from_values(v["tied_peer"]), data=v["data"],
                 lora=lora_spec(**lora) if lora is not None else None, seed=v["seed"],
                 shuffle=v["shuffle"], init=v["init"], data_format=v["data_format"],
-                data_bytes=v["data_bytes"],
+                data_bytes=v["data_bytes"], sources=v["sources"],
             )
         except (ValueError, TypeError) as e:
             raise _bad(ASSIGN_TRAIN_STAGE, e) from e
@@ -314,7 +317,7 @@ class StageParams:
             "micro_batches": self.micro_batches, "schedule": self.schedule, "steps": self.steps,
             "seed": self.seed, "shuffle": self.shuffle, "init": self.init,
             "optim": self.optim.to_meta(), "lora": lora_meta(self.lora) if self.lora else None,
-            "memory_bytes": memory_bytes,
+            "memory_bytes": memory_bytes, "sources": list(self.sources),
         })
 
 

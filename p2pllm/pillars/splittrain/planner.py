@@ -3,18 +3,31 @@ stages out), and the cost model the plan charges each node's memory with.
 
 Stages go on the nodes the request names, in order, or on nodes that take the train-stage
 role and have the model: this node first (the dataset path is usually local), then those with
-the most free memory; layers as given or in proportion to free memory. Nodes the JobRunner
-excluded (they refused, or were lost) are left out.
+the most free memory; layers as given or in proportion to free memory. When the request wants
+more stages than those nodes, nodes that lack the model join (tier FETCH: they fetch their
+stage's layers from the nodes that hold it whole; the stage carries the fetch's bytes and
+time). Nodes the JobRunner excluded (they refused, or were lost) are left out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from p2pllm.daemon.cluster import find_node, has_model, label, takes_role
+from p2pllm.daemon.cluster import (
+    FETCH,
+    FetchCost,
+    advertised_disk_bytes,
+    fetch_estimate,
+    find_node,
+    has_model,
+    label,
+    model_disk_bytes,
+    model_tier,
+    takes_role,
+)
 from p2pllm.daemon.runner import Exclusions
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.errors import ModelError
@@ -41,10 +54,20 @@ class Stage:
     name: str
     start: int
     end: int
+    fetch: FetchCost | None = None  # the node lacks the model: its layers come from peers
 
     @property
     def rid(self) -> str:
         return f"stage{self.index}"
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.fetch.sources if self.fetch is not None else ()
+
+    def summary(self) -> str:
+        """What ``ctl jobs`` shows of the stage: its layers (and its fetch)."""
+        return f"layers {self.start}-{self.end}" + (
+            f" ({self.fetch.text()})" if self.fetch is not None else "")
 
     def describe(self) -> str:
         return (f"stage {self.index} (layers {self.start}-{self.end}) on {self.name} "
@@ -161,13 +184,19 @@ def stage_params(spec: RunSpec, stages: Sequence[Stage], st: Stage,
         "init": s.init, "optim": s.optim.to_meta(),
         "lora": lora_meta(s.lora) if s.lora is not None else None,
         "memory_bytes": cost.stage_bytes(st.start, st.end),
+        "sources": list(st.sources),
     }
 
 
 def plan_stages_for(spec: RunSpec, nodes: Sequence[Mapping[str, Any]], cost: StageCost,
-                    excluded: Exclusions, local_path: str | None) -> list[Stage]:
+                    excluded: Exclusions, local_path: str | None,
+                    model_dir: str | Path | None = None) -> list[Stage]:
     """The stages over the nodes the JobRunner offers: without the excluded ones, and (unless
-    the request names its nodes) only on nodes that have the model."""
+    the request names its nodes) on nodes that have the model, then, when more stages are
+    wanted than they can take, on nodes that can fetch it (a stage on a node that lacks the
+    model, named in --nodes or taken here, carries the fetch and its sources).
+    ``model_dir``: the coordinator's copy (its size on disk prices the fetch; else the
+    sources' advertised ``disk_bytes``)."""
     if spec.nodes:
         chosen = [_find(nodes, t) for t in spec.nodes]
         barred = [f"{label(n)}: {excluded.reason(n['node_id'], ROLE)}" for n in chosen
@@ -175,14 +204,51 @@ def plan_stages_for(spec: RunSpec, nodes: Sequence[Mapping[str, Any]], cost: Sta
         if barred:
             raise PlanError("the nodes given with --nodes cannot all take their stage: "
                             + "; ".join(barred), code=ErrorCode.REFUSED)
-        return plan(spec, nodes, cost)
+        return _with_fetch(plan(spec, nodes, cost), spec, nodes, cost, local_path, model_dir)
     lacking = [n for n in nodes if not _has_model(n, spec.model, local_path)]
     usable = [n for n in nodes if _has_model(n, spec.model, local_path)]
     if not usable:
         names = ", ".join(str(n["name"]) for n in lacking) or "none"
         raise PlanError(f"no node has {spec.model!r} (without it: {names})",
                         code=ErrorCode.NOT_FOUND)
-    return plan(spec, [n for n in usable if excluded.allows(n["node_id"], ROLE)], cost)
+    allowed = [n for n in usable if excluded.allows(n["node_id"], ROLE)]
+    want = spec.stages
+    if want is None and spec.layers is not None:
+        want = spec.layers.count(",") + 1
+    fetchers = [n for n in lacking if excluded.allows(n["node_id"], ROLE)
+                and takes_role(n.get("caps") or {}, ROLE)
+                and model_tier(nodes, n, spec.model)[0] == FETCH]
+    if want is not None and want > len(allowed) and fetchers:
+        extra = {n["node_id"] for n in fetchers[:want - len(allowed)]}
+        allowed = [n for n in nodes if n in allowed or n["node_id"] in extra]
+    return _with_fetch(plan(spec, allowed, cost), spec, nodes, cost, local_path, model_dir)
+
+
+def _with_fetch(stages: list[Stage], spec: RunSpec, nodes: Sequence[Mapping[str, Any]],
+                cost: StageCost, local_path: str | None,
+                model_dir: str | Path | None) -> list[Stage]:
+    """The stages, those on a node that lacks the model with their fetch (sources, bytes: the
+    model's size on disk times the stage's share of the plan's cost, seconds)."""
+    out = []
+    disk: int | None = None
+    by_id = {n["node_id"]: n for n in nodes}
+    for st in stages:
+        n = by_id.get(st.node_id)
+        if n is None or _has_model(n, spec.model, local_path):
+            out.append(st)
+            continue
+        tier, _, sources = model_tier(nodes, n, spec.model)
+        if tier != FETCH:
+            out.append(st)  # the node says why on ASSIGN (it may have it unlisted)
+            continue
+        if disk is None:
+            disk = (model_disk_bytes(model_dir) if model_dir is not None else
+                    advertised_disk_bytes(nodes, spec.model, sources) or 0)
+        whole = cost.stage_bytes(0, cost.num_layers)
+        share = cost.stage_bytes(st.start, st.end) / whole if whole > 0 else 1.0
+        nbytes = min(disk, round(disk * share))
+        out.append(replace(st, fetch=fetch_estimate(nodes, st.node_id, sources, nbytes)))
+    return out
 
 
 def _has_model(node: Mapping[str, Any], model: str, local_path: str | None) -> bool:

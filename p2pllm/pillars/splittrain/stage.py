@@ -147,7 +147,8 @@ class TrainStageRole(Role):
     def refuse(cls, config: DaemonConfig, caps: Mapping[str, Any],
                params: Mapping[str, Any]) -> str | None:
         model = params.get("model")
-        if isinstance(model, str) and not _model_here(config, caps, model):
+        sources = params.get("sources")  # nodes holding it whole: fetched on start
+        if isinstance(model, str) and not sources and not _model_here(config, caps, model):
             from p2pllm.daemon.modelrefs import ModelRoots
 
             return (f"{config.name or 'this node'} does not have model {model!r} "
@@ -193,6 +194,15 @@ class TrainStageRole(Role):
                  self.compute.num_trainable())
 
     async def _prepare(self) -> None:
+        # a model this node lacks: the stage's layers (and the embedding on the first stage,
+        # the norm and head on the last) fetched from the sources into the models cache
+        self.fetched: Path | None = None
+        if self.p.sources:
+            from p2pllm.pillars.rolemodel import role_model_path
+            from p2pllm.weights.slices import Need
+
+            need = Need((self.p.start, self.p.end), embed=self.p.first, head=self.p.last)
+            self.fetched = await role_model_path(self.ctx, self.p.model, need, self.p.sources)
         try:
             self.compute, self.blocks, self.model_dir = await self._run(self._load)
         except DatasetNotFound as e:
@@ -223,7 +233,7 @@ class TrainStageRole(Role):
             torch.set_num_threads(self.ctx.config.threads)
         # inside this daemon's roots, FORBIDDEN outside (on the worker thread: a hub
         # download, with --allow-hub, never on the event loop)
-        path = ModelRoots.of(self.ctx.config).resolve(self.p.model).path
+        path = self.fetched or ModelRoots.of(self.ctx.config).resolve(self.p.model).path
         model = build_slice(path, (self.p.start, self.p.end), init=self.p.init,
                             seed=self.p.seed, lora=self.p.lora)
         compute = StageModel(model, self.p.optim)
