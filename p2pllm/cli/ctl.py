@@ -13,6 +13,7 @@ from rich.text import Text
 from p2pllm.cli.client import open_daemon, run_daemon_call
 from p2pllm.cli.dashboard import (
     INDENT,
+    job_fetches,
     job_metrics_text,
     links_table,
     node_lines,
@@ -149,12 +150,16 @@ def jobs_lines(meta: dict[str, Any], width: int) -> list[Text]:
                             indent=INDENT + 2)
         lines += wrap_items(f"{' ' * INDENT}live:", job_metrics_text(j).split("  "), width, "  ",
                             indent=INDENT + 2)
+        if fetching := job_fetches(meta, j["job"]):
+            lines += wrap_items(f"{' ' * INDENT}fetching:", fetching, width, indent=INDENT + 2)
         if j.get("error"):
             lines += wrap_items(f"{' ' * INDENT}error:", str(j["error"]).split(), width, " ",
                                 indent=INDENT + 2)
         texts = [Text(x) for x in lines]
         texts[0].stylize("bold", 0, len(j["job"]))
         out += texts
+    if pulls := job_fetches(meta, None):
+        out += [Text(x) for x in wrap_items("fetching:", pulls, width)]
     if meta.get("roles"):
         out += [Text(x) for x in wrap_items("roles held here:",
                                             [role_text(r, job=True) for r in meta["roles"]], width)]

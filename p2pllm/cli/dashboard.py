@@ -94,6 +94,31 @@ def _roles_text(roles: list[dict[str, Any]]) -> str:
     return ", ".join(role_text(r) for r in roles) or "-"
 
 
+def node_fetches(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """A node's running fetches of model pieces (its caps' ``fetches``; a peer's are its
+    word: entries that are not maps with a model name are left out)."""
+    got = p.get("fetches")
+    return [f for f in got if isinstance(f, dict) and isinstance(f.get("model"), str)] \
+        if isinstance(got, list) else []
+
+
+def fetch_text(f: dict[str, Any]) -> str:
+    """``model done/total pct from source``: one fetch in progress."""
+    done, total = _real(f.get("done_bytes")), _real(f.get("total_bytes"))
+    pct = f" {done / total:.0%}" if done is not None and total else ""
+    src = f" from {f['source']}" if isinstance(f.get("source"), str) and f["source"] else ""
+    return f"{f['model']} {_bytes(done)}/{_bytes(total)}{pct}{src}"
+
+
+def job_fetches(snap: dict[str, Any], job: str | None) -> list[str]:
+    """``node: fetch`` of every running fetch in the snapshot's nodes for ``job`` (None: those
+    of no job listed, e.g. `p2pllm models fetch`'s pulls)."""
+    nodes = ([snap["node"]] if "node" in snap else []) + list(snap.get("peers", []))
+    jobs = {j.get("job") for j in snap.get("jobs", [])}
+    return [f"{p.get('name', '?')}: {fetch_text(f)}" for p in nodes for f in node_fetches(p)
+            if (f.get("job") == job if job is not None else f.get("job") not in jobs)]
+
+
 class History:
     """Series for sparklines, fed one snapshot at a time: per job its tok/s (or loss); per
     link (peer node id) its measured RTT and throughput; per role (node id, job, rid) its
@@ -207,6 +232,10 @@ def node_lines(snap: dict[str, Any], width: int, detail: bool,
             roles = [f"{t} {s}" if s else t for t, s in zip(roles, sparks, strict=True)]
         if detail or roles:
             lines += wrap_items(f"{pad}roles ({len(roles)}):", roles or ["-"], width,
+                                indent=INDENT + 2)
+        fetches = [fetch_text(f) for f in node_fetches(p)]
+        if fetches:
+            lines += wrap_items(f"{pad}fetching ({len(fetches)}):", fetches, width,
                                 indent=INDENT + 2)
         texts = [Text(x) for x in lines]
         texts[0].stylize("bold", 0, len(p["name"]))
@@ -328,11 +357,15 @@ def job_lines(snap: dict[str, Any], history: History, width: int, trend: bool) -
                    + (f"[{m['summary']}]" if m.get("summary") else "") for m in j.get("members", [])]
         if members:
             lines += wrap_items(" " * INDENT + "on", members, width, indent=INDENT + 2)
+        if fetching := job_fetches(snap, j["job"]):
+            lines += wrap_items(" " * INDENT + "fetching", fetching, width, indent=INDENT + 2)
         texts = [Text(x) for x in lines]
         style = {"running": "green", "failed": "red", "stopped": "yellow"}.get(j["state"], "")
         if style:
             texts[0].stylize(style, jw + 2, jw + 2 + len(j["state"]))
         out += texts
+    if pulls := job_fetches(snap, None):
+        out += [Text(x) for x in wrap_items("fetching", pulls, width, indent=INDENT)]
     return out
 
 
@@ -470,5 +503,5 @@ async def run_dashboard_inline(daemon: Any, interval: float = 0.25) -> None:
     await _live(snaps(), Console(), interval)
 
 
-__all__ = ["History", "render", "role_text", "run", "run_dashboard_inline", "sparkline",
-           "worker_busy"]
+__all__ = ["History", "fetch_text", "job_fetches", "node_fetches", "render", "role_text", "run",
+           "run_dashboard_inline", "sparkline", "worker_busy"]

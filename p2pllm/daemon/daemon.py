@@ -8,6 +8,7 @@
 - :mod:`.hosting`    ASSIGN / RELEASE and routing job messages to the roles held here
 - :mod:`.authz`      which connection kind may send what, who may act on a job's roles
 - :mod:`.jobs`       the coordinator side of jobs (JobHost)
+- :mod:`.weights`    models' pieces served to peers, fetched from them (WEIGHTS_*, issue 16)
 
 The daemon is the :class:`~p2pllm.daemon.roles.Cluster` its roles and coordinators use:
 `request` / `stream` / `notify` to a peer go over that peer's link; to this node itself they
@@ -38,6 +39,7 @@ from p2pllm.daemon.jobctl import JobControl
 from p2pllm.daemon.jobs import JobHost, coordinator_registry
 from p2pllm.daemon.peers import PeerTable
 from p2pllm.daemon.status import StatusHandlers
+from p2pllm.daemon.weights import WeightsService
 from p2pllm.wire.connection import Connection, ConnectionClosed, Reply, Request, serve
 from p2pllm.wire.frame import Buffer, Frame, Limits, ProtocolError
 from p2pllm.wire.local import LocalConnection
@@ -74,6 +76,7 @@ class Daemon:
         self.coordinators = coordinator_registry()
         self.jobs = JobHost(self, config, self.emit, self._running_jobs)
         status, jobctl = StatusHandlers(self), JobControl(self)
+        self.weights = WeightsService(self)
         self._core: dict[MsgType, CoreHandler] = {
             MsgType.STATUS: status.on_status,
             MsgType.SUBSCRIBE: status.on_subscribe,
@@ -85,6 +88,7 @@ class Daemon:
             MsgType.JOB_STOP: jobctl.on_job_stop,
             MsgType.CAPS_UPDATE: self.peers.on_caps_update,
             MsgType.GOODBYE: self.peers.on_goodbye,
+            **self.weights.handlers(),
         }
 
     @property
@@ -200,7 +204,7 @@ class Daemon:
     def caps_now(self) -> dict[str, Any]:
         _, free = memory_bytes()
         return {**self.caps, "mem_free": free, "mem_used_by_roles": self.hosting.memory_used(),
-                "roles_held": self.hosting.held()}
+                "roles_held": self.hosting.held(), "fetches": self.weights.running()}
 
     async def broadcast_caps(self) -> None:
         await self.peers.broadcast_caps(self.caps_now())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -122,6 +123,7 @@ class RoleHost:
             config=d.config,
             cluster=d,
             report=lambda metrics: d.emit(ev.RoleMetrics(job, rid, metrics)),
+            fetch_model=functools.partial(d.weights.fetch_model, job),
         )
         role = cls(ctx, params)
         if grant is None:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, final
 
 from p2pllm.daemon.worker import RoleWorker
@@ -27,10 +28,13 @@ from p2pllm.wire.messages import ErrorCode, MsgType
 
 if TYPE_CHECKING:
     from p2pllm.config import DaemonConfig
+    from p2pllm.weights.slices import Need
 
 log = logging.getLogger(__name__)
 
 RoleHandler = Callable[[Request], Awaitable[Reply | None]]
+# fetch_model(ref, need, sources) -> the folder to load from (protocol.md 4.6 and 13)
+FetchModel = Callable[[str, "Need | None", Sequence[str]], Awaitable[Path]]
 
 
 class Refused(ProtocolError):
@@ -92,6 +96,12 @@ class RoleContext:
     config: DaemonConfig
     cluster: Cluster
     report: Callable[[dict[str, Any]], None]  # publish this role's metrics to the state
+    # The model's folder: in this host's roots (no fetch), or its models cache holding the
+    # pieces ``need`` names (None: the whole model) fetched from ``sources`` (node ids holding
+    # it whole; protocol.md 4.6 and 13). ProtocolError NOT_FOUND when the roots lack it and no
+    # source is given, PEER_DOWN naming what is missing when the fetch cannot complete.
+    # None where no daemon stands behind the role (tests building a context by hand).
+    fetch_model: FetchModel | None = None
 
 
 class Role:

@@ -131,6 +131,31 @@ class NodeUpdated:
     caps: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class FetchUpdated:
+    """A fetch of model pieces into this node's models cache (protocol.md 13) started, made
+    progress or ended: ``state`` "fetching", "done", "reused" or "failed"."""
+
+    model: str
+    job: str
+    state: str
+    done_bytes: int
+    total_bytes: int
+    at: float
+    pieces_done: int = 0
+    pieces_total: int = 0
+    source: str = ""
+    dropped: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightsServed:
+    """This node sent ``nbytes`` of model pieces in a WEIGHTS_READ answer."""
+
+    nbytes: int
+
+
 Event = (
     PeerUp
     | PeerDown
@@ -146,11 +171,14 @@ Event = (
     | JobUpdated
     | JobEnded
     | NodeUpdated
+    | FetchUpdated
+    | WeightsServed
 )
 
 # -- state ---------------------------------------------------------------------------------
 
 MAX_FINISHED_JOBS = 20
+MAX_ENDED_FETCHES = 8
 
 
 @dataclass(frozen=True)
@@ -159,6 +187,8 @@ class State:
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     roles: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fetches: dict[str, dict[str, Any]] = field(default_factory=dict)  # by model: the latest fetch
+    served_bytes: int = 0  # bytes of model pieces served to peers (WEIGHTS_READ)
 
 
 def _with(d: dict[Any, Any], key: Any, value: Any) -> dict[Any, Any]:
@@ -294,6 +324,31 @@ def apply(state: State, event: Event) -> State:
             return replace(state, jobs=_with(state.jobs, event.job, job))
         case NodeUpdated():
             return replace(state, node=replace(state.node, caps=event.caps))
+        case FetchUpdated():
+            old = state.fetches.get(event.model)
+            fresh = old is None or old["state"] != "fetching" or old["job"] != event.job
+            fetch = {
+                "model": event.model,
+                "job": event.job,
+                "state": event.state,
+                "done_bytes": event.done_bytes,
+                "total_bytes": event.total_bytes,
+                "pieces_done": event.pieces_done,
+                "pieces_total": event.pieces_total,
+                "source": event.source,
+                "dropped": list(event.dropped),
+                "started": event.at if fresh else old["started"],
+                "ended": None if event.state == "fetching" else event.at,
+                "error": event.error,
+            }
+            fetches = _with(state.fetches, event.model, fetch)
+            ended = sorted((f for f in fetches.values() if f["state"] != "fetching"),
+                           key=lambda f: f["ended"])
+            for f in ended[:max(0, len(ended) - MAX_ENDED_FETCHES)]:
+                fetches = _without(fetches, f["model"])
+            return replace(state, fetches=fetches)
+        case WeightsServed():
+            return replace(state, served_bytes=state.served_bytes + event.nbytes)
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover
 
 
@@ -329,5 +384,7 @@ def snapshot(state: State, now: float) -> dict[str, Any]:
             key=lambda p: (p["name"], p["node_id"]),
         ),
         "jobs": sorted(state.jobs.values(), key=lambda j: j["started"]),
+        "fetches": sorted(state.fetches.values(), key=lambda f: f["started"]),
+        "served_bytes": state.served_bytes,
         "time": now,
     }
