@@ -9,8 +9,9 @@ model alike; :func:`fetch_pieces` then moves the missing pieces:
 2. while batches wait and fewer than ``window`` reads are in flight (all sources together: a
    credit window; TCP paces the rest), the live source with the fewest reads in flight gets the
    next batch;
-3. each answer is checked and written in a thread (sha256 per piece, ``pwrite``, fsync, journal:
-   :meth:`~p2pllm.weights.store.CacheEntry.record`), while the next reads are in flight;
+3. each answer is checked and written in a thread (sha256 per piece, ``pwrite``, journal:
+   :meth:`~p2pllm.weights.store.CacheEntry.record`, fsynced about once a second and at the
+   end), while the next reads are in flight;
 4. a source whose read raises (connection closed, timeout, ProtocolError) or that answers a
    piece not matching the manifest is dropped for this fetch, and its outstanding batches go
    back to the queue for the others; the good pieces of a partly corrupt answer are kept.
@@ -308,6 +309,8 @@ async def fetch_pieces(entry: CacheEntry, manifest: Manifest, ids: Sequence[int]
             await asyncio.gather(*reads, return_exceptions=True)
         if writes:  # let the threads finish: the journal stays whole
             await asyncio.wait(writes)
+        if fetched_pieces:  # what was recorded, durable (fsync of files and journal)
+            await asyncio.to_thread(entry.sync)
     if queue:
         left = sorted(i for b in queue for i in b)
         nbytes = manifest.nbytes(left)

@@ -5,9 +5,13 @@ no valid name) holds the model's files under their own names, each created at it
 (``ftruncate``: a hole) and written only at its fetched pieces' offsets, so ``st_blocks``
 counts only those bytes and :func:`p2pllm.engine.loader.load_slice` reads the folder like the
 source's (each tensor at its own offset). ``<entry>/.p2pllm-fetch.json`` (the journal: version,
-manifest digest, manifest, ids of the verified pieces) is rewritten atomically (tmp, fsync,
-rename, fsync of the folder) after the pieces it adds were written and fsynced: a piece the
-journal does not list does not exist, so a crash or kill costs at most the pieces in flight.
+manifest digest, manifest, ids of the verified pieces, those of them not yet fsynced) is
+replaced atomically (tmp, rename) after the pieces it adds were written: a piece the journal
+does not list does not exist, so a crash or kill costs at most the pieces in flight. About
+once a second (``sync_interval``) and at the end of a fetch the files, then the journal, are
+fsynced (tmp fsync, rename, folder fsync); pieces listed as unsynced are re-hashed when the
+entry is reopened and kept only if their bytes are there (a power loss may have lost them).
+One fsync per batch instead cost a third of the fetch throughput here.
 A journal whose digest differs from the manifest asked for (the model changed at the source),
 or that cannot be read, wipes the entry.
 
@@ -24,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,9 +78,13 @@ def _fsync_dir(path: Path) -> None:
 class CacheEntry:
     """One model's sparse copy (see the module doc); made by :meth:`FetchCache.entry`."""
 
-    def __init__(self, cache: FetchCache, path: Path, manifest: Manifest, have: set[int]) -> None:
+    def __init__(self, cache: FetchCache, path: Path, manifest: Manifest, have: set[int],
+                 sync_interval: float = 1.0) -> None:
         self.cache, self.path, self.manifest = cache, path, manifest
+        self.sync_interval = sync_interval
         self._have = set(have)
+        self._synced = set(have)
+        self._last_sync = time.monotonic()
         self._written: set[int] = set()
         self._dirty: set[int] = set()
         self._fds: dict[int, int] = {}
@@ -152,35 +161,76 @@ class CacheEntry:
             self._dirty.add(p.file)
 
     def record(self, ids: Iterable[int]) -> None:
-        """Make pieces written by :meth:`write` durable and list them in the journal (fsync of
-        their files, then the journal replaced atomically). Blocking: call in a thread."""
+        """List pieces written by :meth:`write` in the journal (replaced atomically). At most
+        every ``sync_interval`` seconds (and in :meth:`sync`) their files and the journal are
+        fsynced first; pieces recorded since the last fsync are listed as unsynced, and
+        re-verified when the entry is reopened (after a power loss their bytes may be gone;
+        after a crash or kill the page cache still has them). Blocking: call in a thread."""
         ids = set(ids)
         with self._journal_lock:
             with self._lock:
                 unknown = ids - self._written - self._have
                 if unknown:
                     raise ValueError(f"pieces {sorted(unknown)[:8]} were not written here")
-                dirty, self._dirty = self._dirty, set()
-                fds = [self._fds[f] for f in dirty if f in self._fds]
-            for fd in fds:
-                os.fsync(fd)
-            with self._lock:
                 have = self._have | ids
-            self._write_journal(have)
+            now = time.monotonic()
+            durable = now - self._last_sync >= self.sync_interval
+            if durable:
+                self._sync_files()
+                self._last_sync = now
+                self._synced = set(have)
+            self._write_journal(have, have - self._synced, fsync=durable)
             with self._lock:
                 self._have |= ids
                 self._written -= ids
 
-    def _write_journal(self, have: set[int]) -> None:
+    def sync(self) -> None:
+        """Make every recorded piece durable (fsync of the files, then of the journal)."""
+        with self._journal_lock:
+            have = self.have()
+            self._sync_files()
+            self._last_sync = time.monotonic()
+            self._synced = have
+            self._write_journal(have, set(), fsync=True)
+
+    def _sync_files(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            fds = [self._fds[f] for f in dirty if f in self._fds]
+        for fd in fds:
+            os.fsync(fd)
+
+    def _write_journal(self, have: set[int], unsynced: set[int], fsync: bool = True) -> None:
         text = (f'{{"version":{_VERSION},"digest":"{self.manifest.digest}",'
-                f'"have":{json.dumps(sorted(have))},"manifest":{self._manifest_json}}}')
+                f'"have":{json.dumps(sorted(have))},"unsynced":{json.dumps(sorted(unsynced))},'
+                f'"manifest":{self._manifest_json}}}')
         tmp = self.path / (JOURNAL + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, self.path / JOURNAL)
-        _fsync_dir(self.path)
+        if fsync:
+            _fsync_dir(self.path)
+
+    def _verify(self, ids: Iterable[int]) -> set[int]:
+        """Those of ``ids`` whose bytes on disk match the manifest."""
+        good = set()
+        for i in ids:
+            p = self.manifest.pieces[i]
+            try:
+                fd = os.open(self.path / self.manifest.files[p.file].name, os.O_RDONLY)
+                try:
+                    data = os.pread(fd, p.length, p.offset)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue
+            if hashlib.sha256(data).hexdigest() == p.sha256:
+                good.add(i)
+        return good
 
     def reserve(self, nbytes: int) -> None:
         """Make room in the cache for ``nbytes`` more of this entry (:class:`CacheFull`)."""
@@ -199,9 +249,11 @@ class FetchCache:
     """The entries under ``root``; ``max_bytes`` caps their bytes on disk (None: no cap),
     enforced by :meth:`make_room` (least recently used entries evicted first)."""
 
-    def __init__(self, root: str | Path, max_bytes: int | None = None) -> None:
+    def __init__(self, root: str | Path, max_bytes: int | None = None,
+                 sync_interval: float = 1.0) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.sync_interval = sync_interval  # seconds between fsyncs of an entry being filled
         self._open: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()
 
@@ -223,18 +275,24 @@ class FetchCache:
                 if current.manifest.digest == manifest.digest:
                     return current
                 current.close()
-            have = self._load(path, manifest)
-            if have is None:
+            loaded = self._load(path, manifest)
+            if loaded is None:
                 if path.exists():
                     log.info("fetch cache: wiping %s (no journal of manifest %s)", path,
                              manifest.digest[:12])
                     shutil.rmtree(path)
                 self.root.mkdir(parents=True, exist_ok=True)
                 path.mkdir()
-                have = set()
-            e = CacheEntry(self, path, manifest, have)
-            if not (path / JOURNAL).is_file():
-                e._write_journal(have)
+                loaded = set(), set()
+            have, unsynced = loaded
+            e = CacheEntry(self, path, manifest, have - unsynced, self.sync_interval)
+            if unsynced:  # recorded but never fsynced: kept only if their bytes are there
+                e._have |= e._verify(unsynced)
+                e._synced = set(e._have)
+                log.info("fetch cache: %s: %d of %d unsynced pieces verified", path,
+                         len(e._have) - len(have - unsynced), len(unsynced))
+            if unsynced or not (path / JOURNAL).is_file():
+                e._write_journal(e._have, set())
             for f in manifest.files:  # holes of the full size; kept files are already it
                 target = path / f.name
                 target.parent.mkdir(exist_ok=True)
@@ -249,9 +307,10 @@ class FetchCache:
             os.utime(path / JOURNAL)  # recently used
             return e
 
-    def _load(self, path: Path, want: Manifest | None) -> set[int] | None:
-        """The pieces the journal at ``path`` lists, if it is readable and (when ``want`` is
-        given) of ``want``'s digest, with its files at their sizes; else None."""
+    def _load(self, path: Path, want: Manifest | None) -> tuple[set[int], set[int]] | None:
+        """The pieces the journal at ``path`` lists and those of them it says were not
+        fsynced, if it is readable and (when ``want`` is given) of ``want``'s digest, with its
+        files at their sizes; else None."""
         j = path / JOURNAL
         try:
             if j.stat().st_size > _MAX_JOURNAL:
@@ -262,9 +321,10 @@ class FetchCache:
             m = Manifest.from_wire(d.get("manifest"))
             if d.get("digest") != m.digest or (want is not None and m.digest != want.digest):
                 return None
-            have = d.get("have")
-            if not isinstance(have, list) or not all(
-                    type(i) is int and 0 <= i < len(m.pieces) for i in have):
+            have: list[int] = d.get("have")  # type: ignore[assignment]  # checked just below
+            unsynced: list[int] = d.get("unsynced")  # type: ignore[assignment]
+            if not all(isinstance(x, list) and all(type(i) is int and 0 <= i < len(m.pieces)
+                                                   for i in x) for x in (have, unsynced)):
                 return None
         except (OSError, ValueError, ProtocolError):
             return None
@@ -275,7 +335,7 @@ class FetchCache:
                     return None
             except OSError:
                 return None
-        return set(have)
+        return set(have), set(unsynced) & set(have)
 
     def find(self, model: str) -> CacheEntry | None:
         """The entry of ``model`` when its journal is readable (whatever it holds); None

@@ -5,6 +5,7 @@ failover, corrupt bytes, no source left, the window, resume after a crash, a cha
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import pytest
 from p2pllm.weights.fetch import FetchError, Progress, Source, agree_manifest, fetch_pieces
 from p2pllm.weights.manifest import Manifest, build_manifest
 from p2pllm.weights.slices import Need, pieces_for
-from p2pllm.weights.store import FetchCache
+from p2pllm.weights.store import JOURNAL, FetchCache
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode
 from tests.conftest import BUNDLED
@@ -115,6 +116,7 @@ async def test_a_whole_fetch_from_one_source(tmp_path: Path, manifest: Manifest)
         sorted(p.done_bytes for p in seen) and seen[-1].pieces_done == len(ids)
     for f in manifest.files:
         assert (e.path / f.name).read_bytes() == (BUNDLED / f.name).read_bytes()
+    assert json.loads((e.path / JOURNAL).read_text())["unsynced"] == []  # synced at the end
     # a second fetch of the same pieces reads nothing
     calls = src.calls
     again = await fetch_pieces(e, manifest, ids, [src])

@@ -122,6 +122,27 @@ def test_journal_survives_a_crash_and_lists_only_recorded_pieces(tmp_path: Path)
         assert (again.path / f.name).read_bytes() == (BUNDLED / f.name).read_bytes()
 
 
+def test_unsynced_pieces_are_verified_when_the_entry_reopens(tmp_path: Path) -> None:
+    m = build_manifest(BUNDLED, "shakespeare")
+    e = fill(FetchCache(tmp_path / "c", sync_interval=3600), BUNDLED, m, list(range(6)))
+    journal = json.loads((e.path / JOURNAL).read_text())
+    assert journal["have"] == journal["unsynced"] == list(range(6))  # no fsync yet
+    # a power loss took piece 2's bytes (it reads as zeros again): only it is dropped
+    p = m.pieces[2]
+    with open(e.path / m.files[p.file].name, "r+b") as fh:
+        fh.seek(p.offset)
+        fh.write(bytes(p.length))
+    again = FetchCache(tmp_path / "c").entry(m)
+    assert again.have() == {0, 1, 3, 4, 5}
+    assert json.loads((again.path / JOURNAL).read_text())["unsynced"] == []
+    # sync_interval 0: every record is fsynced; sync() makes all durable
+    e0 = fill(FetchCache(tmp_path / "d", sync_interval=0), BUNDLED, m, [0, 1])
+    assert json.loads((e0.path / JOURNAL).read_text())["unsynced"] == []
+    e1 = fill(FetchCache(tmp_path / "e", sync_interval=3600), BUNDLED, m, [0, 1])
+    e1.sync()
+    assert json.loads((e1.path / JOURNAL).read_text())["unsynced"] == []
+
+
 def test_another_digest_or_a_bad_journal_wipes_the_entry(tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(BUNDLED, src)
