@@ -54,7 +54,7 @@ from p2pllm.weights.manifest import Manifest, build_manifest
 from p2pllm.weights.slices import Need, pieces_for, tensor_part
 from p2pllm.weights.store import CacheFull, FetchCache
 from p2pllm.wire.connection import Connection, ConnectionClosed, RemoteError, Reply, Request
-from p2pllm.wire.frame import ProtocolError
+from p2pllm.wire.frame import ProtocolError, encode_meta
 from p2pllm.wire.messages import ErrorCode, MsgType
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ MANIFEST_TIMEOUT = 300.0  # the first WEIGHTS_MANIFEST of a model hashes all of 
 READ_THREADS = 4  # WEIGHTS_READs reading from disk at once, all peers together
 PROGRESS_EVERY = 0.1  # seconds between WEIGHTS_PULL partial answers, at least
 CAPS_EVERY = 1.0  # seconds between caps updates while fetches run, at least
+META_SLACK = 1024  # bytes of a WEIGHTS_MANIFEST answer's meta besides the manifest
 
 Progressed = Callable[[Progress], None]
 
@@ -357,8 +358,15 @@ class WeightsService:
     async def on_manifest(self, conn: Connection, req: Request) -> Reply:
         m = WEIGHTS_MANIFEST.parse(req.meta)
         got = await self.served(m["model"])
+        wire = got.manifest.to_wire()
+        size = len(encode_meta(wire))
+        cap = self.d.config.max_meta - META_SLACK
+        if size > cap:  # a reader with the same max_meta would close the link on it (2.1)
+            raise ProtocolError(ErrorCode.OVER_LIMIT, (
+                f"manifest of {m['model']!r} ({len(wire['pieces'])} pieces, {size} bytes) over "
+                f"the cap {cap} (config key max_meta)"))
         return Reply(MsgType.WEIGHTS_MANIFEST, {"model": m["model"], "digest": got.digest,
-                                                "manifest": got.manifest.to_wire()})
+                                                "manifest": wire})
 
     async def on_read(self, conn: Connection, req: Request) -> Reply:
         m = WEIGHTS_READ.parse(req.meta)

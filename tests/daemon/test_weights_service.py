@@ -135,6 +135,21 @@ async def test_refusals_are_typed_and_the_daemon_goes_on(
     assert not (tmp_path / "src-state" / "models-cache").exists()
 
 
+async def test_a_manifest_over_max_meta_is_refused_not_sent(
+        daemons: Any, tmp_path: Path, models: Path, peer: Any) -> None:
+    """A manifest whose meta would not fit max_meta is OVER_LIMIT, and the link stays up (a
+    reader with the same max_meta would have closed the connection on the frame)."""
+    cfg = tmp_path / "small-meta.yaml"
+    cfg.write_text("max_meta: 4096\n")
+    d = daemons("tight", "--no-mdns", "--models-dir", str(models), "--state-dir",
+                str(tmp_path / "tight-state"), "--config", str(cfg))
+    conn = await peer(d.port)
+    err = await refused(conn.request(MsgType.WEIGHTS_MANIFEST, {"model": MODEL}, timeout=T))
+    assert err.code == ErrorCode.OVER_LIMIT and "config key max_meta" in err.message
+    man, _ = await manifest_of(conn, "big")  # 6 pieces: fits
+    assert len(man.pieces) == 6 and not conn.closed
+
+
 def _fetch_cli(address: str, *args: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "p2pllm.cli.main", "models", "fetch", MODEL,
