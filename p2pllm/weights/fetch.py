@@ -256,6 +256,7 @@ async def fetch_pieces(entry: CacheEntry, manifest: Manifest, ids: Sequence[int]
         return await asyncio.wait_for(s.read(manifest, batch), read_timeout)
 
     progress()
+    failed = True
     try:
         while True:
             # 1. keep the window full (and no more answers waiting for the disk than reads)
@@ -302,6 +303,7 @@ async def fetch_pieces(entry: CacheEntry, manifest: Manifest, ids: Sequence[int]
                     continue
                 writes[asyncio.ensure_future(
                     asyncio.to_thread(_write_batch, entry, batch, data))] = s
+        failed = False
     finally:
         for t in reads:
             t.cancel()
@@ -309,8 +311,16 @@ async def fetch_pieces(entry: CacheEntry, manifest: Manifest, ids: Sequence[int]
             await asyncio.gather(*reads, return_exceptions=True)
         if writes:  # let the threads finish: the journal stays whole
             await asyncio.wait(writes)
+            for t in writes:
+                _retrieve(t)
         if fetched_pieces:  # what was recorded, durable (fsync of files and journal)
-            await asyncio.to_thread(entry.sync)
+            if not failed:
+                await asyncio.to_thread(entry.sync)
+            else:  # failing already: keep that error
+                try:
+                    await asyncio.to_thread(entry.sync)
+                except Exception as exc:
+                    log.warning("weights: cannot sync %s: %s", entry.path, _why(exc))
     if queue:
         left = sorted(i for b in queue for i in b)
         nbytes = manifest.nbytes(left)

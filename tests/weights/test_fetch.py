@@ -281,3 +281,38 @@ def test_fake_sources_are_sources() -> None:
 def test_no_torch_at_import() -> None:
     code = "import sys, p2pllm.weights.fetch; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+async def test_a_cancelled_fetch_leaves_a_consistent_entry(tmp_path: Path,
+                                                          manifest: Manifest) -> None:
+    ids = list(range(len(manifest.pieces)))
+    src = FileSource("a", BUNDLED)
+    e = FetchCache(tmp_path / "c").entry(manifest)
+
+    def stop(p: Progress) -> None:
+        if p.pieces_done >= 5:
+            task.cancel()  # mid-fetch: reads in flight, maybe a write in its thread
+
+    task = asyncio.ensure_future(fetch_pieces(e, manifest, ids, [src], batch_bytes=SMALL,
+                                              on_progress=stop))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    held = e.have()
+    assert held and held <= set(src.delivered) and not e.complete()
+    e.close()
+    again = FetchCache(tmp_path / "c").entry(manifest)
+    assert again.have() == held and same_as_source(again.path, manifest, sorted(held))
+
+
+async def test_a_disk_error_fails_the_fetch_not_the_source(tmp_path: Path, manifest: Manifest,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    e = FetchCache(tmp_path / "c").entry(manifest)
+
+    def full(*_: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        await fetch_pieces(e, manifest, list(range(len(manifest.pieces))),
+                           [FileSource("a", BUNDLED)], batch_bytes=SMALL)
+    assert e.have() == set()
