@@ -4,7 +4,8 @@ reads for layers ``[a, b)`` with or without the embedding and the head, and noth
 Tensors are told apart by name: GGUF ``blk.N.*``, ``token_embd.weight``, ``output_norm.weight``,
 ``output.weight``; Hugging Face ``model.layers.N.*``, ``model.embed_tokens.weight``,
 ``model.norm.weight``, ``lm_head.weight``. A head whose model stores no output / lm_head tensor
-(tied embeddings) reads the embedding. A tensor matching none of these is always included, so
+(tied embeddings), or one with the embedding's very bytes (a tied model saved with both, whose
+config makes the loader read the embedding), reads the embedding. A tensor matching none of these is always included, so
 are the head pieces of every file and every non-tensor file (config, tokenizer). Torch-free.
 """
 
@@ -69,7 +70,7 @@ def pieces_for(manifest: Manifest, need: Need) -> list[int]:
     """Ids of the pieces ``need`` reads (sorted): head pieces and non-tensor files always,
     then the tensors of its layers, embedding and head (see the module doc)."""
     tensors = manifest.tensor_names()
-    tied = not any(t in _OUTPUT for t in tensors)
+    tied = _tied(manifest)
     wanted: set[str] = set()
     for t in tensors:
         part, layer = tensor_part(t)
@@ -79,6 +80,18 @@ def pieces_for(manifest: Manifest, need: Need) -> list[int]:
                 or (part == "head" and need.head)):
             wanted.add(t)
     return [p.id for p in manifest.pieces if p.tensor is None or p.tensor in wanted]
+
+
+def _tied(manifest: Manifest) -> bool:
+    """Whether a head reads the embedding: no output tensor is stored, or one is stored with
+    the embedding's very bytes (a tied model saved with both: the loader reads the
+    embedding, as its config ties them)."""
+    def shas(names: frozenset[str]) -> list[list[str]]:
+        return [[manifest.pieces[i].sha256 for i in manifest.tensor_pieces(t)]
+                for t in sorted(names) if manifest.tensor_pieces(t)]
+
+    out = shas(_OUTPUT)
+    return not out or any(o in shas(_EMBED) for o in out)
 
 
 def slice_bytes(manifest: Manifest, need: Need) -> int:

@@ -25,7 +25,7 @@ def _tensors(m: Manifest, ids: list[int]) -> set[str]:
 def _synthetic(names: list[str]) -> Manifest:
     """A manifest of one GGUF file holding one 10-byte tensor of each name."""
     pieces = [Piece(0, 0, 0, 10, "0" * 64, None)]
-    pieces += [Piece(i + 1, 0, 10 * (i + 1), 10, "0" * 64, n) for i, n in enumerate(names)]
+    pieces += [Piece(i + 1, 0, 10 * (i + 1), 10, f"{i + 1:064x}", n) for i, n in enumerate(names)]
     return Manifest("m", "gguf", (FileEntry("model.gguf", 10 * len(pieces)),), tuple(pieces))
 
 
@@ -90,6 +90,19 @@ def test_untied_head_does_not_read_the_embedding_and_unknown_tensors_always_come
     assert _tensors(m, pieces_for(m, Need((0, 1), True, False))) == \
         {"token_embd.weight", "blk.0.attn_q.weight", "rope_freqs.weight"}
     assert pieces_for(m, Need.whole()) == list(range(len(m.pieces)))
+    # a tied model saved with both: the output's bytes are the embedding's
+    both = _synthetic(["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+                       "model.norm.weight", "lm_head.weight"])
+    same = Manifest(both.model, both.format, both.files, tuple(
+        p._replace(sha256="1" * 64) if p.tensor in ("lm_head.weight",
+                                                    "model.embed_tokens.weight") else p
+        for p in both.pieces))
+    assert "model.embed_tokens.weight" in _tensors(same, pieces_for(same, Need((0, 0), False,
+                                                                                True)))
+    differ = Manifest(both.model, both.format, both.files, tuple(
+        p._replace(sha256="2" * 64) if p.tensor == "lm_head.weight" else p for p in both.pieces))
+    assert "model.embed_tokens.weight" not in _tensors(differ, pieces_for(differ, Need(
+        (0, 0), False, True)))
     tied = _synthetic([n for n in names if n != "output.weight"])
     assert "token_embd.weight" in _tensors(tied, pieces_for(tied, Need((1, 2), False, True)))
     assert "token_embd.weight" not in _tensors(tied, pieces_for(tied, Need((1, 2), False, False)))

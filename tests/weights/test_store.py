@@ -51,13 +51,26 @@ def _gguf_of_bundled(tmp_path: Path) -> Path:
     return write_gguf(tmp_path / "shakespeare-gguf" / "model.gguf", state, cfg)
 
 
+def _tied_with_both(tmp_path: Path) -> Path:
+    """The bundled model (tied) saved with lm_head.weight stored too, a copy of the embedding."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "tied-both"
+    shutil.copytree(BUNDLED, out)
+    state = load_file(str(BUNDLED / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
 def _shards(n: int) -> list[tuple[int, int]]:
     return [(0, 1), (1, n - 1), (n - 1, n)]
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+@pytest.mark.parametrize("kind", ["safetensors", "gguf", "tied-both"])
 def test_cached_slices_load_and_compute_like_the_original(tmp_path: Path, kind: str) -> None:
-    src = BUNDLED if kind == "safetensors" else _gguf_of_bundled(tmp_path).parent
+    src = {"safetensors": lambda: BUNDLED, "gguf": lambda: _gguf_of_bundled(tmp_path).parent,
+           "tied-both": lambda: _tied_with_both(tmp_path)}[kind]()
     m = build_manifest(src, "shakespeare")
     n = ModelConfig.from_dir(src).num_layers
     ids, pos = torch.tensor([[5, 17, 300, 2, 1000, 44, 9]]), torch.arange(7)[None]
