@@ -12,8 +12,8 @@ Every other file is whole pieces of at most :data:`CHUNK`, tensor None.
 version); :meth:`Manifest.from_wire` checks everything a peer sends (names, bounds, overlaps,
 counts) and raises :class:`~p2pllm.wire.frame.ProtocolError` ``BAD_REQUEST``. The headers are
 parsed here with ``struct`` (no torch): :mod:`p2pllm.engine.gguf` imports torch at its top.
-Over ~400 lines because the manifest, the checks of a peer's and the two header parsers that
-cut a file into pieces are one contract (where a piece may lie), read together.
+Size: over 400 lines because the manifest, the checks of a peer's and the two header parsers
+that cut a file into pieces are one contract (where a piece may lie), read together.
 
 Wire form (``to_wire``; its canonical msgpack's sha256 is :attr:`Manifest.digest`)::
 

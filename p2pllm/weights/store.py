@@ -18,7 +18,7 @@ or that cannot be read, wipes the entry.
 The cache is not a model root: a partial entry must never be loaded as the whole model; the
 daemon hands out an entry's path only after checking it holds the pieces a role needs.
 Blocking file I/O: call :meth:`CacheEntry.write` / :meth:`CacheEntry.record` in a thread.
-Over ~400 lines because the entry and the cache share the journal's format and its checks.
+Size: over 400 lines because the entry and the cache share the journal's format and checks.
 """
 
 from __future__ import annotations
