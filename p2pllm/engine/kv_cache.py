@@ -392,6 +392,13 @@ class KVCache:
         return (keys.view(nkv, b, s - lo, hd).transpose(0, 1),
                 values.view(nkv, b, s - lo, hd).transpose(0, 1))
 
+    def span_views(self, plan: KVPlan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """For a plan with a ``span`` (one row, one run): every layer's (K, V) storage of
+        that run's chunk, each (1, kv_heads, slots, hd), and the row's first slot in it
+        (what :meth:`update` writes and reads there, for callers that do it themselves)."""
+        assert plan.span is not None
+        return self._views[plan.span[0]], plan.span[1]
+
     # -- internals ----------------------------------------------------------------------------
 
     def _index(self, p: KVPlan, rs: list[_Row]) -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2pllm.engine.config import ModelConfig
+from p2pllm.engine.decode import decode_layer, layer_ok
 from p2pllm.engine.errors import ModelError, SequenceTooLongError
 from p2pllm.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVPlan
 from p2pllm.engine.quant import QuantFused, QuantLinear
@@ -96,6 +97,7 @@ with contextlib.suppress(AttributeError, RuntimeError):  # the overload: ~1-3 us
 ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available()  # wide float32 linears through oneDNN
 ONEDNN_MIN_NUMEL = 1 << 17  # 512 KiB of float32 (see _dense_linear)
 BF16_DECODE_ATTENTION_FP32 = True  # one bfloat16 query attends in float32 (see Attention)
+DECODE_LAYER = True  # one token of one cache row: the lean layer of :mod:`.decode`
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -110,6 +112,11 @@ def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
             and w.is_contiguous() and x.is_contiguous()):
         return _onednn(x, w, b, "none", [], "")
     return F.linear(x, w, b)
+
+
+def _dense_decode(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """No-grad linear without bias of a plain or oneDNN-packed weight (for :mod:`.decode`)."""
+    return _onednn(x, w, None, "none", [], "") if w.is_mkldnn else _dense_linear(x, w, None)
 
 
 def _lin(m: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
@@ -515,7 +522,10 @@ class ModelSlice(nn.Module):
         step.fast = not torch.is_grad_enabled()
         # 2. layers
         try:
-            if step.fast:
+            if step.fast and t == 1 and b == 1 and DECODE_LAYER and step.kv is not None \
+                    and step.kv.span is not None and cache is not None:
+                h = self._decode_layers(h, step, cache, step.kv)
+            elif step.fast:
                 for layer in self.layers.values():
                     h = layer.forward(h, step) if type(layer) is DecoderLayer else layer(h, step)
             else:
@@ -535,6 +545,26 @@ class ModelSlice(nn.Module):
             h = h[:, -1:]
         h = _norm(self.norm, h) if step.fast else self.norm(h)
         return _lin(self.lm_head, h, step.fast)
+
+    def _decode_layers(self, h: torch.Tensor, step: _Step, cache: KVCache,
+                       kv: KVPlan) -> torch.Tensor:
+        """The layers on one token of one cache row whose blocks are one run: each layer
+        through :func:`.decode.decode_layer` when it qualifies, else its own forward."""
+        views, first = cache.span_views(kv)
+        s, write = kv.kv_len, first + kv.starts[0]
+        cos, sin, lo0 = step.cos, step.sin, cache.start
+        bf16_fp32 = BF16_DECODE_ATTENTION_FP32
+        for layer in self.layers.values():
+            if type(layer) is DecoderLayer and layer_ok(layer, RMSNorm, Linear, Fused):
+                attn = layer.self_attn
+                window = attn.window
+                lo = s - window if window is not None and s > window else 0
+                kc, vc = views[attn.layer - lo0]
+                h = decode_layer(layer, h, cos, sin, kc, vc, write, first + lo, s - lo,
+                                 _dense_decode, bf16_fp32)
+            else:
+                h = layer.forward(h, step) if type(layer) is DecoderLayer else layer(h, step)
+        return h
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:

@@ -1,0 +1,128 @@
+"""One decoder layer for one new token of one cache row: the no-grad decode step, lean.
+
+A decode step of a small model is mostly per-op overhead: SmolLM2 int4 spends ~8 ms a token
+in its matmul kernels and ~2 ms in ~56 other ops a layer (views, dtype casts, checks), each
+~1 us. :func:`decode_layer` computes exactly what ``DecoderLayer.forward`` computes on its
+no-grad path (same kernels, same roundings, so the same bits) in about half the ops:
+
+* quantized linears hand their bfloat16 output on as it is: rotary, the cache write and
+  the residual add read bfloat16 into float32 math (promotion converts exactly, as the
+  ``.to(float32)`` it replaces did), and the RMSNorm and SiLU*up products are written
+  straight into the kernel's bfloat16 input (the same float32 math, one rounding on store);
+* the cache row's keys/values are written and read through views of its run (no
+  transposes: with one token they are views);
+* no nn.Module dispatch, no per-layer mask or plan lookups.
+
+:func:`plan_decode` says whether a layer qualifies (engine modules, fused projections
+usable, no biases or q/k norms, one row whose blocks are one run); any other layer runs
+the general path, so the two mix freely within a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from p2pllm.engine.quant import QuantFused, QuantLinear
+
+__all__ = ["decode_layer", "layer_ok"]
+
+_silu = torch._C._nn.silu
+_vector_norm = torch.linalg.vector_norm
+_f32, _bf16 = torch.float32, torch.bfloat16
+
+
+def layer_ok(layer: Any, norm_type: Any, linear_type: Any, fused_type: Any) -> bool:
+    """Whether :func:`decode_layer` computes this DecoderLayer exactly (checked each step:
+    a peft wrapper or a reassigned weight makes it False)."""
+    a, m = layer.self_attn, layer.mlp
+    if type(layer.input_layernorm) is not norm_type or type(
+            layer.post_attention_layernorm) is not norm_type:
+        return False
+    if a.q_norm is not None or a.k_norm is not None:
+        return False
+    qkv, gu = a.fused_qkv, m.fused_gate_up
+    if qkv is None or gu is None or qkv.bias is not None or gu.bias is not None:
+        return False
+    if type(qkv) is QuantFused:
+        return (type(gu) is QuantFused and qkv.usable((a.q_proj, a.k_proj, a.v_proj))
+                and gu.usable((m.gate_proj, m.up_proj))
+                and type(a.o_proj) is QuantLinear and a.o_proj.rows is None
+                and a.o_proj.bias is None and type(m.down_proj) is QuantLinear
+                and m.down_proj.rows is None and m.down_proj.bias is None)
+    return (type(qkv) is fused_type and type(gu) is fused_type
+            and qkv.usable((a.q_proj, a.k_proj, a.v_proj)) and gu.usable((m.gate_proj, m.up_proj))
+            and type(a.o_proj) is linear_type and a.o_proj.rows is None and a.o_proj.bias is None
+            and type(m.down_proj) is linear_type and m.down_proj.rows is None
+            and m.down_proj.bias is None)
+
+
+def _rms(norm: Any, x: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+    """RMSNorm.fast(x), written as ``out`` (one rounding of the float32 product)."""
+    if x.dtype != _f32:
+        return norm.fast(x)
+    n = _vector_norm(x, 2, -1, True)
+    y = x * torch.addcmul(norm._eps, n, n, value=norm._inv_dim).rsqrt_()
+    if out == _f32:
+        return y.mul_(norm.weight)
+    return torch.mul(y, norm.weight, out=torch.empty(y.shape, dtype=out))
+
+
+def _quant_mm(qw: Any, x: torch.Tensor) -> torch.Tensor:
+    """The kernel on a (1, K) bfloat16 input: (1, N) bfloat16."""
+    if qw.kind == "int8":
+        return torch._weight_int8pack_mm(x, qw.packed, qw.scales)
+    return torch._weight_int4pack_mm_for_cpu(x, qw.packed, qw.group, qw.scales)
+
+
+def decode_layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kc: torch.Tensor, vc: torch.Tensor, write: int, first: int, s: int,
+                 dense: Any, bf16_attention_fp32: bool) -> torch.Tensor:
+    """``layer`` on h (1, 1, hidden); the new key/value go to slot ``write`` of the row's
+    run ``kc``/``vc`` (1, kv_heads, slots, hd), which then attends over slots
+    ``[first, first + s)``. ``dense(x, w)``: the model's no-grad dense linear."""
+    a, m = layer.self_attn, layer.mlp
+    nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+    qkv_f, gu_f = a.fused_qkv, m.fused_gate_up
+    quant = type(qkv_f) is QuantFused
+    width = h.shape[-1]
+    # 1. q/k/v, rotary (float32 math on a quantized kernel's bfloat16 output)
+    if quant:
+        x = _rms(layer.input_layernorm, h, _bf16).view(1, width)
+        qkv = _quant_mm(qkv_f.qweight, x)
+    else:
+        qkv = dense(_rms(layer.input_layernorm, h, h.dtype).view(1, width), qkv_f.weight)
+    nqk = (nh + nkv) * hd
+    qk = qkv[:, :nqk].view(1, 1, nh + nkv, hd)
+    qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, -1), sin)
+    # 2. the cache: this token's key/value, then the row's keys/values
+    kc.narrow(2, write, 1).copy_(qk[:, :, nh:].view(1, nkv, 1, hd))
+    vc.narrow(2, write, 1).copy_(qkv[:, nqk:].view(1, nkv, 1, hd))
+    keys, values = kc.narrow(2, first, s), vc.narrow(2, first, s)
+    q = qk[:, :, :nh].view(1, nh, 1, hd)
+    gqa = nh != nkv
+    if keys.dtype == _bf16 and bf16_attention_fp32:
+        out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
+                                             scale=a.scale, enable_gqa=gqa).to(_bf16)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, scale=a.scale, enable_gqa=gqa)
+    # 3. output projection, residual
+    out = out.view(1, nh * hd)
+    if quant:
+        o = _quant_mm(a.o_proj.qweight, out.to(_bf16))
+    else:
+        o = dense(out, a.o_proj.weight)
+    h = h + o.view(1, 1, -1)
+    # 4. MLP, residual
+    inter = gu_f.splits[0]
+    if quant:
+        gu = _quant_mm(gu_f.qweight, _rms(layer.post_attention_layernorm, h, _bf16).view(1, width))
+        act = torch.mul(_silu(gu[:, :inter].float()), gu[:, inter:],
+                        out=torch.empty(1, inter, dtype=_bf16))
+        d = _quant_mm(m.down_proj.qweight, act)
+    else:
+        gu = dense(_rms(layer.post_attention_layernorm, h, h.dtype).view(1, width), gu_f.weight)
+        d = dense(_silu(gu[:, :inter]).mul_(gu[:, inter:]), m.down_proj.weight)
+    return h + d.view(1, 1, -1)
