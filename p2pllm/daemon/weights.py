@@ -47,7 +47,7 @@ from p2pllm.daemon.messages import (
     WEIGHTS_READ,
     WEIGHTS_READ_REPLY,
 )
-from p2pllm.daemon.modelrefs import ModelRoots, is_path_ref
+from p2pllm.daemon.modelrefs import ModelRef, ModelRoots, is_path_ref
 from p2pllm.engine.errors import CheckpointError
 from p2pllm.weights.fetch import FetchError, Progress, agree_manifest, fetch_pieces
 from p2pllm.weights.manifest import Manifest, build_manifest
@@ -71,6 +71,7 @@ MANIFEST_TIMEOUT = 300.0  # the first WEIGHTS_MANIFEST of a model hashes all of 
 READ_THREADS = 4  # WEIGHTS_READs reading from disk at once, all peers together
 PROGRESS_EVERY = 0.1  # seconds between WEIGHTS_PULL partial answers, at least
 CAPS_EVERY = 1.0  # seconds between caps updates while fetches run, at least
+REF_TTL = 2.0  # seconds a served name's resolution is reused (a hub id's lookup is slow)
 META_SLACK = 1024  # bytes of a WEIGHTS_MANIFEST answer's meta besides the manifest
 
 Progressed = Callable[[Progress], None]
@@ -297,6 +298,7 @@ class WeightsService:
         self._reads = asyncio.Semaphore(READ_THREADS)
         self._caps_at = 0.0
         self._cache: FetchCache | None = None
+        self._refs: dict[str, tuple[float, ModelRef]] = {}  # name -> (when, where), REF_TTL
 
     @property
     def cache_root(self) -> Path:
@@ -329,7 +331,17 @@ class WeightsService:
                 f"model {name!r} is a path: names cross the wire, not paths (protocol.md 4.6); "
                 f"{self.d.name} serves only models under its roots, by name"))
         roots = ModelRoots.of(self.d.config)
-        ref = await asyncio.to_thread(roots.find, name)
+        now = time.monotonic()
+        hit = self._refs.get(name)
+        ref: ModelRef | None
+        if hit is not None and now - hit[0] < REF_TTL:  # a fetch's reads: no lookup each
+            ref = hit[1]
+        else:
+            ref = await asyncio.to_thread(roots.find, name)
+            if ref is not None:
+                if len(self._refs) >= 256:
+                    self._refs.clear()
+                self._refs[name] = (now, ref)
         if ref is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, (
                 f"model {name!r} is not on {self.d.name}: looked under {roots.describe()}"))
