@@ -92,9 +92,11 @@ def start_cluster(root: Path, names: list[str], models_dirs: dict[str, Path]) ->
         peers = [x for p in ports if p != port for x in ("--peer", f"127.0.0.1:{p}")]
         # root too: the tests make models there and name them by path (issue 12: a path a
         # request names must lie inside a --models-dir)
+        # a state dir each: a shard that fetches a slice (issue 16) caches it there
         procs.append(DaemonProc(name, [*FAST, "--port", str(port),
                                        *models_dir_args(models_dirs[name]), "--models-dir",
-                                       str(root), *peers], root))
+                                       str(root), "--state-dir", str(root / f"state-{name}"),
+                                       *peers], root))
     return [d.wait_ready() for d in procs]
 
 
@@ -313,9 +315,15 @@ async def test_bad_plans_and_requests_get_typed_errors(cluster) -> None:
     local = generate_ids(load_slice(path), [1, 2, 3], max_tokens=8, stop_ids=(2,)).token_ids
     _, res = await generate(e.port, model="only-on-e", prompt_ids=[1, 2, 3], max_tokens=8)
     assert res["token_ids"] == local and len(res["shards"]) == 1
-    # ... two shards cannot: the error names the peers that lack it
-    with pytest.raises(RemoteError, match=r"a\(.*lacks model 'only-on-e'") as err:
-        await generate(e.port, model="only-on-e", prompt_ids=[1, 2, 3], shards=2)
+    # ... two shards too: a node that lacks it fetches its slice from e (issue 16) ...
+    _, res = await generate(e.port, model="only-on-e", prompt_ids=[1, 2, 3], max_tokens=8,
+                            shards=2)
+    assert res["token_ids"] == local
+    assert [(s["name"], s.get("sources")) for s in res["shards"]] == [("e", None),
+                                                                      ("a", [e.node_id])]
+    # ... more shards than nodes cannot: the error names who has it and who could fetch it
+    with pytest.raises(RemoteError, match=r"have it: e\(.*can fetch it: a\(") as err:
+        await generate(e.port, model="only-on-e", prompt_ids=[1, 2, 3], shards=6)
     assert err.value.code == ErrorCode.NOT_FOUND
     # the coordinator itself lacks it
     with pytest.raises(RemoteError, match="not on this node") as err:
