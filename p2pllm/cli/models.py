@@ -291,6 +291,10 @@ def run_fetch(args: argparse.Namespace) -> int:
     if result.get("where") == "local":
         print(f"{args.name} is in the daemon's model roots: {result['path']} (nothing fetched)")
         return 0
+    if not result.get("pieces"):
+        print(f"{args.name}: the slice is already in the models cache at {result['path']} "
+              f"(nothing fetched; {result['disk_bytes'] / 1e6:.1f} MB on disk)")
+        return 0
     dropped = f"; dropped: {'; '.join(result['dropped'])}" if result.get("dropped") else ""
     sources = ", ".join(result.get("sources") or []) or "-"
     print(f"{args.name}: fetched {result['pieces']} pieces, {result['bytes'] / 1e6:.1f} MB in "

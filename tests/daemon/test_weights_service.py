@@ -212,6 +212,15 @@ async def test_models_fetch_writes_only_the_slice_and_reuses_it(
     assert after["served_bytes"] == src_served["served_bytes"]
     snap = (await c.request(MsgType.STATUS, {}, timeout=T)).meta
     assert [f["state"] for f in snap["fetches"] if f["model"] == MODEL] == ["reused"]
+    # layers 0-1 (and the embedding) without --json: the pieces it lacks, said in words
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "p2pllm.cli.main", "models", "fetch", MODEL,
+                           "--daemon", dst.address, "--layers", "0-1"], capture_output=True,
+                          text=True, timeout=120, env=env, check=False)
+    more = [i for i in pieces_for(man, Need.for_layers(0, 1, 4)) if i not in ids]
+    assert proc.returncode == 0 and f"{MODEL}: fetched {len(more)} pieces" in proc.stdout, proc
+    journal = json.loads((entry / JOURNAL).read_text())
+    assert sorted(journal["have"]) == sorted(ids + more)
 
 
 def test_protocol_md_example_is_the_encoders() -> None:
