@@ -57,6 +57,7 @@ from p2pllm.wire.messages import Flags, MsgType
 WEIGHTS_READ = 0x0601  # protocol.md section 13
 TAG = 16  # AES-GCM tag after a sealed frame's body (protocol.md 6.3)
 CHUNK = 256 * 1024  # bytes read from a socket at a time
+QUEUE = 16  # chunks read ahead per direction (4 MiB): a throttled sender feels the limit
 C2S, S2C = "c2s", "s2c"
 
 
@@ -373,7 +374,7 @@ class Proxy:
         """Read chunks as they come; a second task delivers each at arrival + latency, paced by
         the bucket, parsing (and maybe corrupting) just before it writes. An end of file is
         passed on as one (half-close); a failed write aborts both sockets."""
-        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=256)
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=QUEUE)
         parser = FrameParser(self, direction) if self.parse else None
         bucket = self.buckets[direction]
 
