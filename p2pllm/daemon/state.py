@@ -230,7 +230,8 @@ def apply(state: State, event: Event) -> State:
                 "state": "up",
                 "caps": event.caps,
                 "rtt_ms": old.get("rtt_ms"),
-                "since": event.at,
+                # a caps update of a peer already up (CAPS_UPDATE) is not a new "since"
+                "since": old["since"] if old.get("state") == "up" and "since" in old else event.at,
             }
             return replace(state, peers=_with(state.peers, event.node_id, peer))
         case PeerDown():

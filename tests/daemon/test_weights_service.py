@@ -266,3 +266,29 @@ def test_fetches_show_in_ctl_status_jobs_and_the_dashboard() -> None:
     console.print(render(snap, None, 80))
     dash = console.export_text()
     assert "dst: bard 3.0M/6.0M 50% from src" in dash and "junk" not in dash
+
+
+def test_state_keeps_fetches_and_served_bytes() -> None:
+    """The reducer: a fetch's progress replaces its entry (started kept), ended fetches beyond
+    the last 8 are dropped, served bytes add up, and a peer's caps update (sent while fetches
+    run) does not reset how long it has been up."""
+    from p2pllm.daemon import state as ev
+
+    s = ev.State(node=ev.NodeInfo("n", "n", "", {}))
+    s = ev.apply(s, ev.FetchUpdated("m", "j", "fetching", 0, 10, 1.0))
+    s = ev.apply(s, ev.FetchUpdated("m", "j", "fetching", 5, 10, 2.0, source="src"))
+    (f,) = ev.snapshot(s, 3.0)["fetches"]
+    assert (f["done_bytes"], f["started"], f["ended"], f["source"]) == (5, 1.0, None, "src")
+    s = ev.apply(s, ev.FetchUpdated("m", "j", "done", 10, 10, 4.0))
+    assert ev.snapshot(s, 5.0)["fetches"][0]["ended"] == 4.0
+    for i in range(10):
+        s = ev.apply(s, ev.FetchUpdated(f"x{i}", "j", "done", 1, 1, 10.0 + i))
+    assert len(s.fetches) == 8 and "m" not in s.fetches
+    s = ev.apply(ev.apply(s, ev.WeightsServed(3)), ev.WeightsServed(4))
+    assert ev.snapshot(s, 30.0)["served_bytes"] == 7
+    s = ev.apply(s, ev.PeerUp("p", "p", "a", {}, 100.0))
+    s = ev.apply(s, ev.PeerUp("p", "p", "a", {"fetches": []}, 150.0))
+    (peer,) = ev.snapshot(s, 160.0)["peers"]
+    assert peer["since_s"] == 60.0 and peer["fetches"] == []
+    s = ev.apply(ev.apply(s, ev.PeerDown("p", "gone", 170.0)), ev.PeerUp("p", "p", "a", {}, 180.0))
+    assert ev.snapshot(s, 181.0)["peers"][0]["since_s"] == 1.0
