@@ -237,6 +237,28 @@ class Daemon:
         self.log.close()
 
 
+async def warm_manifest(port: int, secret: Path | None, model: str) -> None:
+    """Ask a source for the model's manifest as a peer would (it builds and caches it)."""
+    import uuid
+
+    from p2pllm.cli.client import read_secret
+    from p2pllm.net.auth import client_handshake
+    from p2pllm.wire.connection import connect
+    from p2pllm.wire.frame import Limits
+
+    async def no_requests(conn: Any, req: Any) -> None:
+        return None
+
+    conn = await connect("127.0.0.1", port, no_requests, limits=Limits(max_payload=1 << 30),
+                         name="bench", timeout=10)
+    try:
+        await client_handshake(conn, node_id=f"bench-{uuid.uuid4().hex[:12]}", name="bench",
+                               kind="peer", port=0, secret=read_secret(str(secret) if secret else None))
+        await conn.request(MsgType.WEIGHTS_MANIFEST, {"model": model}, timeout=300)
+    finally:
+        conn.close()
+
+
 async def pull(d: Daemon, model: str, layers: str | None) -> tuple[float, dict[str, Any]]:
     """(seconds from the WEIGHTS_PULL request to its final answer, the final answer)."""
     conn = await open_daemon(f"127.0.0.1:{d.port}", d.secret)
@@ -288,41 +310,39 @@ async def throughput(args: argparse.Namespace, tmp: Path, m: Manifest,
             row: dict[str, Any] = {}
             times: dict[str, list[float]] = {"plain_copy": [], "plain_copy_sha256": []}
             for transport in ("plain", "sealed"):
-                src = Daemon(f"src-{link}-{transport}", tmp, folder.parent, core(0), [],
-                             secret if transport == "sealed" else None)
+                key = f"fetch_{transport}"
+                sec = secret if transport == "sealed" else None
+                src = Daemon(f"src-{link}-{transport}", tmp, folder.parent, core(0), [], sec)
                 proxy = ProxyProc(src.port, rate) if link != "loopback" else None
-                dst = Daemon(f"dst-{link}-{transport}", tmp, tmp / "empty", core(1),
-                             [proxy.port if proxy else src.port],
-                             secret if transport == "sealed" else None)
+                times[key] = []
+                replies = []
                 try:
-                    await dst.sees(1, name)
-                    entry = dst.state / CACHE_DIR / name
-                    _, warm = await pull(dst, name, args.layers)  # builds the manifest
-                    if warm["bytes"] != total:
-                        raise RuntimeError(f"the pull fetched {warm['bytes']} bytes, the plain copy "
-                                           f"would send {total}: not the same byte set")
-                    shutil.rmtree(entry)
-                    key = f"fetch_{transport}"
-                    times[key] = []
-                    replies = []
-                    for _ in range(args.reps):
-                        pin_self(core(1))
+                    await warm_manifest(src.port, sec, name)  # the source hashes the model once
+                    for rep in range(args.reps):
+                        pin_self(core(1))  # the baselines beside each fetch, on its core
                         port = copy_proxy.port if copy_proxy else copy_port
-                        if transport == "plain":  # the baselines once per rep, beside each fetch
-                            times["plain_copy"].append(
-                                await plain_copy(port, m, ranges, tmp / "copy", verify=False))
-                            times["plain_copy_sha256"].append(
-                                await plain_copy(port, m, ranges, tmp / "copy", verify=True))
+                        times["plain_copy"].append(
+                            await plain_copy(port, m, ranges, tmp / "copy", verify=False))
+                        times["plain_copy_sha256"].append(
+                            await plain_copy(port, m, ranges, tmp / "copy", verify=True))
                         pin_self(None)
-                        seconds, reply = await pull(dst, name, args.layers)
-                        assert reply["bytes"] == total, reply
+                        # a fresh fetching daemon each rep: an empty cache (a daemon keeps its
+                        # open cache entries in memory, so deleting the folder is not enough)
+                        dst = Daemon(f"dst-{link}-{transport}-{rep}", tmp, tmp / "empty", core(1),
+                                     [proxy.port if proxy else src.port], sec)
+                        try:
+                            await dst.sees(1, name)
+                            seconds, reply = await pull(dst, name, args.layers)
+                        finally:
+                            dst.stop()
+                        if reply["bytes"] != total:
+                            raise RuntimeError(f"the pull fetched {reply['bytes']} bytes, the plain "
+                                               f"copy sends {total}: not the same byte set")
                         times[key].append(seconds)
                         replies.append(reply)
-                        shutil.rmtree(entry)
                     row[f"{key}_disk_bytes"] = replies[-1]["disk_bytes"]
                     row[f"{key}_daemon_seconds"] = [round(r["seconds"], 4) for r in replies]
                 finally:
-                    dst.stop()
                     if proxy:
                         proxy.stop()
                     src.stop()
@@ -440,7 +460,7 @@ def main() -> None:
     total = sum(r[2] for r in ranges)
     result: dict[str, Any] = {
         "bench": "fetch", "model": folder.name, "layers": args.layers, "slice_bytes": total,
-        "model_bytes": m.file_bytes(), "pieces": len(ranges), "reps": args.reps,
+        "model_bytes": m.file_bytes, "pieces": len(ranges), "reps": args.reps,
         "usable_cores": len(cores()), "pinning": "source and copy server on core(0), fetcher and "
         "copy client on core(1) (sched_setaffinity, as taskset); proxies unpinned",
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
@@ -448,7 +468,7 @@ def main() -> None:
     try:
         result["throughput"] = asyncio.run(throughput(args, tmp, m, ranges, total))
         if not args.no_ttft:
-            result["ttft"] = asyncio.run(ttft(args, tmp, m.file_bytes()))
+            result["ttft"] = asyncio.run(ttft(args, tmp, m.file_bytes))
     finally:
         result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         shutil.rmtree(tmp, ignore_errors=True)
