@@ -400,8 +400,18 @@ class WeightsService:
             raise ProtocolError(ErrorCode.OVER_LIMIT, (
                 f"WEIGHTS_READ of {total} bytes over the cap {cap} (16 MiB a request, at most "
                 f"config key max_payload)"))
-        async with self._reads:
-            data = await asyncio.to_thread(_read_pieces, got, ids)
+        # a reader that does not take its answers must not make this node hold them: no read
+        # from disk while the connection's writing is paused (checked again once a read
+        # thread is free; the wait holds none, so other peers' reads go on)
+        can_write = getattr(conn, "_can_write", None)
+        while True:
+            if isinstance(can_write, asyncio.Event) and not can_write.is_set():
+                await can_write.wait()
+            async with self._reads:
+                if isinstance(can_write, asyncio.Event) and not can_write.is_set():
+                    continue
+                data = await asyncio.to_thread(_read_pieces, got, ids)
+                break
         self.served_bytes += total
         self.d.emit(ev.WeightsServed(total))
         return Reply(MsgType.WEIGHTS_READ, {"pieces": ids, "lengths": [pieces[i].length for i in ids]},

@@ -8,6 +8,7 @@ name (every daemon has the bundled models)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -148,6 +149,41 @@ async def test_a_manifest_over_max_meta_is_refused_not_sent(
     assert err.code == ErrorCode.OVER_LIMIT and "config key max_meta" in err.message
     man, _ = await manifest_of(conn, "big")  # 6 pieces: fits
     assert len(man.pieces) == 6 and not conn.closed
+
+
+async def test_a_reader_that_takes_no_answers_does_not_grow_the_server(
+        daemons: Any, tmp_path: Path, models: Path, peer: Any) -> None:
+    """A peer that asks for 48 x 4 MiB of pieces and reads none of the answers: the server
+    stops reading pieces from disk while the connection cannot write, so its memory stays far
+    below the 192 MiB asked for, and it serves another peer meanwhile."""
+    import socket
+
+    from p2pllm.net.auth import hello_meta
+    from tests.security.conftest import raw_frame, read_frame, rss_bytes
+
+    d = source(daemons, tmp_path, models)
+    conn = await peer(d.port)
+    big, _ = await manifest_of(conn, "big")
+    blob = [p.id for p in big.pieces if big.files[p.file].name == "blob.bin"]
+    await read(conn, big, blob[:1])  # warm: the manifest is built, a 4 MiB answer was made
+    before = rss_bytes(d.proc.pid)
+    sock = socket.create_connection(("127.0.0.1", d.port), timeout=T)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.sendall(raw_frame(MsgType.HELLO, hello_meta("greedy", "greedy", "peer", 0,
+                                                         os.urandom(16))))
+        assert read_frame(sock) is not None  # the HELLO answer: no secret, handshake done
+        for i in range(48):
+            sock.sendall(raw_frame(MsgType.WEIGHTS_READ, {"model": "big", "digest": big.digest,
+                                                          "pieces": [blob[i % 5]]},
+                                   request_id=10 + i))
+        await asyncio.sleep(3.0)
+        grown = rss_bytes(d.proc.pid) - before
+        assert grown < 96 << 20, grown
+        ok = await read(conn, big, blob[1:2])  # another reader is served meanwhile
+        assert ok.payload.nbytes == 4 << 20
+    finally:
+        sock.close()
 
 
 def _fetch_cli(address: str, *args: str) -> dict[str, Any]:
