@@ -248,6 +248,16 @@ async def test_models_fetch_writes_only_the_slice_and_reuses_it(
     assert after["served_bytes"] == src_served["served_bytes"]
     snap = (await c.request(MsgType.STATUS, {}, timeout=T)).meta
     assert [f["state"] for f in snap["fetches"] if f["model"] == MODEL] == ["reused"]
+    # WEIGHTS_PULL's refusals, and a model the daemon's roots hold (nothing fetched)
+    for meta, code in (({"model": "nosuch"}, ErrorCode.NOT_FOUND),
+                       ({"model": MODEL, "from": "nobody"}, ErrorCode.NOT_FOUND),
+                       ({"model": MODEL, "layers": "3-9"}, ErrorCode.BAD_REQUEST),
+                       ({"model": MODEL, "layers": "two"}, ErrorCode.BAD_REQUEST)):
+        err = await refused(c.request(MsgType.WEIGHTS_PULL, meta, timeout=T))
+        assert err.code == code, (meta, err)
+    local = (await c.request(MsgType.WEIGHTS_PULL, {"model": "shakespeare"}, timeout=T)).meta
+    assert local["where"] == "local" and local["pieces"] == 0
+    assert Path(local["path"]).resolve() == BUNDLED.resolve()
     # layers 0-1 (and the embedding) without --json: the pieces it lacks, said in words
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "p2pllm.cli.main", "models", "fetch", MODEL,
