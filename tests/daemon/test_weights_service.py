@@ -267,6 +267,13 @@ async def test_models_fetch_writes_only_the_slice_and_reuses_it(
     assert proc.returncode == 0 and f"{MODEL}: fetched {len(more)} pieces" in proc.stdout, proc
     journal = json.loads((entry / JOURNAL).read_text())
     assert sorted(journal["have"]) == sorted(ids + more)
+    # the rest of the model, streamed: progress partials, then the result
+    frames = [f async for f in c.stream(MsgType.WEIGHTS_PULL, {"model": MODEL}, idle_timeout=T)]
+    partials, final = frames[:-1], frames[-1].meta
+    assert partials and all(f.meta["total_bytes"] == man.total_bytes for f in partials)
+    assert final["pieces"] == len(man.pieces) - len(ids) - len(more)
+    assert sorted(json.loads((entry / JOURNAL).read_text())["have"]) == list(range(len(man.pieces)))
+    assert (entry / "model.safetensors").read_bytes() == src_file.read_bytes()
 
 
 def test_protocol_md_example_is_the_encoders() -> None:
