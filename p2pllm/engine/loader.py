@@ -388,7 +388,7 @@ def slice_weight_bytes(config: ModelConfig, start: int, end: int, embed: bool, h
     model = _meta_slice(config, start, end, embed, head)
     model.tie_weights()
     if pack is None:
-        pack = can_pack(dtype, device)
+        pack = can_pack(dtype, device, config.hidden_size)
     return weight_nbytes(model, dtype, quant, packed=pack)
 
 
@@ -445,7 +445,7 @@ def _load_slice(path: str | Path, layers: tuple[int, int] | None, embed: bool | 
     if quant != "none":
         _quantize(model, path, quant, lazy)
     if pack is None:
-        pack = can_pack(dtype, device)
+        pack = can_pack(dtype, device, config.hidden_size)
     if pack:
         pack_linears(model)
     return model

@@ -51,3 +51,39 @@ def test_a_layer_it_cannot_take_runs_the_general_path(tiny: dict[str, Any],
     monkeypatch.setattr(model_mod, "DECODE_LAYER", True)
     assert torch.equal(_decode_logits(model, PROMPT, STEPS), plain)
     assert counted.calls == STEPS * (model.config.num_layers - 1)
+
+
+# -- float32 packing ------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_float32_packs_from_a_size_floor() -> None:
+    from p2pllm.engine.layout import PACK_FLOAT32_MIN_HIDDEN, can_pack
+
+    assert can_pack(torch.float32, "cpu", PACK_FLOAT32_MIN_HIDDEN)
+    assert not can_pack(torch.float32, "cpu", PACK_FLOAT32_MIN_HIDDEN - 1)
+    assert not can_pack(torch.float32)  # no size given: as before
+    assert not can_pack(torch.float16, "cpu", 4096)
+
+
+@needs_onednn
+@pytest.mark.parametrize("arch", ["llama", "llama-tied"])
+def test_packed_float32_keeps_a_tied_head_on_the_table(tiny: dict[str, Any], arch: str) -> None:
+    from p2pllm.engine.loader import weight_bytes
+    from tests.engine.test_weight_bytes import held
+
+    path = tiny[arch].path
+    plain = load_slice(path, dtype=torch.float32)
+    assert not plain.layers["0"].self_attn.q_proj.weight.is_mkldnn  # tiny: under the floor
+    packed = load_slice(path, dtype=torch.float32, pack=True)
+    assert packed.layers["0"].self_attn.q_proj.weight.is_mkldnn
+    assert packed.lm_head is not None and packed.embed_tokens is not None
+    tied = packed.config.tie_word_embeddings
+    assert (packed.lm_head.weight is packed.embed_tokens.weight) == tied
+    assert packed.lm_head.weight.is_mkldnn != tied
+    assert weight_bytes(path, torch.float32, pack=True) == held(packed) == held(plain)
+    torch.testing.assert_close(_decode_logits(packed, PROMPT, STEPS),
+                               _decode_logits(plain, PROMPT, STEPS), rtol=1e-5, atol=1e-5)
