@@ -346,8 +346,8 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
         ours = load_slice(src, dtype=DTYPES[dtype] if quant == "none" else torch.float32,
                           quant=quant)
         packed = None
-        if fmt == "f32":  # oneDNN-packed float32 (not the default: see the report)
-            packed = load_slice(src, dtype=torch.float32, pack=True)
+        if fmt == "f32":  # float32 on plain weights (packed is the default: layout.can_pack)
+            packed = load_slice(src, dtype=torch.float32, pack=False)
         hf = None
         if with_hf and quant == "none":
             hf = AutoModelForCausalLM.from_pretrained(
@@ -363,7 +363,7 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
             for _ in range(repeats):
                 timed = [("ours", time_ours(ours, prompt, n))]
                 if packed is not None:
-                    timed.append(("ours_onednn", time_ours(packed, prompt, n)))
+                    timed.append(("ours_unpacked", time_ours(packed, prompt, n)))
                 if hf is not None:
                     timed.append(("hf", time_hf_manual(hf, ids, n)))
                 lc_round, lc_rss = llama_bench(f, th, n, PROMPT_LEN, 1)
@@ -389,7 +389,7 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
             lc_dec = rounds.get("llama_cpp_decode")
             if lc_dec:
                 for key, name in (("ours", "decode_ratio_vs_llama_cpp"),
-                                  ("ours_onednn", "decode_ratio_onednn_vs_llama_cpp")):
+                                  ("ours_unpacked", "decode_ratio_unpacked_vs_llama_cpp")):
                     if key + "_decode" in rounds:  # median of the rounds' ratios
                         row[name] = round(statistics.median(
                             a / b for a, b in zip(rounds[key + "_decode"], lc_dec, strict=True)), 2)
