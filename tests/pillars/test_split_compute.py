@@ -199,3 +199,79 @@ def test_messages_validate_what_a_peer_sends() -> None:
                                "sampling": {"repetition_penalty": 1.2}}, last=True)
     with pytest.raises(ProtocolError, match="session"):
         OpenSession.from_meta({"session": "x" * 65, "max_len": 10}, last=False)
+
+
+# -- the one-session step's short paths (take_input, the greedy sampler, the send payload) ------
+
+def _frame(tensors: dict[str, torch.Tensor]) -> tuple[list, memoryview]:
+    """What a received SHARD_FORWARD holds: the descriptors and one contiguous payload."""
+    from p2pllm.wire.tensors import pack_tensors
+
+    descs, bufs = pack_tensors(tensors)
+    return descs, memoryview(bytearray(b"".join(bytes(b) for b in bufs)))
+
+
+def test_take_input_is_check_input_of_a_well_formed_step_and_declines_anything_else(
+        tiny_models) -> None:
+    from p2pllm.wire.tensors import unpack_tensors
+
+    first, second = chain(tiny_models["llama"], [(0, 2), (2, 4)])
+    (half,) = chain(tiny_models["llama"], [(2, 4)], wire=torch.bfloat16)
+    good = [(first, {"ids": torch.tensor([5])}), (first, {"ids": torch.tensor([1, 511, 0])}),
+            (second, {"hidden": torch.randn(1, 64)}), (second, {"hidden": torch.randn(3, 64)}),
+            (half, {"hidden": torch.randn(2, 64).bfloat16()})]
+    for engine, tensors in good:
+        descs, payload = _frame(tensors)
+        got = engine.take_input(descs, payload, 2, 16)
+        want = engine.check_input(unpack_tensors(descs, payload), 2, 16)
+        assert got is not None and got.dtype == want.dtype and torch.equal(got, want)
+        payload[:] = bytes(payload.nbytes)  # a copy: the receive buffer may be reused
+        assert torch.equal(got, want)
+    # anything unusual is left to the full path: unpack_tensors + check_input name it
+    bad = [(first, {"ids": torch.tensor([1, 512])}, 0),  # out of the vocabulary
+           (first, {"ids": torch.tensor([-1])}, 0),
+           (first, {"ids": torch.tensor([[1, 2]])}, 0),
+           (first, {"ids": torch.tensor([1, 2], dtype=torch.int32)}, 0),  # fine, but int32
+           (first, {"hidden": torch.zeros(1, 64)}, 0),
+           (first, {"ids": torch.tensor([1]), "x": torch.tensor([1])}, 0),
+           (second, {"hidden": torch.zeros(3, 63)}, 0),
+           (second, {"hidden": torch.zeros(3, 1, 64)}, 0),
+           (second, {"hidden": torch.zeros(0, 64)}, 0),
+           (second, {"hidden": torch.zeros(2, 64, dtype=torch.float16)}, 0),
+           (second, {"hidden": torch.zeros(3, 64)}, 14),  # past the session's length
+           (half, {"hidden": torch.zeros(2, 64)}, 0)]  # float32 on a bfloat16 wire
+    for engine, tensors, pos in bad:
+        descs, payload = _frame(tensors)
+        assert engine.take_input(descs, payload, pos, 16) is None, tensors
+    descs, payload = _frame({"hidden": torch.zeros(2, 64)})
+    assert second.take_input(descs, payload[:-4], 0, 16) is None  # short payload
+    assert second.take_input(descs + descs, payload, 0, 16) is None
+    assert second.take_input([{**descs[0], "shape": [2, True]}], payload, 0, 16) is None
+    assert second.take_input("junk", payload, 0, 16) is None
+
+
+def test_the_greedy_sampler_draws_the_first_maximum_as_sample_does() -> None:
+    from p2pllm.engine.sampling import sample
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for _ in range(20):
+            logits = torch.randint(-3, 4, (512,), generator=gen).to(dtype)  # many ties
+            s = Sampler(SamplingParams(), 3, 8, stop_ids=())
+            assert s.argmax
+            assert s.next(logits)[0] == sample(logits, SamplingParams())[0]
+    assert not Sampler(SamplingParams(repetition_penalty=1.2), 1, 4, (), [1]).argmax
+    assert not Sampler(SamplingParams(temperature=0.7), 1, 4, ()).argmax
+
+
+def test_a_step_output_goes_out_as_pack_tensors_would_send_it() -> None:
+    from p2pllm.pillars.split.shard import _hidden_payload
+    from p2pllm.wire.tensors import pack_tensors
+
+    base = torch.randn(4, 64)
+    for t in (torch.randn(1, 576), torch.randn(3, 64).half(), torch.randn(2, 64).bfloat16(),
+              base.t()[:4], base[:0]):  # bfloat16, not contiguous, empty: pack_tensors
+        descs, bufs = _hidden_payload(t)
+        want_descs, want_bufs = pack_tensors({"hidden": t})
+        assert descs == want_descs
+        assert [bytes(b) for b in bufs] == [bytes(b) for b in want_bufs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -52,6 +53,9 @@ class Sampler:
         self.stops = frozenset(stop_ids)
         self.generator = make_generator(params.seed)
         self.penalise = params.repetition_penalty != 1.0
+        # greedy without a penalty: the first maximum, as sample() draws it, in one op
+        # (sample() also builds the one-hot distribution, which the shard never reads)
+        self.argmax = params.greedy and not self.penalise
         self.history: torch.Tensor | None = None
         if self.penalise:
             if prompt_ids is None:
@@ -63,8 +67,11 @@ class Sampler:
     def next(self, logits: torch.Tensor) -> tuple[int, str | None]:
         """Draw the next token from (V,) logits -> (token, why generation ends or None)."""
         n = self.prompt_len + self.generated
-        hist = self.history[:n] if self.history is not None else None
-        token, _ = sample(logits, self.params, self.generator, hist)
+        if self.argmax:
+            token = int((logits if logits.dtype == torch.float32 else logits.float()).argmax())
+        else:
+            hist = self.history[:n] if self.history is not None else None
+            token, _ = sample(logits, self.params, self.generator, hist)
         if self.history is not None:
             self.history[n] = token
         self.generated += 1
@@ -105,6 +112,14 @@ class ShardEngine:
                                                                     chunk_bytes=chunk_bytes))
         self.kv_budget = KVBudget()
         self.cache.budget = self.kv_budget
+        # What one-session steps reuse (see run(): each torch call on a step's path costs
+        # ~20 us right after a forward has streamed the weights through the caches)
+        self.device = model.device
+        self._on_cpu = self.device.type == "cpu"
+        self._slot_of: dict[int, torch.Tensor] = {}  # row -> its (1,) slots tensor
+        self._pos1 = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+        self._input = ("ids", "int64", 8) if model.has_embed else (
+            "hidden", _name(wire_dtype), wire_dtype.itemsize)
 
     # -- rows ---------------------------------------------------------------------------------
 
@@ -160,6 +175,40 @@ class ShardEngine:
                                 f"exceed the session's length {limit}")
         return x
 
+    def take_input(self, descs: Any, payload: memoryview, pos: int,
+                   limit: int) -> torch.Tensor | None:
+        """:meth:`check_input` of the usual step, straight from a frame: when ``descs`` is
+        the one tensor this shard takes, of the wire dtype (int64 ids), a well-formed shape
+        and exactly the payload's bytes, within ``limit``, the tensor :meth:`check_input`
+        would return, built from a copy of the payload in one torch call (unpacking views,
+        then checking and copying takes ~8, each ~20 us with cold caches). None for anything
+        else: the caller then takes the full path, which names what is wrong."""
+        if (type(descs) is not list or len(descs) != 1 or type(payload) is not memoryview
+                or payload.format != "B" or not payload.c_contiguous):
+            return None
+        d = descs[0]
+        name, dtype, itemsize = self._input
+        if type(d) is not dict or d.get("name") != name or d.get("dtype") != dtype:
+            return None
+        shape = d.get("shape")
+        if type(shape) is not list or not shape or type(shape[0]) is not int:
+            return None
+        t = shape[0]
+        if t < 1 or pos + t > limit:
+            return None
+        if name == "ids":
+            if len(shape) != 1 or payload.nbytes != t * 8:
+                return None
+            ids = payload.cast("q")
+            if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+                return None
+            return torch.frombuffer(bytearray(payload), dtype=torch.int64)
+        h = self.config.hidden_size
+        if len(shape) != 2 or shape[1] != h or type(shape[1]) is not int \
+                or payload.nbytes != t * h * itemsize:
+            return None
+        return torch.frombuffer(bytearray(payload), dtype=self.wire_dtype).view(t, h)
+
     # -- the forward ----------------------------------------------------------------------------
 
     def run(self, steps: Sequence[Step]) -> list[torch.Tensor]:
@@ -169,20 +218,36 @@ class ShardEngine:
         hidden states (T, hidden) in the wire dtype, ready to send.
         """
         m = self.model
-        dev = m.device
+        dev = self.device
         with torch.inference_mode():
-            if len(steps) == 1:
+            if len(steps) == 1:  # the fewest torch calls (see __init__)
                 s = steps[0]
-                x = s.x.to(dev).unsqueeze(0)  # (1, T) or (1, T, H)
-                positions = torch.arange(s.pos, s.pos + s.tokens, device=dev).unsqueeze(0)
-                slots = torch.tensor([s.row], device=dev)
-            else:
-                if any(s.tokens != 1 for s in steps):
-                    raise ModelError("only one-token steps are batched")
-                rows = [s.row for s in steps]
-                x = torch.stack([s.x for s in steps]).to(dev)  # (B, 1) or (B, 1, H)
-                positions = torch.tensor([[s.pos] for s in steps], device=dev)
-                slots = torch.tensor(rows, device=dev)
+                x = (s.x if self._on_cpu and s.x.device.type == "cpu" else s.x.to(dev)).unsqueeze(0)
+                n = s.tokens
+                if n == 1:
+                    positions = self._pos1
+                    positions.fill_(s.pos)
+                else:
+                    positions = torch.arange(s.pos, s.pos + n, device=dev).unsqueeze(0)
+                slots = self._slot_of.get(s.row)
+                if slots is None:
+                    slots = self._slot_of[s.row] = torch.tensor([s.row], device=dev)
+                out = m(x, positions, self.cache, slots=slots, last_only=True)
+                if m.has_head:
+                    o = out[0, -1]  # (V,), as float32 on the CPU
+                    if o.dtype != torch.float32:
+                        o = o.float()
+                    return [o if self._on_cpu else o.cpu()]
+                o = out[0]  # (T, H)
+                if o.dtype != self.wire_dtype:
+                    o = o.to(self.wire_dtype)
+                return [o if self._on_cpu else o.cpu()]
+            if any(s.tokens != 1 for s in steps):
+                raise ModelError("only one-token steps are batched")
+            rows = [s.row for s in steps]
+            x = torch.stack([s.x for s in steps]).to(dev)  # (B, 1) or (B, 1, H)
+            positions = torch.tensor([[s.pos] for s in steps], device=dev)
+            slots = torch.tensor(rows, device=dev)
             out = m(x, positions, self.cache, slots=slots, last_only=True)
             if m.has_head:
                 return [out[i, -1].float().cpu() for i in range(len(steps))]  # (V,)
