@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from p2pllm.cli.client import open_daemon  # noqa: E402
 from p2pllm.weights.manifest import Manifest, build_manifest  # noqa: E402
-from p2pllm.weights.slices import Need, pieces_for  # noqa: E402
+from p2pllm.weights.slices import Need, pieces_for, slice_bytes  # noqa: E402
 from p2pllm.wire.messages import MsgType  # noqa: E402
 
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct"
@@ -377,7 +377,8 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-async def split_ttft(args: argparse.Namespace, tmp: Path, fetch: bool, rep: int) -> dict[str, Any]:
+async def split_ttft(args: argparse.Namespace, tmp: Path, m: Manifest, fetch: bool,
+                     rep: int) -> dict[str, Any]:
     """One cold 3-shard split job on three fresh daemons; with ``fetch`` only the first has the
     model in its models dir (the others fetch their slices as the job starts)."""
     folder = Path(args.model)
@@ -387,8 +388,11 @@ async def split_ttft(args: argparse.Namespace, tmp: Path, fetch: bool, rep: int)
     try:
         for i, port in enumerate(ports):
             models = folder.parent if (i == 0 or not fetch) else tmp / "empty"
+            # each dials only those started before it: no two dial each other, so no link
+            # is replaced by the other side's (a mutual dial once failed an ASSIGN sent over
+            # the connection being replaced: "unreachable: ... replaced by a newer connection")
             ds.append(Daemon(f"ttft-{'fetch' if fetch else 'placed'}{rep}-{i}", tmp, models, core(i),
-                             [p for p in ports if p != port], None, port=port))
+                             ports[:i], None, port=port))
         for d in ds:
             await d.sees(2, None)
         conn = await open_daemon(f"127.0.0.1:{ds[0].port}")
@@ -405,29 +409,35 @@ async def split_ttft(args: argparse.Namespace, tmp: Path, fetch: bool, rep: int)
                     result = frame.meta
         finally:
             conn.close()
-        disk = {}
+        plan = [s.get("layers") for s in result.get("shards", [])]
+        by_node = {s.get("node_id"): s.get("layers") for s in result.get("shards", [])}
+        disk: dict[str, Any] = {}
         for d in ds[1:]:
             entry = d.state / CACHE_DIR / name
-            disk[d.name] = sum(f.stat().st_blocks * 512 for f in entry.rglob("*") if f.is_file()) \
+            held = sum(f.stat().st_blocks * 512 for f in entry.rglob("*") if f.is_file()) \
                 if entry.exists() else 0
+            layers = by_node.get(d.node_id)
+            # what its slice needs (pieces_for), to compare with what it holds on disk
+            need = (slice_bytes(m, Need.for_layers(layers[0], layers[1], num_layers(m)))
+                    if layers else None)
+            disk[d.name] = {"layers": layers, "disk_bytes": held, "slice_bytes": need}
         return {"ttft_s": round(first, 3) if first is not None else None,
                 "setup_s": result.get("setup_s"), "token_ids": result.get("token_ids"),
-                "plan": [s.get("layers") for s in result.get("shards", [])],
-                "cache_disk_bytes": disk}
+                "plan": plan, "cache": disk}
     finally:
         for d in ds:
             d.stop()
 
 
-async def ttft(args: argparse.Namespace, tmp: Path, whole_bytes: int) -> dict[str, Any]:
+async def ttft(args: argparse.Namespace, tmp: Path, m: Manifest) -> dict[str, Any]:
     rows: dict[str, list[dict[str, Any]]] = {"pre_placed": [], "fetch": []}
     for rep in range(args.ttft_reps):
         for fetch in (False, True):
             try:
-                rows["fetch" if fetch else "pre_placed"].append(await split_ttft(args, tmp, fetch, rep))
+                rows["fetch" if fetch else "pre_placed"].append(await split_ttft(args, tmp, m, fetch, rep))
             except Exception as exc:  # a failed job is a figure too: say why
                 rows["fetch" if fetch else "pre_placed"].append({"error": f"{type(exc).__name__}: {exc}"})
-    out: dict[str, Any] = {"rows": rows, "whole_model_bytes": whole_bytes}
+    out: dict[str, Any] = {"rows": rows, "whole_model_bytes": m.file_bytes}
     ok = {k: [r["ttft_s"] for r in v if r.get("ttft_s") is not None] for k, v in rows.items()}
     if ok["pre_placed"] and ok["fetch"]:
         out["ttft_s_median"] = {k: statistics.median(v) for k, v in ok.items()}
@@ -445,6 +455,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gbit", type=float, default=1.0, help="the proxy's limit, Gbit/s per direction")
     ap.add_argument("--no-ttft", action="store_true", help="skip the split-job TTFT phase")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the throughput phase")
     ap.add_argument("--ttft-reps", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=4, help="tokens the split job generates")
     args = ap.parse_args()
@@ -466,9 +477,10 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
     }
     try:
-        result["throughput"] = asyncio.run(throughput(args, tmp, m, ranges, total))
+        if not args.no_throughput:
+            result["throughput"] = asyncio.run(throughput(args, tmp, m, ranges, total))
         if not args.no_ttft:
-            result["ttft"] = asyncio.run(ttft(args, tmp, m.file_bytes))
+            result["ttft"] = asyncio.run(ttft(args, tmp, m))
     finally:
         result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         shutil.rmtree(tmp, ignore_errors=True)

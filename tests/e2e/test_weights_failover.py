@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import random
 import shutil
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -54,6 +55,33 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Later(DaemonProc):
+    """A DaemonProc started by start() (its port may be chosen before: a proxy points at it)."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name, self._args, self._log_dir = name, args, log_dir
+        self.port, self.node_id = 0, ""
+        self.proc = None  # type: ignore[assignment]
+
+    def start(self) -> None:
+        port = self.port
+        DaemonProc.__init__(self, self.name, self._args, self._log_dir)
+        self.port = port
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        return super().stop(timeout) if self.proc is not None else None
+
+
 class Cluster:
     """Sources holding MODEL, each behind its own Proxy, and one fetching daemon that dials
     every source through its proxy."""
@@ -63,32 +91,49 @@ class Cluster:
         self.models = models
         self.empty = tmp / "no-models"
         self.empty.mkdir()
-        self.sources: list[DaemonProc] = []
+        self.sources: list[Later] = []
         self.proxies: list[ProxyThread] = []
-        self.fetcher: DaemonProc | None = None
+        self.fetcher: Later | None = None
         self._conns: list[Any] = []
 
-    def _daemon(self, name: str, *args: str) -> DaemonProc:
-        return DaemonProc(name, [*FAST, "--state-dir", str(self.tmp / f"state-{name}"), *args], self.tmp)
+    def _daemon(self, name: str, *args: str) -> Later:
+        return Later(name, [*FAST, "--state-dir", str(self.tmp / f"state-{name}"), *args], self.tmp)
 
-    async def start(self, n: int, **proxy_kwargs: Any) -> Cluster:
-        self.sources = [self._daemon(f"src{i}", "--models-dir", str(self.models)) for i in range(n)]
-        for d in self.sources:
+    async def start(self, n: int, started: int | None = None, **proxy_kwargs: Any) -> Cluster:
+        """``n`` sources (the first ``started`` of them running now; the others get their port
+        and proxy, and start with start_source), and the fetcher."""
+        ports = free_ports(n)
+        self.sources = [self._daemon(f"src{i}", "--port", str(port), "--models-dir", str(self.models))
+                        for i, port in enumerate(ports)]
+        started = n if started is None else started
+        for d, port in zip(self.sources, ports, strict=True):
+            d.port = port
+        for d in self.sources[:started]:
+            d.start()
             await asyncio.to_thread(d.wait_ready)
         # each proxy on its own loop in a thread: nothing the test blocks on stalls the links
         self.proxies = [ProxyThread(d.port, **proxy_kwargs).start() for d in self.sources]
         peers = [x for p in self.proxies for x in ("--peer", p.proxy.address)]
         self.fetcher = self._daemon("fetcher", "--models-dir", str(self.empty), *peers)
+        self.fetcher.start()
         await asyncio.to_thread(self.fetcher.wait_ready)
-
-        async def sees_all() -> bool:
-            snap = await self.status(self.fetcher)
-            up = [p for p in snap["peers"] if p["state"] == "up"
-                  and any(m.get("name") == MODEL for m in p.get("models") or [])]
-            return len(up) == n
-
-        await wait_for(sees_all, timeout=30, what=f"the fetcher linked to {n} sources listing {MODEL}")
+        await self.sees(started)
         return self
+
+    async def start_source(self, i: int) -> None:
+        self.sources[i].start()
+        await asyncio.to_thread(self.sources[i].wait_ready)
+
+    async def sees(self, n: int) -> None:
+        """Wait until the fetcher has ``n`` sources up that list MODEL."""
+        assert self.fetcher is not None
+
+        async def up() -> bool:
+            snap = await self.status(self.fetcher)  # type: ignore[arg-type]
+            return n == sum(p["state"] == "up" and any(m.get("name") == MODEL for m in p.get("models") or [])
+                            for p in snap["peers"])
+
+        await wait_for(up, timeout=30, what=f"the fetcher linked to {n} sources listing {MODEL}")
 
     async def conn(self, d: DaemonProc) -> Any:
         c = await open_daemon(d.address)
@@ -115,10 +160,10 @@ class Cluster:
 async def cluster(tmp_path: Path, models: Path) -> AsyncIterator[Any]:
     made: list[Cluster] = []
 
-    async def start(n: int, **proxy_kwargs: Any) -> Cluster:
+    async def start(n: int, started: int | None = None, **proxy_kwargs: Any) -> Cluster:
         c = Cluster(tmp_path, models)
         made.append(c)
-        return await c.start(n, **proxy_kwargs)
+        return await c.start(n, started, **proxy_kwargs)
 
     yield start
     for c in made:
@@ -167,20 +212,9 @@ def names_in(dropped: list[str], name: str) -> list[str]:
 async def test_killed_source_mid_fetch_resumes_from_the_other(cluster: Any, models: Path) -> None:
     c: Cluster = await cluster(2, rate=RATE)
     first, second = c.sources
-    pt1 = c.proxies[0]
-    p1 = pt1.proxy
-    # Hold the first source's link once it has handed the fetcher one whole WEIGHTS_READ
-    # answer: exactly those bytes were delivered by it before it dies.
-    p1.pause_when = lambda p: p.frames_of(WEIGHTS_READ) >= 1
     progress: list[dict[str, Any]] = []
     task = asyncio.create_task(pull(await c.conn(c.fetcher), progress))
-    await wait_for(lambda: p1.paused or task.done(), timeout=60,
-                   what="the first source's first WEIGHTS_READ answer delivered")
-    assert not task.done(), "the fetch finished before the first source could be killed"
-    first.kill()
-    kept = p1.payload_of(WEIGHTS_READ)
-    pt1.call(p1.drop)  # the link breaks with it: what the proxy still held is lost, as on a wire
-    pt1.call(p1.resume)  # (the fetcher's redials reach the proxy, which cannot reach the source)
+    kept = await kill_after_first_answer(c, 0, task)
     result = await asyncio.wait_for(task, 120)
     total = progress[-1]["total_bytes"] if progress else result["bytes"]
     assert result["bytes"] == total > kept > 0, (result, kept)
@@ -193,10 +227,52 @@ async def test_killed_source_mid_fetch_resumes_from_the_other(cluster: Any, mode
     await asyncio.to_thread(check_copy, result["path"], models)
 
 
+async def kill_after_first_answer(c: Cluster, i: int, task: asyncio.Task[Any]) -> int:
+    """Kill source ``i`` once its proxy has handed the fetcher one whole WEIGHTS_READ answer
+    (the proxy then holds the link, so exactly that answer got through); the payload bytes
+    it delivered."""
+    pt = c.proxies[i]
+    p = pt.proxy
+    p.pause_when = lambda p: p.frames_of(WEIGHTS_READ) >= 1
+    await wait_for(lambda: p.paused or task.done(), timeout=60,
+                   what=f"source {i}'s first WEIGHTS_READ answer delivered")
+    assert not task.done(), "the fetch ended before the source could be killed"
+    c.sources[i].kill()
+    kept = p.payload_of(WEIGHTS_READ)
+    pt.call(p.drop)  # the link breaks with it: what the proxy still held is lost, as on a wire
+    pt.call(p.resume)  # (the fetcher's redials reach the proxy, which cannot reach the source)
+    return kept
+
+
+async def test_failed_fetch_resumes_later_from_a_new_source(cluster: Any, models: Path) -> None:
+    """The only source dies mid-fetch: the pull fails naming it and what is missing; a source
+    that comes up later serves exactly the missing bytes, nothing the first delivered."""
+    c: Cluster = await cluster(2, started=1, rate=RATE)
+    progress: list[dict[str, Any]] = []
+    task = asyncio.create_task(pull(await c.conn(c.fetcher), progress))
+    kept = await kill_after_first_answer(c, 0, task)
+    with pytest.raises(RemoteError) as err:
+        await asyncio.wait_for(task, 60)
+    assert err.value.code == ErrorCode.PEER_DOWN, err.value
+    assert MODEL in str(err.value) and c.sources[0].name in str(err.value), err.value
+    assert "missing" in str(err.value), err.value
+    await c.start_source(1)
+    await c.sees(1)
+    again: list[dict[str, Any]] = []
+    result = await asyncio.wait_for(pull(await c.conn(c.fetcher), again), 120)
+    whole = sum(f.stat().st_size for f in (models / MODEL).iterdir())  # safetensors: no gaps
+    assert result["bytes"] == whole - kept and kept > 0, (result, kept, whole)
+    assert served(await c.status(c.sources[1])) == whole - kept
+    assert result["sources"] == [c.sources[1].name], result
+    assert not again or again[0]["done_bytes"] >= kept, again
+    await asyncio.to_thread(check_copy, result["path"], models)
+
+
 async def test_corrupting_source_is_dropped_and_another_used(cluster: Any, models: Path) -> None:
     c: Cluster = await cluster(2)
     bad, good = c.sources
-    c.proxies[0].call(c.proxies[0].proxy.corrupt)  # every WEIGHTS_READ answer from the first source has a byte flipped
+    # every WEIGHTS_READ answer from the first source gets one byte flipped
+    c.proxies[0].call(c.proxies[0].proxy.corrupt)
     progress: list[dict[str, Any]] = []
     result = await asyncio.wait_for(pull(await c.conn(c.fetcher), progress), 120)
     assert c.proxies[0].proxy.flips, "the corrupting source was never asked for pieces"
