@@ -203,7 +203,10 @@ def _print_event(ev: dict[str, Any], steps: int) -> None:
         print(f"job {ev.get('job')}")
         for st in ev.get("stages", []):
             a, b = st["layers"]
-            print(f"  stage {st['index']}: layers {a}-{b} on {st['name']} ({st['node_id'][:8]})")
+            fetch = (f", fetching {st['fetch_bytes'] / 1e6:.1f} MB in "
+                     f"{'' if st.get('fetch_measured') else '~'}{st.get('fetch_s', 0):.1f} s"
+                     if st.get("fetch_bytes") else "")
+            print(f"  stage {st['index']}: layers {a}-{b} on {st['name']} ({st['node_id'][:8]}){fetch}")
     elif kind == "step":
         print(f"step {ev['step'] + 1:>{len(str(steps))}}/{steps}  loss {ev['loss']:.4f}  "
               f"{ev['seconds']:.3f}s  fwd {_mb(ev['bytes_forward'])}  "

@@ -273,3 +273,8 @@ async def test_a_split_training_stage_fetches_its_layers(
     journal = json.loads((entry / JOURNAL).read_text())
     assert set(journal["have"]) == set(pieces_for(manifest, Need((2, 4), embed=False, head=True)))
     assert not (trio.entry("a", BARD)).exists()
+    # the plan in the job's info (ctl jobs) carries the second stage's fetch
+    job = next(j for j in (await trio.status(a))["jobs"] if j["pillar"] == "splittrain")
+    planned = job["metrics"]["stages"]
+    assert "fetch_bytes" not in planned[0]
+    assert planned[1]["sources"] == [a.node_id] and planned[1]["fetch_bytes"] > 0

@@ -265,3 +265,15 @@ async def test_role_model_path_fetches_with_sources_and_refuses_a_failed_fetch(
     with pytest.raises(Refused, match="absent"):
         await role_model_path(ctx, "absent", None, ())
     assert len(calls) == 2
+
+
+def test_train_split_prints_a_stage_fetch(capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pllm.cli.train import _print_event
+
+    _print_event({"event": "plan", "job": "j1", "stages": [
+        {"index": 0, "node_id": nid("me"), "name": "me", "layers": [0, 2]},
+        {"index": 1, "node_id": nid("b"), "name": "b", "layers": [2, 4], "fetch_bytes": 3_500_000,
+         "fetch_s": 0.035, "fetch_measured": False, "sources": [nid("me")]}]}, 1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "  stage 0: layers 0-2 on me (me-id-01)"
+    assert out[2] == "  stage 1: layers 2-4 on b (b-id-012), fetching 3.5 MB in ~0.0 s"

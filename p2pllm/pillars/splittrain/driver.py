@@ -132,7 +132,9 @@ class StepDriver:
         s = self.spec
         t_start = time.perf_counter()
         plan_meta = [{"index": st.index, "node_id": st.node_id, "name": st.name,
-                      "layers": [st.start, st.end]} for st in self.stages]
+                      "layers": [st.start, st.end],
+                      **(st.fetch.describe() if st.fetch is not None else {})}
+                     for st in self.stages]
         self.job.update(step=0, loss=None, step_seconds=None, bubble=None,
                         bubble_theory=bubble_fraction(len(self.stages), s.micro_batches),
                         idle_fraction=None, steps_total=s.steps, stages=plan_meta)
