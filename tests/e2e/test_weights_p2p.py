@@ -8,8 +8,9 @@ model only in the first one's models dir:
   greedy; the plan (job result, ``ctl jobs`` member summaries) shows the fetch;
 - a second job reuses the cached slices without a fetch (a's served bytes unchanged, b's and
   c's fetch state "reused");
-- an FL round whose two clients lack the base model (they fetch it whole), and a split
-  training step whose second stage lacks it (it fetches its layers).
+- an FL round whose two clients lack the base model (they fetch it whole), a split training
+  step whose second stage lacks it (it fetches its layers), and a speculative job whose
+  verifier, pinned to a node without the target, fetches it whole.
 
 The split test runs on the bundled shakespeare copied under another name (every daemon has the
 bundled models in its roots) and, with the shared checkout, on SmolLM2-135M (GGUF). Few tokens,
@@ -35,7 +36,14 @@ from p2pllm.weights.manifest import Manifest, build_manifest
 from p2pllm.weights.slices import Need, pieces_for
 from p2pllm.weights.store import JOURNAL, entry_dirname
 from p2pllm.wire.messages import MsgType
-from tests.conftest import BUNDLED, SHARED_MODELS, SHARED_SKIP, DaemonProc, wait_for
+from tests.conftest import (
+    BUNDLED,
+    BUNDLED_DRAFT,
+    SHARED_MODELS,
+    SHARED_SKIP,
+    DaemonProc,
+    wait_for,
+)
 from tests.e2e.test_fl import stories
 from tests.e2e.test_split import all_connected, free_ports
 
@@ -278,3 +286,31 @@ async def test_a_split_training_stage_fetches_its_layers(
     planned = job["metrics"]["stages"]
     assert "fetch_bytes" not in planned[0]
     assert planned[1]["sources"] == [a.node_id] and planned[1]["fetch_bytes"] > 0
+
+
+async def test_a_verifier_without_the_target_fetches_it_whole(trio: Trio, tmp_path: Path) -> None:
+    from p2pllm.engine.generate import generate_ids
+    from p2pllm.engine.loader import load_slice, load_tokenizer
+
+    folder = copy_model(BUNDLED, tmp_path / "models", BARD)
+    copy_model(BUNDLED_DRAFT, tmp_path / "models", "bard-draft")
+    await trio.start(tmp_path / "models")
+    a, b, _ = trio.procs
+    prompt_ids = list(load_tokenizer(folder)("ROMEO:")["input_ids"])
+    local = list(generate_ids(load_slice(folder), prompt_ids, max_tokens=TOKENS).token_ids)
+    conn = await open_daemon(a.address)
+    try:
+        body = {"mode": "spec", "model": BARD, "draft_model": "bard-draft", "verifier": "b",
+                "prompt_ids": prompt_ids, "max_tokens": TOKENS}
+        got = None
+        async for frame in conn.stream(MsgType.GENERATE, body, idle_timeout=300):
+            if not frame.is_partial:
+                got = dict(frame.meta)
+    finally:
+        conn.close()
+    assert got is not None and got["token_ids"] == local and got["verifier"] == "b", got
+    assert got["drafter"] == "a"  # a has the draft: no fetch for it
+    manifest = await asyncio.to_thread(build_manifest, folder, BARD)
+    journal = json.loads((trio.entry("b", BARD) / JOURNAL).read_text())
+    assert set(journal["have"]) == set(range(len(manifest.pieces)))
+    assert not trio.entry("b", "bard-draft").exists()
