@@ -127,6 +127,8 @@ class DaemonProc:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+        if "--state-dir" not in args:  # never the user's ~/.local/state (fetched models land there)
+            args = [*args, "--state-dir", str(log_dir / f"{name}-state")]
         cmd = [
             sys.executable, "-m", "p2pllm.cli.p2pllmd",
             "--name", name, "--host", "127.0.0.1", "--port", "0", "--print-port",
