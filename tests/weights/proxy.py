@@ -379,7 +379,10 @@ class Proxy:
         bucket = self.buckets[direction]
 
         async def deliver() -> None:
+            broken = False
             while (item := await queue.get()) is not None:
+                if broken:  # keep taking what the reader queues until it sees the abort
+                    continue
                 due, data = item
                 if (wait := due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)  # the configured latency, not a stand-in for an event
@@ -395,13 +398,14 @@ class Proxy:
                     except (OSError, ConnectionError):
                         for w in pair:
                             w.transport.abort()
-                        return
+                        broken = True
+                        break
                     self.bytes[direction] += len(part)
                     if self.pause_when is not None and self.pause_when(self):
                         self.pause_when = None
                         self.pause()
                     self._changed()
-            if writer.can_write_eof():
+            if not broken and writer.can_write_eof():
                 with contextlib.suppress(OSError):
                     writer.write_eof()
 

@@ -232,7 +232,8 @@ def test_proxy_thread_for_synchronous_callers(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("proxy-test-secret-0123456789abcdef0123456789")
     secret.chmod(0o600)
-    d = DaemonProc("px", ["--no-mdns", "--secret-file", str(secret)], tmp_path).wait_ready()
+    d = DaemonProc("px", ["--no-mdns", "--secret-file", str(secret), "--state-dir", str(tmp_path / "state")],
+                   tmp_path).wait_ready()
     try:
         with ProxyThread(d.port) as pt:
             from p2pllm.cli.client import open_daemon
