@@ -264,6 +264,27 @@ class FetchCache:
             raise StoreError(f"{path} is a symlink; the fetch cache holds only its own folders")
         return path
 
+    def _live(self, model: str) -> CacheEntry | None:
+        """The open entry of ``model`` if its folder is still what it recorded: its journal
+        and its files at their sizes (an operator may delete a cache folder while the daemon
+        runs; an entry trusted from memory would then hand out an empty folder). Under
+        ``_lock``."""
+        current = self._open.get(model)
+        if current is None or current.closed:
+            return None
+        try:
+            ok = (current.path / JOURNAL).is_file() and all(
+                os.lstat(current.path / f.name).st_size == f.size
+                for f in current.manifest.files)
+        except OSError:
+            ok = False
+        if not ok:
+            log.info("fetch cache: %s changed on disk; reopening it", current.path)
+            current.close()
+            del self._open[model]
+            return None
+        return current
+
     def entry(self, manifest: Manifest) -> CacheEntry:
         """The entry of ``manifest``'s model, created (files at full size, all holes) or
         reopened; a journal of another digest (or unreadable) wipes it first. Blocking."""
@@ -271,8 +292,8 @@ class FetchCache:
             check_file_name(f.name)
         path = self._dir(manifest.model)
         with self._lock:
-            current = self._open.get(manifest.model)
-            if current is not None and not current.closed:
+            current = self._live(manifest.model)
+            if current is not None:
                 if current.manifest.digest == manifest.digest:
                     return current
                 current.close()
@@ -343,8 +364,8 @@ class FetchCache:
         otherwise. Blocking."""
         path = self._dir(model)
         with self._lock:
-            current = self._open.get(model)
-            if current is not None and not current.closed:
+            current = self._live(model)
+            if current is not None:
                 return current
         try:
             d = json.loads((path / JOURNAL).read_text(encoding="utf-8"))

@@ -229,3 +229,20 @@ def test_make_room_evicts_least_recently_used(tmp_path: Path) -> None:
         cache.make_room(10 * ms[0].file_bytes, keep="a")
     assert cache.names() == ["a"]
     assert FetchCache(tmp_path / "c").make_room(1 << 40) is None  # no cap
+
+
+def test_an_entry_deleted_on_disk_is_not_trusted_from_memory(tmp_path: Path) -> None:
+    """An operator deletes a cache folder while the daemon runs: the open entry must not be
+    handed out as holding its pieces (a role would load an empty folder)."""
+    m = build_manifest(BUNDLED, "shakespeare")
+    cache = FetchCache(tmp_path / "c")
+    e = fill(cache, BUNDLED, m, [0, 1, 2])
+    assert cache.find("shakespeare") is e and cache.entry(m) is e
+    shutil.rmtree(e.path)
+    assert cache.find("shakespeare") is None  # no journal on disk: nothing cached
+    again = cache.entry(m)
+    assert again is not e and e.closed and again.have() == set()
+    assert all((again.path / f.name).stat().st_size == f.size for f in m.files)
+    fill(cache, BUNDLED, m, [0])
+    (again.path / m.files[m.pieces[0].file].name).unlink()  # one file gone
+    assert cache.entry(m).have() == set()
