@@ -17,7 +17,7 @@
 Progress goes into the daemon state (``fetches``, ``served_bytes`` in the snapshot) and into
 this node's caps (running fetches, sent to the peers at most once a second).
 
-Over 400 lines because both ends of the weights messages live here: the checks a server makes
+Size: over 400 lines because both ends of the weights messages live here: the checks a server makes
 on WEIGHTS_READ and the checks :class:`PeerSource` makes on its answer are each other's
 mirror, and kept side by side they cannot drift apart.
 """
