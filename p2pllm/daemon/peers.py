@@ -1,9 +1,17 @@
 """The peer table: one live link per peer, what we know of it, and the link-level chatter.
 
-Between two nodes only one connection survives: the one opened by the node with the smaller
-node id (if both opened one at once), or the newest. A link that closes leaves its peer
-"down" for `peer_remove_after` seconds, then the peer is forgotten. Here too: keepalive and
-RTT, bytes in/out per link, throughput probes now and then, CAPS_UPDATE and GOODBYE.
+Between two nodes only one connection survives (protocol.md 6.2): of two opened by different
+nodes, the one the node with the smaller node id opened; of two opened by the same node, the
+newer. Both ends apply the rule to what the handshakes told them, so they pick the same link
+without another message. The link that loses is not closed under its requests: it drains (no
+new requests go out on it, the peer's are still served), then the node with the smaller id
+closes it once nothing has been in flight on it either way for `drain_quiet` seconds; either
+end closes it after `drain_timeout` whatever is in flight. If the link kept closes while a
+drained one is still open, the drained one is the link again.
+
+A link that closes leaves its peer "down" for `peer_remove_after` seconds, then the peer is
+forgotten. Here too: keepalive and RTT, bytes in/out per link, throughput probes now and then,
+CAPS_UPDATE and GOODBYE.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ log = logging.getLogger(__name__)
 
 LINK_PROBE_EVERY = 15.0  # seconds between throughput probes of each link
 LINK_PROBE_BYTES = 128 * 1024  # ~17 KB/s per link on average
+DRAIN_QUIET = 2.0  # seconds with nothing in flight before the smaller id closes a losing link
+DRAIN_TIMEOUT = 300.0  # seconds a losing link may stay open for requests still in flight
+DRAIN_POLL = 0.1  # seconds between two looks at a draining link
 
 
 @dataclass
@@ -38,6 +49,8 @@ class PeerLink:
     initiator: str = ""  # node id that opened `conn`
     caps: dict[str, Any] = field(default_factory=dict)
     down_since: float | None = None
+    # links that lost to `conn` and still finish what was in flight on them, oldest first
+    draining: list[Connection] = field(default_factory=list)
 
 
 class PeerTable:
@@ -53,6 +66,9 @@ class PeerTable:
         self.emit = emit
         self._on_down = on_down  # (node_id, name) of a peer whose link just closed
         self.links: dict[str, PeerLink] = {}
+        self.drain_quiet = DRAIN_QUIET
+        self.drain_timeout = DRAIN_TIMEOUT
+        self._drains: set[asyncio.Task[None]] = set()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -77,41 +93,110 @@ class PeerTable:
     # -- links ------------------------------------------------------------------------------
 
     def admit(self, conn: Connection, hello: Mapping[str, Any], address: str, initiator: str) -> None:
-        """Make `conn` the link to its peer, unless a better connection already exists."""
+        """Make `conn` the link to its peer, unless the live one wins (protocol.md 6.2); the
+        loser of the two drains (:meth:`_drain`) instead of closing under its requests."""
         node_id = str(hello["node_id"])
         conn.name = f"{hello.get('name', '?')}({node_id[:8]})"
         conn.info["initiator"] = initiator
         link = self.links.get(node_id)
         if link is not None and link.conn is not None and not link.conn.closed:
-            # Two connections between the same pair: keep the one the smaller id opened.
-            preferred = min(self.node_id, node_id)
-            old_ok = link.initiator == preferred
-            new_ok = initiator == preferred
-            if old_ok and not new_ok:
-                conn.close("duplicate connection")
+            if not self.wins(node_id, initiator, link.initiator):
+                self._lose(link, conn, f"duplicate link: the one {link.initiator[:8]} opened wins")
                 return
-            link.conn.close("replaced by a newer connection")
+            self._lose(link, link.conn, f"duplicate link: a newer one {initiator[:8]} opened wins")
         if link is None:
             link = PeerLink(node_id, str(hello.get("name", "")), address)
             self.links[node_id] = link
         link.name = str(hello.get("name", link.name))
         link.address = address
+        link.caps = dict(hello.get("caps") or {})
+        self._make_link(link, conn, initiator)
+
+    def wins(self, node_id: str, new: str, old: str) -> bool:
+        """Whether a link to `node_id` opened by node `new` replaces a live one opened by
+        `old`: the smaller node id's link wins, of one node's links the newer."""
+        if new == old:
+            return True
+        return new == min(self.node_id, node_id)
+
+    def _make_link(self, link: PeerLink, conn: Connection, initiator: str) -> None:
+        node_id = link.node_id
         link.conn = conn
         link.initiator = initiator
-        link.caps = dict(hello.get("caps") or {})
         link.down_since = None
         conn.on_close(lambda c: self._closed(node_id, c))
 
         def on_rtt(rtt: float) -> None:
-            self.emit(ev.LinkMeasured(node_id, rtt_ms=round(rtt * 1000, 3)))
+            if link.conn is conn:
+                self.emit(ev.LinkMeasured(node_id, rtt_ms=round(rtt * 1000, 3)))
 
         conn.start_keepalive(self.config.keepalive_interval, self.config.keepalive_timeout, on_rtt)
-        self.emit(ev.PeerUp(node_id, link.name, address, link.caps, time.time()))
-        log.info("peer %s (%s) up at %s", link.name, node_id[:8], address)
+        self.emit(ev.PeerUp(node_id, link.name, link.address, link.caps, time.time()))
+        log.info("peer %s (%s) up at %s", link.name, node_id[:8], link.address)
+
+    def _lose(self, link: PeerLink, conn: Connection, why: str) -> None:
+        """`conn` lost to another link to the same peer: it takes no new requests from here
+        and closes once drained."""
+        log.info("peer %s (%s): %s; draining %s", link.name, link.node_id[:8], why, conn.peername)
+        conn.info["draining"] = why
+        if conn not in link.draining:
+            link.draining.append(conn)
+            node_id = link.node_id
+            conn.on_close(lambda c: self._drained(node_id, c))
+        if link.conn is not conn:  # a new connection that lost: keepalive it while it drains
+            conn.start_keepalive(self.config.keepalive_interval, self.config.keepalive_timeout)
+        task = asyncio.get_running_loop().create_task(self._drain(link, conn, why))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, link: PeerLink, conn: Connection, why: str) -> None:
+        """Close a losing link: the smaller id once nothing was in flight on it for
+        `drain_quiet` seconds (the other end has switched to the kept link by then: it did
+        before its part of that link's handshake ended), either end after `drain_timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
+        closer = self.node_id < link.node_id
+        quiet_since: float | None = None
+        while not conn.closed and conn in link.draining:
+            now = loop.time()
+            if now >= deadline:
+                conn.close(f"{why}; still busy after the drain timeout of {self.drain_timeout:g}s")
+                return
+            if closer:
+                if conn.in_flight:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= self.drain_quiet:
+                    # two loop turns: read what may already wait on its socket, then look again
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
+                    if not conn.in_flight and conn in link.draining:
+                        conn.close(f"{why}; drained")
+                        return
+                    quiet_since = None
+            await asyncio.sleep(DRAIN_POLL)
+
+    def _drained(self, node_id: str, conn: Connection) -> None:
+        link = self.links.get(node_id)
+        if link is not None and conn in link.draining:
+            link.draining.remove(conn)
 
     def _closed(self, node_id: str, conn: Connection) -> None:
         link = self.links.get(node_id)
         if link is None or link.conn is not conn:
+            return
+        preferred = min(self.node_id, node_id)
+        spares = [c for c in link.draining if not c.closed]
+        # the one the rule ranks first: the smaller id's, of those the newest
+        spare = max(spares, key=lambda c: (c.info.get("initiator") == preferred, c.created), default=None)
+        if spare is not None:  # a draining link is still open: it is the link again
+            link.draining.remove(spare)
+            spare.info.pop("draining", None)
+            log.info("peer %s (%s): link closed (%s); the draining one %s is the link again",
+                     link.name, node_id[:8], conn.close_reason, spare.peername)
+            link.conn = spare
+            link.initiator = str(spare.info.get("initiator", ""))
             return
         link.conn = None
         link.down_since = time.monotonic()
@@ -161,7 +246,11 @@ class PeerTable:
                 await link.conn.notify(MsgType.GOODBYE, {"node_id": self.node_id})
 
     def close_all(self, reason: str) -> None:
+        for task in list(self._drains):
+            task.cancel()
         for link in self.links.values():
+            for conn in list(link.draining):
+                conn.close(reason)
             if link.conn is not None:
                 link.conn.close(reason)
 

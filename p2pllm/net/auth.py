@@ -70,6 +70,8 @@ async def client_handshake(
     conn.limits = PREAUTH_LIMITS  # the HELLO answer of a server not yet proven
     if secret is not None:
         conn.hold_reading_after(MsgType.HELLO)  # what follows the answer is read sealed (6.3)
+    else:  # frames right behind the answer (a server uses the link at once) get the full limits
+        conn.limits_after(MsgType.HELLO, limits)
     try:
         frame = await conn.request(MsgType.HELLO, meta, timeout=timeout)
     except RemoteError as exc:

@@ -187,6 +187,7 @@ class Connection(FrameSink):
         # (send key, recv key, message type, "sent"|"received"): switch after that frame;
         # (b"", b"", message type, "hold"): hold reading after the response of that type
         self._seal_arm: tuple[bytes, bytes, int, str] | None = None
+        self._limits_arm: tuple[int, Limits] | None = None  # (message type, limits): limits_after
         # Free-form attributes the daemon attaches after the handshake (peer id, auth state).
         self.info: dict[str, Any] = {}
         peer = transport.get_extra_info("peername") if transport is not None else None
@@ -201,6 +202,12 @@ class Connection(FrameSink):
     @property
     def close_reason(self) -> str:
         return self._close_reason
+
+    @property
+    def in_flight(self) -> int:
+        """Requests and streams this side awaits answers to, plus the peer's requests and
+        one-way frames being handled here (a drained link closes at 0, protocol.md 6.2)."""
+        return len(self._pending) + len(self._handlers) + len(self._oneway)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -259,6 +266,13 @@ class Connection(FrameSink):
         if self._protocol is None:
             raise TypeError(f"{type(self).__name__} carries no bytes and is never sealed")
         self._seal_arm = (b"", b"", int(response_to), "hold")
+
+    def limits_after(self, response_to: MsgType, limits: Limits) -> None:
+        """Read with `limits` from the frame after the response to the next request of type
+        `response_to` (the client without a secret: the HELLO answer is the one frame read
+        under the limits before trust, protocol.md 2.1; what the server sends right after it
+        is read under the full ones)."""
+        self._limits_arm = (int(response_to), limits)
 
     def resume_plain_reading(self) -> None:
         """Undo hold_reading_after (the peer uses no secret: frames stay plain)."""
@@ -483,6 +497,10 @@ class Connection(FrameSink):
         meta_len = header.meta_len
         n = HEADER_SIZE + meta_len + header.payload_len + self._overhead
         self.bytes_in += n
+        limits_arm = self._limits_arm
+        if limits_arm is not None and header.msg_type == limits_arm[0] and header.flags & _RESPONSE:
+            self._limits_arm = None
+            self.limits = limits_arm[1]
         arm = self._seal_arm
         if arm is not None and header.msg_type == arm[2]:
             if arm[3] == "received" and not header.flags & _RESPONSE:

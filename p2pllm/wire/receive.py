@@ -277,6 +277,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 conn._on_frame(header, body)
                 if self._opener is not None or self._held:
                     return True
+                limits = conn.limits  # a handshake answer may have raised them (limits_after)
                 continue
             # Partial body: receive the rest directly into its own buffer.
             body = alloc_body(header)
