@@ -52,7 +52,7 @@ from p2pllm.engine.errors import CheckpointError
 from p2pllm.weights.fetch import FetchError, Progress, agree_manifest, fetch_pieces
 from p2pllm.weights.manifest import Manifest, build_manifest
 from p2pllm.weights.slices import Need, pieces_for, tensor_part
-from p2pllm.weights.store import CacheFull, FetchCache
+from p2pllm.weights.store import CacheEntry, CacheFull, FetchCache
 from p2pllm.wire.connection import Connection, ConnectionClosed, RemoteError, Reply, Request
 from p2pllm.wire.frame import ProtocolError, encode_meta
 from p2pllm.wire.messages import ErrorCode, MsgType
@@ -498,12 +498,14 @@ class WeightsService:
 
         try:
             result = await fetch_pieces(entry, manifest, ids, agreed.sources, on_progress=progress,
-                                        dropped=agreed.dropped)
+                                        dropped=agreed.dropped, sync=False)
         except FetchError as exc:
             raise ProtocolError(ErrorCode.PEER_DOWN, str(exc)) from None
         except CacheFull as exc:  # another model's fetch took the room meanwhile
             raise ProtocolError(ErrorCode.OVER_LIMIT, (
                 f"{exc} (config key max_models_cache_bytes)")) from None
+        if result.pieces:  # durable in the background: the role loads from the page cache
+            self._sync_later(entry)
         dropped = [f"{n}: {why}" for n, why in result.dropped.items()]
         total = manifest.nbytes(ids)
         self.d.emit(ev.FetchUpdated(ref, job, "done", total, total, time.time(), len(ids),
@@ -515,6 +517,20 @@ class WeightsService:
         return Fetched(ref, entry.path, "cache", bytes=result.fetched_bytes, pieces=result.pieces,
                        disk_bytes=await asyncio.to_thread(entry.disk_bytes),
                        seconds=time.monotonic() - t0, sources=result.sources, dropped=dropped)
+
+    def _sync_later(self, entry: CacheEntry) -> None:
+        """fsync a fetched entry's files and journal after the fetch has answered (10-27 ms
+        of a 24 MB slice's 60-120 ms pull here). Crash-safe as it stands: until it ends, the
+        journal lists the last pieces as unsynced and the store re-verifies them when the
+        entry reopens; a sync of an entry closed meanwhile does nothing."""
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(entry.sync)
+            except Exception as exc:
+                log.warning("weights: cannot sync %s: %s", entry.path, exc)
+
+        self.d._spawn(run())
 
     def _make_room(self, cache: FetchCache, todo: int, model: str) -> None:
         """Room for ``todo`` more bytes (least recently used other entries evicted), or

@@ -11,7 +11,7 @@ model alike; :func:`fetch_pieces` then moves the missing pieces:
    next batch;
 3. each answer is checked and written in a thread (sha256 per piece, ``pwrite``, journal:
    :meth:`~p2pllm.weights.store.CacheEntry.record`, fsynced about once a second and at the
-   end), while the next reads are in flight;
+   end, or by the caller with ``sync=False``), while the next reads are in flight;
 4. a source whose read raises (connection closed, timeout, ProtocolError) or that answers a
    piece not matching the manifest is dropped for this fetch, and its outstanding batches go
    back to the queue for the others; the good pieces of a partly corrupt answer are kept.
@@ -204,11 +204,15 @@ async def fetch_pieces(entry: CacheEntry, manifest: Manifest, ids: Sequence[int]
                        batch_bytes: int = 8 << 20,
                        on_progress: Callable[[Progress], None] | None = None,
                        read_timeout: float | None = None,
-                       dropped: Mapping[str, str] | None = None) -> FetchResult:
+                       dropped: Mapping[str, str] | None = None,
+                       sync: bool = True) -> FetchResult:
     """Fetch the pieces ``ids`` of ``manifest`` that ``entry`` lacks from ``sources`` (see
     the module doc). ``dropped``: sources already dropped (by :func:`agree_manifest`), named in
     a :class:`FetchError`. ``read_timeout``: seconds one read may take before its source is
-    dropped (None: the source's own timeouts)."""
+    dropped (None: the source's own timeouts). ``sync=False``: a fetch that completes leaves
+    its last pieces recorded as unsynced (re-verified if the entry reopens before a sync) and
+    the caller runs :meth:`~p2pllm.weights.store.CacheEntry.sync`, e.g. in the background
+    once the result is handed on (a failing fetch syncs what it recorded either way)."""
     if entry.manifest.digest != manifest.digest:
         raise ValueError(f"the entry {entry.path} holds manifest {entry.manifest.digest[:12]}, "
                          f"not {manifest.digest[:12]}")
@@ -315,7 +319,8 @@ async def fetch_pieces(entry: CacheEntry, manifest: Manifest, ids: Sequence[int]
                 _retrieve(t)
         if fetched_pieces:  # what was recorded, durable (fsync of files and journal)
             if not failed:
-                await asyncio.to_thread(entry.sync)
+                if sync:
+                    await asyncio.to_thread(entry.sync)
             else:  # failing already: keep that error
                 try:
                     await asyncio.to_thread(entry.sync)

@@ -8,8 +8,9 @@ source's (each tensor at its own offset). ``<entry>/.p2pllm-fetch.json`` (the jo
 manifest digest, manifest, ids of the verified pieces, those of them not yet fsynced) is
 replaced atomically (tmp, rename) after the pieces it adds were written: a piece the journal
 does not list does not exist, so a crash or kill costs at most the pieces in flight. About
-once a second (``sync_interval``) and at the end of a fetch the files, then the journal, are
-fsynced (tmp fsync, rename, folder fsync); pieces listed as unsynced are re-hashed when the
+once a second (``sync_interval``) and at the end of a fetch (the daemon's runs after its
+answer, in the background) the files, then the journal, are fsynced (tmp fsync, rename, folder
+fsync); pieces listed as unsynced are re-hashed when the
 entry is reopened and kept only if their bytes are there (a power loss may have lost them).
 One fsync per batch instead cost a third of the fetch throughput here.
 A journal whose digest differs from the manifest asked for (the model changed at the source),
@@ -186,8 +187,11 @@ class CacheEntry:
                 self._written -= ids
 
     def sync(self) -> None:
-        """Make every recorded piece durable (fsync of the files, then of the journal)."""
+        """Make every recorded piece durable (fsync of the files, then of the journal). A no-op
+        once the entry is closed (wiped or evicted: its folder may hold another entry now)."""
         with self._journal_lock:
+            if self.closed:
+                return
             have = self.have()
             self._sync_files()
             self._last_sync = time.monotonic()
@@ -238,8 +242,9 @@ class CacheEntry:
         self.cache.make_room(nbytes, keep=self.manifest.model)
 
     def close(self) -> None:
-        """Close the entry's files (a later write raises)."""
-        with self._lock:
+        """Close the entry's files (a later write raises); waits for a :meth:`sync` or
+        :meth:`record` in progress (one may run in the background after a fetch)."""
+        with self._journal_lock, self._lock:
             self.closed = True
             fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
@@ -313,8 +318,10 @@ class FetchCache:
                 e._synced = set(e._have)
                 log.info("fetch cache: %s: %d of %d unsynced pieces verified", path,
                          len(e._have) - len(have - unsynced), len(unsynced))
-            if unsynced or not (path / JOURNAL).is_file():
+            if unsynced:
                 e._write_journal(e._have, set())
+            elif not (path / JOURNAL).is_file():  # an empty journal: lost, the entry restarts
+                e._write_journal(e._have, set(), fsync=False)
             for f in manifest.files:  # holes of the full size; kept files are already it
                 target = path / f.name
                 target.parent.mkdir(exist_ok=True)

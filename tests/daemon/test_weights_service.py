@@ -345,3 +345,30 @@ def test_state_keeps_fetches_and_served_bytes() -> None:
     assert peer["since_s"] == 60.0 and peer["fetches"] == []
     s = ev.apply(ev.apply(s, ev.PeerDown("p", "gone", 170.0)), ev.PeerUp("p", "p", "a", {}, 180.0))
     assert ev.snapshot(s, 181.0)["peers"][0]["since_s"] == 1.0
+
+
+async def test_a_pull_answers_before_its_fsync_and_the_journal_ends_synced(
+        daemons: Any, tmp_path: Path, models: Path, ctl: Any) -> None:
+    """The final fsync runs after the answer, in the background (the daemon passes
+    sync=False): it still runs, and the journal ends with no piece listed as unsynced."""
+    src = source(daemons, tmp_path, models)
+    state = tmp_path / "dst-state"
+    dst = daemons("dst", "--no-mdns", "--peer", src.address, "--state-dir", str(state))
+    c = await ctl(dst.port)
+
+    async def sees_the_model() -> bool:
+        snap = (await c.request(MsgType.STATUS, {}, timeout=T)).meta
+        return any(p["state"] == "up" and any(m["name"] == MODEL for m in p.get("models", []))
+                   for p in snap["peers"])
+
+    await wait_for(sees_the_model, what="dst sees src listing the model")
+    out = _fetch_cli(dst.address, "--from", "src")
+    journal = state / "models-cache" / MODEL / JOURNAL
+    man = build_manifest(models / MODEL, MODEL)
+    assert out["pieces"] == len(man.pieces)
+    assert sorted(json.loads(journal.read_text())["have"]) == list(range(len(man.pieces)))
+
+    async def synced() -> bool:
+        return json.loads(journal.read_text())["unsynced"] == []
+
+    await wait_for(synced, what="the background sync of the fetched entry")

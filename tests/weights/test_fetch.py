@@ -316,3 +316,26 @@ async def test_a_disk_error_fails_the_fetch_not_the_source(tmp_path: Path, manif
         await fetch_pieces(e, manifest, list(range(len(manifest.pieces))),
                            [FileSource("a", BUNDLED)], batch_bytes=SMALL)
     assert e.have() == set()
+
+
+async def test_a_fetch_without_sync_leaves_its_pieces_unsynced_until_the_caller_syncs(
+        tmp_path: Path, manifest: Manifest) -> None:
+    """sync=False (the daemon syncs in the background once it has answered): the journal lists
+    the fetched pieces as unsynced, so a reopen re-verifies them, until entry.sync()."""
+    e = FetchCache(tmp_path / "c", sync_interval=3600).entry(manifest)
+    ids = list(range(len(manifest.pieces)))
+    r = await fetch_pieces(e, manifest, ids, [FileSource("a", BUNDLED)], batch_bytes=SMALL,
+                           sync=False)
+    assert r.pieces == len(ids) and e.complete()
+    journal = json.loads((e.path / JOURNAL).read_text())
+    assert journal["have"] == journal["unsynced"] == ids
+    p = manifest.pieces[1]  # a power loss before the sync took piece 1's bytes
+    with open(e.path / manifest.files[p.file].name, "r+b") as fh:
+        fh.seek(p.offset)
+        fh.write(bytes(p.length))
+    again = FetchCache(tmp_path / "c").entry(manifest)
+    assert again.missing(ids) == [1]
+    e2 = FetchCache(tmp_path / "d", sync_interval=3600).entry(manifest)
+    await fetch_pieces(e2, manifest, ids, [FileSource("a", BUNDLED)], sync=False)
+    e2.sync()
+    assert json.loads((e2.path / JOURNAL).read_text())["unsynced"] == []

@@ -246,3 +246,18 @@ def test_an_entry_deleted_on_disk_is_not_trusted_from_memory(tmp_path: Path) -> 
     fill(cache, BUNDLED, m, [0])
     (again.path / m.files[m.pieces[0].file].name).unlink()  # one file gone
     assert cache.entry(m).have() == set()
+
+
+def test_a_closed_entry_s_sync_leaves_its_folder_alone(tmp_path: Path) -> None:
+    """A sync still pending after a fetch (the daemon runs it in the background) must not
+    write its journal into a folder wiped and re-made for another manifest meanwhile."""
+    m = build_manifest(BUNDLED, "shakespeare")
+    cache = FetchCache(tmp_path / "c", sync_interval=3600)
+    old = fill(cache, BUNDLED, m, [0, 1])
+    assert cache.remove("shakespeare") and old.closed
+    new = fill(cache, BUNDLED, m, [3])
+    old.sync()  # a no-op: the entry was closed
+    journal = json.loads((new.path / JOURNAL).read_text())
+    assert journal["have"] == journal["unsynced"] == [3]
+    new.sync()
+    assert json.loads((new.path / JOURNAL).read_text())["unsynced"] == []
