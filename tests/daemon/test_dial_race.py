@@ -167,3 +167,48 @@ async def test_simultaneous_dials_keep_one_link_and_fail_no_request(pair: list[D
     assert not failed, failed[:5]
     assert done.count("echo") >= ROUNDS and done.count("stream") >= ROUNDS
     await _settled(a, b)
+
+
+async def test_a_large_frame_right_behind_the_hello_answer_is_read_under_the_full_limits() -> None:
+    """Without a secret the dialing side reads only the HELLO answer under the 64 KiB limit
+    before trust (protocol.md 2.1). A server admits the link when it answers HELLO and may use
+    it at once: its 256 KiB request, written in the same segment as the answer, is served
+    (it used to be refused as too large, closing the new link)."""
+    from p2pllm.net.auth import client_handshake
+    from p2pllm.wire.connection import Reply, Request, connect
+    from p2pllm.wire.frame import HEADER, HEADER_SIZE, PROTOCOL_VERSION, Limits, encode_frame
+    from p2pllm.wire.messages import Flags
+
+    answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readexactly(HEADER_SIZE)
+        *_, rid, meta_len, payload_len = HEADER.unpack(head)
+        await reader.readexactly(meta_len + payload_len)
+        hello = {"version": PROTOCOL_VERSION, "node_id": "server-node", "name": "s", "port": 1, "auth": False,
+                 "caps": {}}
+        out = [*encode_frame(MsgType.HELLO, hello, flags=int(Flags.RESPONSE), request_id=rid),
+               *encode_frame(MsgType.LINK_PROBE, {}, [PAYLOAD], request_id=7)]
+        writer.write(b"".join(bytes(b) for b in out))  # one write: the answer and the request
+        head = await reader.readexactly(HEADER_SIZE)
+        *_, rid, meta_len, payload_len = HEADER.unpack(head)
+        answered.set_result(await reader.readexactly(meta_len + payload_len))
+        writer.close()
+
+    got: list[int] = []
+
+    async def handler(conn: Connection, req: Request) -> Reply:
+        got.append(req.frame.payload.nbytes)
+        return Reply(MsgType.LINK_PROBE, {}, [req.frame.payload])
+
+    srv = await asyncio.start_server(server, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    conn = await connect("127.0.0.1", port, handler, limits=Limits())
+    try:
+        hello = await client_handshake(conn, node_id="client-node", name="c", kind="peer", port=0, secret=None)
+        assert hello["node_id"] == "server-node"
+        body = await asyncio.wait_for(answered, 10)
+        assert got == [len(PAYLOAD)] and body.endswith(PAYLOAD), conn.close_reason
+    finally:
+        conn.close()
+        srv.close()
