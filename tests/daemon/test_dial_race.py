@@ -11,7 +11,8 @@ requests are in flight on whichever link loses a race.
 After every round: one TCP connection joins the two (counted by the kernel, /proc/net/tcp:
 every other end closed), both peer tables hold that same connection (one's local address is
 the other's peer address), it is the one the smaller node id opened (protocol.md 6.2), and
-no request or stream failed.
+no request or stream failed. Run plain (admitted at HELLO) and with a shared secret (admitted
+at AUTH, frames sealed). The old peer table failed both with "replaced by a newer connection".
 """
 
 from __future__ import annotations
@@ -114,14 +115,20 @@ async def _traffic(src: Daemon, dst: Daemon, job: str, stop: asyncio.Event, done
     await asyncio.gather(echo(), echo(), subscribe(), subscribe())
 
 
-@pytest.fixture
-async def pair(tmp_path: Path) -> Any:
+@pytest.fixture(params=["plain", "sealed"])
+async def pair(request: Any, tmp_path: Path) -> Any:
+    secret: dict[str, Any] = {}
+    if request.param == "sealed":  # with a shared secret: admitted at AUTH, frames sealed
+        path = tmp_path / "secret"
+        path.write_bytes(b"dial-race-shared-secret-0123456789abcdef\n")
+        path.chmod(0o600)
+        secret = {"secret_file": str(path)}
     ports = _free_port(), _free_port()
     daemons = []
     for i, name in enumerate(("race-a", "race-b")):
         config = DaemonConfig(name=name, host="127.0.0.1", port=ports[i], mdns=False,
                               peers=(f"127.0.0.1:{ports[1 - i]}",), state_dir=str(tmp_path / name),
-                              threads=1, compute_bench_seconds=0.01, test_roles=True)
+                              threads=1, compute_bench_seconds=0.01, test_roles=True, **secret)
         daemons.append(Daemon(config))
     tasks = [asyncio.create_task(d.run()) for d in daemons]  # both dial the other at once
     await asyncio.wait_for(asyncio.gather(*(d.wait_ready() for d in daemons)), 60)
