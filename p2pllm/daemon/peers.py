@@ -197,6 +197,7 @@ class PeerTable:
                      link.name, node_id[:8], conn.close_reason, spare.peername)
             link.conn = spare
             link.initiator = str(spare.info.get("initiator", ""))
+            spare.on_close(lambda c: self._closed(node_id, c))  # (a second call is a no-op)
             return
         link.conn = None
         link.down_since = time.monotonic()
@@ -260,7 +261,8 @@ class PeerTable:
         node_id = conn.info.get("node_id")
         link = self.links.get(node_id or "")
         caps = req.meta.get("caps")
-        if link is not None and isinstance(caps, dict) and link.conn is conn:
+        # a dialer's caps follow its AUTH on its own connection, which may be one that drains
+        if link is not None and isinstance(caps, dict) and (link.conn is conn or conn in link.draining):
             link.caps = caps
             self.emit(ev.PeerUp(link.node_id, link.name, link.address, caps, time.time()))
 
