@@ -219,3 +219,40 @@ async def test_a_large_frame_right_behind_the_hello_answer_is_read_under_the_ful
     finally:
         conn.close()
         srv.close()
+
+
+async def test_the_kept_link_closing_falls_back_to_an_open_drained_one(pair: list[Daemon]) -> None:
+    """Losers that still drain when the kept link closes: both sides take the same one back
+    (the smaller id's, of those the newest) with no peer-down, and it carries requests."""
+    a, b = pair
+    old = await _settled(a, b)
+    for d in pair:
+        d.peers.drain_quiet = 60.0  # the losers of the next race stay open for this test
+    for d, other in ((a, b), (b, a)):
+        key = ("127.0.0.1", other.port)
+        d.dialer.targets.pop(key)
+        d.dialer.add(*key, "static")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not all(len(d.peers.links[o.node_id].draining) == 2 for d, o in ((a, b), (b, a))):
+        assert loop.time() < deadline, "the two losers of the race are not both draining"
+        await asyncio.sleep(0.05)
+    kept = a.peers.conn(b.node_id)
+    assert kept is not None and kept is not old
+    sa, pa = _ends(kept)
+    smaller = min(a.node_id, b.node_id)
+    spares = a.peers.links[b.node_id].draining
+    expected = max(spares, key=lambda c: (c.info["initiator"] == smaller, c.created))
+    kept.close("test: the kept link dies")
+    while True:  # b learns of the close from its socket
+        ca, cb = a.peers.conn(b.node_id), b.peers.conn(a.node_id)
+        if ca is not None and cb is not None and not cb.closed and _ends(cb) != (pa, sa):
+            break
+        assert loop.time() < deadline, f"no fallback: a {ca}, b {cb}"
+        await asyncio.sleep(0.05)
+    assert ca is expected and not ca.closed, "a did not fall back to the drained link the rule ranks first"
+    assert _ends(cb) == tuple(reversed(_ends(ca))), "the two sides fell back to different links"
+    for d, other in ((a, b), (b, a)):
+        assert d.snapshot()["peers"][0]["node_id"] == other.node_id
+        reply = await d.request(other.node_id, MsgType.LINK_PROBE, {}, [PAYLOAD], timeout=10)
+        assert bytes(reply.payload) == PAYLOAD
