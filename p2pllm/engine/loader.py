@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from p2pllm.engine.layout import (
 from p2pllm.engine.model import ModelSlice
 from p2pllm.engine.quant import GGUF_QUANT_TYPES, check_quant
 from p2pllm.engine.registry import BUNDLED_MODELS_DIR, HUB_PATTERNS, PULLABLE, pulled_models_dir
+from p2pllm.engine.stheader import safetensors_layout
 
 __all__ = [
     "BUNDLED_MODELS_DIR",
@@ -318,35 +318,10 @@ def _read(st: Any, name: str, dtype: torch.dtype | None,
 def _read_header(f: Path) -> dict[str, int]:
     """Validate a safetensors header against the file size; tensor name -> byte size."""
     try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{f} is not a safetensors file (truncated)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                raise CheckpointError(f"{f} is not a safetensors file (bad header length)")
-            header = json.loads(fh.read(n))
+        _, tensors = safetensors_layout(f)
     except OSError as e:
         raise CheckpointError(f"cannot read {f}: {e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f} is corrupt (bad header): {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{f} is corrupt (header is not an object)")
-    data = size - 8 - n
-    out: dict[str, int] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            lo, hi = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{f} is corrupt (entry {name!r}): {e}") from e
-        if not 0 <= lo <= hi <= data:
-            raise CheckpointError(f"{f} is corrupt or truncated: tensor {name!r} lies at bytes "
-                                  f"[{lo}, {hi}) of a {data}-byte data section")
-        out[name] = hi - lo
-    return out
+    return {name: nbytes for name, _, nbytes in tensors}
 
 
 def slice_tensor_names(config: ModelConfig, start: int, end: int, embed: bool,

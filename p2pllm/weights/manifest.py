@@ -27,7 +27,6 @@ A piece's id is its index in ``pieces``; pieces are sorted by (file, offset).
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import re
@@ -44,6 +43,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from p2pllm.engine.errors import CheckpointError
+from p2pllm.engine.stheader import safetensors_layout
 from p2pllm.wire.frame import ProtocolError
 from p2pllm.wire.messages import ErrorCode
 
@@ -289,7 +289,7 @@ def _spans(path: Path, size: int) -> list[_Span]:
     suffix = path.suffix.lower()
     if suffix not in (".gguf", ".safetensors") or size == 0:
         return _chunks(0, size, None)
-    start, tensors = (_gguf_layout if suffix == ".gguf" else _safetensors_layout)(path, size)
+    start, tensors = (_gguf_layout if suffix == ".gguf" else safetensors_layout)(path, size)
     out = _chunks(0, start, None)
     end = start
     for name, lo, n in sorted(tensors, key=lambda t: t[1]):
@@ -302,39 +302,6 @@ def _spans(path: Path, size: int) -> list[_Span]:
         out.extend(_chunks(lo, n, name))
         end = lo + n
     return out
-
-
-def _safetensors_layout(path: Path, size: int) -> tuple[int, list[tuple[str, int, int]]]:
-    """(data start, [(tensor, absolute offset, bytes)]) of a safetensors file."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path} is not a safetensors file (truncated)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
-            header = json.loads(fh.read(n))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt (bad header): {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is corrupt (header is not an object)")
-    start = 8 + n
-    out = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            lo, hi = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path} is corrupt (entry {name!r}): {e}") from e
-        if not 0 <= lo <= hi <= size - start:
-            raise CheckpointError(f"{path} is corrupt or truncated: tensor {name!r} lies at "
-                                  f"bytes [{lo}, {hi}) of a {size - start}-byte data section")
-        out.append((name, start + lo, hi - lo))
-    return start, out
 
 
 # GGUF metadata value types: scalar type id -> width; 8 is a string, 9 an array
