@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2pllm.cli.client import open_daemon  # noqa: E402
+from p2pllm.lab.daemons import free_ports  # noqa: E402
 from p2pllm.weights.manifest import Manifest, build_manifest  # noqa: E402
 from p2pllm.weights.slices import Need, pieces_for, slice_bytes  # noqa: E402
 from p2pllm.wire.messages import MsgType  # noqa: E402
@@ -387,17 +388,6 @@ async def throughput(args: argparse.Namespace, tmp: Path, m: Manifest,
 
 # -- time to first token ------------------------------------------------------------------------
 
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 async def split_ttft(args: argparse.Namespace, tmp: Path, m: Manifest, fetch: bool,

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2pllm.cli.client import open_daemon  # noqa: E402
+from p2pllm.lab.daemons import free_ports  # noqa: E402
 from p2pllm.wire.connection import RemoteError  # noqa: E402
 from p2pllm.wire.messages import ErrorCode, MsgType  # noqa: E402
 
@@ -228,17 +229,6 @@ class Daemon:
             self.proc.kill()
         self.log.close()
 
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 async def start_daemons(n: int, threads: int, models: Path, logs: Path) -> list[Daemon]:

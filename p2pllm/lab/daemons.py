@@ -13,6 +13,20 @@ from pathlib import Path
 from typing import Any
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback TCP ports free right now (bound, read, released: for daemons that must
+    know each other's ports before they start, e.g. ``--peer`` of one another)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 class StartedDaemon:
     """A p2pllmd child on loopback (port 0, read back from its --print-port line)."""
 

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from p2pllm.engine.generate import generate as generate_text
 from p2pllm.engine.generate import generate_ids
 from p2pllm.engine.loader import load_slice, load_tokenizer, slice_tensor_names
 from p2pllm.engine.sampling import SamplingParams
+from p2pllm.lab.daemons import free_ports
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.tensors import tensor_meta
@@ -72,16 +72,6 @@ def reference_ids(prompt: str | None = None) -> list[int]:
         tok = load_tokenizer(STORIES)
         return generate_text(load_slice(STORIES), tok, prompt, None, 40).token_ids
     return generate_ids(load_slice(STORIES), PROMPT_IDS, max_tokens=40).token_ids
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def start_cluster(root: Path, names: list[str], models_dirs: dict[str, Path]) -> list[DaemonProc]:

@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import random
 import shutil
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import pytest
 
 from p2pllm.cli.client import open_daemon
+from p2pllm.lab.daemons import free_ports
 from p2pllm.wire.connection import RemoteError
 from p2pllm.wire.messages import ErrorCode, MsgType
 from tests.conftest import BUNDLED, REPO, DaemonProc, wait_for
@@ -54,15 +54,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "notes.bin").write_bytes(random.Random(16).randbytes(EXTRA))
     return root
 
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Later(DaemonProc):
