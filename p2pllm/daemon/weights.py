@@ -403,12 +403,10 @@ class WeightsService:
         # a reader that does not take its answers must not make this node hold them: no read
         # from disk while the connection's writing is paused (checked again once a read
         # thread is free; the wait holds none, so other peers' reads go on)
-        can_write = getattr(conn, "_can_write", None)
         while True:
-            if isinstance(can_write, asyncio.Event) and not can_write.is_set():
-                await can_write.wait()
+            await conn.wait_writable()
             async with self._reads:
-                if isinstance(can_write, asyncio.Event) and not can_write.is_set():
+                if conn.writing_paused:
                     continue
                 data = await asyncio.to_thread(_read_pieces, got, ids)
                 break

@@ -830,6 +830,16 @@ class Connection(FrameSink):
     def _lost(self, reason: str) -> None:
         self._finish(reason)
 
+    async def wait_writable(self) -> None:
+        """Return once the transport takes writes again: at once unless it paused writing
+        (its buffer past the high-water mark because the peer reads nothing)."""
+        if self._paused_writing:
+            await self._can_write.wait()
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused_writing
+
     def _pause_writing(self) -> None:
         self._paused_writing = True
         self._can_write.clear()
