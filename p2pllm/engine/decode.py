@@ -71,7 +71,10 @@ def _rms(norm: Any, x: torch.Tensor, out: torch.dtype) -> torch.Tensor:
 
 
 def _quant_mm(qw: Any, x: torch.Tensor) -> torch.Tensor:
-    """The kernel on a (1, K) bfloat16 input: (1, N) bfloat16."""
+    """The kernel on a (1, K) input: torch's layout bfloat16 -> bfloat16, native float32 ->
+    float32."""
+    if qw.layout == "native":
+        return qw.mm_native(x)
     if qw.kind == "int8":
         return torch._weight_int8pack_mm(x, qw.packed, qw.scales)
     return torch._weight_int4pack_mm_for_cpu(x, qw.packed, qw.group, qw.scales)
@@ -87,10 +90,11 @@ def decode_layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
     qkv_f, gu_f = a.fused_qkv, m.fused_gate_up
     quant = type(qkv_f) is QuantFused
+    kdt = _bf16 if quant and qkv_f.qweight.layout == "torch" else h.dtype  # kernels' input
     width = h.shape[-1]
     # 1. q/k/v, rotary (float32 math on a quantized kernel's bfloat16 output)
     if quant:
-        x = _rms(layer.input_layernorm, h, _bf16).view(1, width)
+        x = _rms(layer.input_layernorm, h, kdt).view(1, width)
         qkv = _quant_mm(qkv_f.qweight, x)
     else:
         qkv = dense(_rms(layer.input_layernorm, h, h.dtype).view(1, width), qkv_f.weight)
@@ -111,16 +115,19 @@ def decode_layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     # 3. output projection, residual
     out = out.view(1, nh * hd)
     if quant:
-        o = _quant_mm(a.o_proj.qweight, out.to(_bf16))
+        o = _quant_mm(a.o_proj.qweight, out.to(kdt))
     else:
         o = dense(out, a.o_proj.weight)
     h = h + o.view(1, 1, -1)
     # 4. MLP, residual
     inter = gu_f.splits[0]
     if quant:
-        gu = _quant_mm(gu_f.qweight, _rms(layer.post_attention_layernorm, h, _bf16).view(1, width))
-        act = torch.mul(_silu(gu[:, :inter].float()), gu[:, inter:],
-                        out=torch.empty(1, inter, dtype=_bf16))
+        gu = _quant_mm(gu_f.qweight, _rms(layer.post_attention_layernorm, h, kdt).view(1, width))
+        if kdt == _bf16:
+            act = torch.mul(_silu(gu[:, :inter].float()), gu[:, inter:],
+                            out=torch.empty(1, inter, dtype=_bf16))
+        else:
+            act = _silu(gu[:, :inter]).mul_(gu[:, inter:])
         d = _quant_mm(m.down_proj.qweight, act)
     else:
         gu = dense(_rms(layer.post_attention_layernorm, h, h.dtype).view(1, width), gu_f.weight)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2pllm.engine import model as _model
+from p2pllm.engine import native
 from p2pllm.engine.model import AFTER_APPLY, MLP, Attention, Fused, Linear, shadow_attributes
 from p2pllm.engine.quant import (
     QuantFused,
@@ -54,6 +56,8 @@ def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu", hidden_size
     ``F.linear`` (a oneDNN call costs ~10 us more), hence the size floor."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    if _model.NATIVE_DENSE and dtype in (torch.float32, torch.bfloat16) and native.kernels() is not None:
+        return False  # the native kernels decode faster from the plain weights
     if dtype == torch.float32:
         return hidden_size >= PACK_FLOAT32_MIN_HIDDEN
     if dtype != torch.bfloat16:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p2pllm.engine import native
 from p2pllm.engine.config import ModelConfig
 from p2pllm.engine.decode import decode_layer, layer_ok
 from p2pllm.engine.errors import ModelError, SequenceTooLongError
@@ -98,15 +99,28 @@ ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available()  # wide float32 linears th
 ONEDNN_MIN_NUMEL = 1 << 17  # 512 KiB of float32 (see _dense_linear)
 BF16_DECODE_ATTENTION_FP32 = True  # one bfloat16 query attends in float32 (see Attention)
 DECODE_LAYER = True  # one token of one cache row: the lean layer of :mod:`.decode`
+NATIVE_DENSE = True  # few-row float32/bfloat16 linears through :mod:`.native` when built
+NATIVE_MAX_ROWS = 16  # up to this many input rows (decode, a speculative window)
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """No-grad ``F.linear``; a float32 CPU weight of at least ``ONEDNN_MIN_NUMEL`` elements
-    goes through oneDNN's matmul on the plain (unpacked) weight. For one token streaming a
-    weight from memory it reads ~17 GB/s on one core here against MKL's ~10 (SmolLM2 f32
-    decode 1.18x, in-process A/B; all its linears qualify, 576x576 the smallest), but a call
-    costs ~10 us more, so a small weight (in cache, or a tiny model's) keeps ``F.linear``. The
-    weight is left as it is (no packed copy: parameters and training unchanged)."""
+    """No-grad ``F.linear`` of a plain weight.
+
+    Up to ``NATIVE_MAX_ROWS`` input rows of a float32 or bfloat16 weight go through the
+    native kernel (:mod:`.native`): it streams the weight once for all rows at memory
+    bandwidth and gives a row the same bits whatever the other rows are. More rows (a
+    prompt) and a float32 weight of at least ``ONEDNN_MIN_NUMEL`` elements go through
+    oneDNN's matmul on the plain weight (a call costs ~10 us more than ``F.linear``, so a
+    small weight, a tiny model's, keeps ``F.linear``)."""
+    if (NATIVE_DENSE and w.dtype == x.dtype and w.device.type == "cpu"
+            and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous()):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows <= NATIVE_MAX_ROWS:
+            kern = native.kernels()
+            if kern is not None:
+                y = kern.linear_dense(x.reshape(rows, x.shape[-1]).contiguous(), w)
+                y = y.view(*x.shape[:-1], w.shape[0])
+                return y if b is None else y.add_(b)
     if (ONEDNN_FLOAT32 and w.dtype == torch.float32 and x.dtype == torch.float32
             and w.numel() >= ONEDNN_MIN_NUMEL and w.device.type == "cpu"
             and w.is_contiguous() and x.is_contiguous()):

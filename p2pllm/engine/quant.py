@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2pllm.engine import native
+
 __all__ = ["GGUF_QUANT_TYPES", "GROUP", "QUANT_MODES", "QuantFused", "QuantLinear", "QuantWeight",
            "check_quant", "dequantize_int4", "dequantize_int8", "quantize_int4",
            "quantize_int8", "quantized_nbytes", "repack_gguf"]
@@ -127,10 +129,10 @@ def repack_gguf(raw: Any, mode: str) -> QuantWeight:
         b = blocks.reshape(n, k // 32, -1)
         d = _f16(b[..., 0:2])
         if ggml_type == _Q4_0:
-            q, zero = _q4_nibbles(b[..., 2:18]), torch.zeros_like(d)
+            q, mn = _q4_nibbles(b[..., 2:18]), -8.0 * d
         else:
-            q, zero = _q4_nibbles(b[..., 4:20]), _f16(b[..., 2:4]) + 8.0 * d
-        return QuantWeight.int4(q.reshape(n, k), d, zero, 32)
+            q, mn = _q4_nibbles(b[..., 4:20]), _f16(b[..., 2:4])
+        return QuantWeight.int4_min(q.reshape(n, k), d, mn, 32)
     if mode == "int8" or n % 16:
         parts = [quantize_int8(gguf_dequantize(ggml_type, (b.shape[0], k), b))
                  for b in blocks.split(_CHUNK_ROWS)]  # no whole float copy of a big head
@@ -159,36 +161,69 @@ def gguf_dequantize(ggml_type: int, shape: tuple[int, int], blocks: torch.Tensor
 
 def quantized_nbytes(n: int, k: int, mode: str, group: int = GROUP) -> int:
     """Bytes a quantized (N, K) weight takes (:meth:`QuantWeight.nbytes` without building it):
-    int4 N*K/2 codes and a bfloat16 scale and zero per group, when the kernel takes the shape
-    (as :meth:`QuantWeight.from_float` and :func:`repack_gguf` decide), else int8 N*K codes
-    and a bfloat16 scale per row."""
+    int4 N*K/2 codes and, per group, a scale and a zero (bfloat16 for torch's kernel, float32
+    for the native one), when the kernel takes the shape (as :meth:`QuantWeight.from_float`
+    and :func:`repack_gguf` decide), else int8 N*K codes and a scale per row (bfloat16; the
+    native kernel also keeps a float32 copy)."""
+    nat = native_layout()
     if mode == "int4" and k % group == 0 and n % 16 == 0:
-        return n * k // 2 + (k // group) * n * 2 * _KERNEL_DTYPE.itemsize
+        per_group = 8 if nat else 2 * _KERNEL_DTYPE.itemsize
+        return n * k // 2 + (k // group) * n * per_group
     if mode not in ("int4", "int8"):
         raise ValueError(f"quant mode {mode!r} is not int8 or int4")
-    return n * k + n * _KERNEL_DTYPE.itemsize
+    return n * k + n * (_KERNEL_DTYPE.itemsize + (4 if nat else 0))
+
+
+def native_layout() -> bool:
+    """Whether new quantized weights take the native kernels' layout (:mod:`.native` built)."""
+    return native.kernels() is not None
 
 
 class QuantWeight:
     """A quantized (N, K) weight in a kernel's layout; not a module and not a buffer, so
-    ``module.to(dtype)`` leaves its integer codes and bfloat16 scales alone."""
+    ``module.to(dtype)`` leaves its integer codes and scales alone.
+
+    Two layouts, chosen when the weight is made: **native** (:mod:`.native` built: the
+    default) -- int8 codes with float32 scales, int4 codes in GGUF's Q4 order (16 bytes a
+    group of 32) with a float32 (scale, min) per group, ``w = scale * q + min``; any number
+    of input rows, float32 activations, the same bits for a row whether it runs alone or
+    among others -- or **torch** -- ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``
+    with their packed codes, bfloat16 scales and bfloat16 activations."""
 
     def __init__(self, kind: str, shape: tuple[int, int], packed: torch.Tensor,
-                 scales: torch.Tensor, group: int = 0) -> None:
+                 scales: torch.Tensor, group: int = 0, layout: str = "torch") -> None:
         self.kind, self.shape, self.packed, self.scales, self.group = (
             kind, shape, packed, scales, group)
+        self.layout = layout
+        # int8, native: the bfloat16 scales widened (the same values as the torch layout's)
+        self.scale32 = scales.float().contiguous() if layout == "native" and kind == "int8" \
+            else None
 
     @classmethod
     def int8(cls, q: torch.Tensor, scale: torch.Tensor) -> QuantWeight:
         n, k = q.shape
-        return cls("int8", (n, k), q.contiguous(), scale.to(_KERNEL_DTYPE).contiguous())
+        return cls("int8", (n, k), q.contiguous(), scale.to(_KERNEL_DTYPE).contiguous(),
+                   layout="native" if native_layout() else "torch")
 
     @classmethod
     def int4(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
              group: int) -> QuantWeight:
+        """From codes q (N, K) in 0..15 with ``w = (q - 8) * scale + zero`` per group."""
+        return cls.int4_min(q, scale, zero.float() - 8.0 * scale.float(), group)
+
+    @classmethod
+    def int4_min(cls, q: torch.Tensor, d: torch.Tensor, mn: torch.Tensor,
+                 group: int) -> QuantWeight:
+        """From codes q (N, K) in 0..15 with ``w = d * q + mn`` per group (GGUF Q4_1's form)."""
         n, k = q.shape
+        if native_layout() and group == 32:
+            g = q.to(torch.uint8).reshape(n, k // 32, 32)
+            packed = (g[..., :16] | (g[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+            dm = torch.stack([d.float(), mn.float()], dim=-1).contiguous()  # (N, K/g, 2)
+            return cls("int4", (n, k), packed, dm, group, layout="native")
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        sz = torch.stack([scale.float().t(), zero.float().t()], dim=-1)  # (K/g, N, 2)
+        zero = mn.float() + 8.0 * d.float()
+        sz = torch.stack([d.float().t(), zero.t()], dim=-1)  # (K/g, N, 2)
         return cls("int4", (n, k), packed, sz.to(_KERNEL_DTYPE).contiguous(), group)
 
     @classmethod
@@ -203,15 +238,21 @@ class QuantWeight:
         return cls.int8(*quantize_int8(w))
 
     def nbytes(self) -> int:
+        extra = 0 if self.scale32 is None else self.scale32.numel() * 4
         return (self.packed.numel() * self.packed.element_size()
-                + self.scales.numel() * self.scales.element_size())
+                + self.scales.numel() * self.scales.element_size() + extra)
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 (N, K) weight these codes stand for (through the kernel itself, so it
-        is exactly what ``matmul`` multiplies by, up to bfloat16 output rounding)."""
+        """The float32 (N, K) weight these codes stand for (exactly what ``matmul``
+        multiplies by; torch's int4 layout up to bfloat16 output rounding)."""
         n, k = self.shape
         if self.kind == "int8":
             return dequantize_int8(self.packed, self.scales)
+        if self.layout == "native":
+            b = self.packed.reshape(n, k // 32, 16)
+            codes = torch.cat([b & 0x0F, b >> 4], dim=-1).float()
+            dm = self.scales
+            return (codes * dm[..., 0:1] + dm[..., 1:2]).reshape(n, k)
         eye = torch.eye(k, dtype=_KERNEL_DTYPE)
         out = torch.empty(n, k)
         for i in range(0, k, 256):  # identity rows in chunks: exact bf16 products of codes
@@ -221,16 +262,30 @@ class QuantWeight:
         return out
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ w.T`` for x (..., K), in the kernel's dtype (bfloat16)."""
+        """``x @ w.T`` for x (..., K): native, in x's dtype (float32 or bfloat16, computed
+        in float32); torch's layout, in bfloat16."""
         k = self.shape[1]
         x2 = x.reshape(-1, k)
-        if x2.dtype != _KERNEL_DTYPE:
-            x2 = x2.to(_KERNEL_DTYPE)
-        if self.kind == "int8":
-            y = torch._weight_int8pack_mm(x2, self.packed, self.scales)
+        if self.layout == "native":
+            if x2.dtype not in (torch.float32, torch.bfloat16):
+                x2 = x2.float()
+            y = self.mm_native(x2.contiguous())
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales)
+            if x2.dtype != _KERNEL_DTYPE:
+                x2 = x2.to(_KERNEL_DTYPE)
+            if self.kind == "int8":
+                y = torch._weight_int8pack_mm(x2, self.packed, self.scales)
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales)
         return y.view(*x.shape[:-1], self.shape[0])
+
+    def mm_native(self, x2: torch.Tensor) -> torch.Tensor:
+        """The native kernel on a contiguous (M, K) float32/bfloat16 input."""
+        kern = native.kernels()
+        assert kern is not None
+        if self.kind == "int8":
+            return kern.linear_int8(x2, self.packed, self.scale32)
+        return kern.linear_int4(x2, self.packed, self.scales)
 
 
 class QuantLinear(nn.Module):

@@ -1,0 +1,398 @@
+// Batch-small linears for decoding on CPU: y (M, N) = x (M, K) @ W (N, K)^T for any M rows,
+// W float32, bfloat16, int8 (a scale per row) or int4 (groups of 32: a scale and a min each).
+//
+// One token streams every weight from memory once, so a decode step is memory-bound: these
+// kernels read each weight row once for all M inputs (the rows of x stay in L1), convert it in
+// registers and accumulate in float32. Activations stay float32 (a bfloat16 input is widened),
+// so a quantized weight is the only approximation.
+//
+// Every output (m, n) is accumulated in the same order whatever M is and however the rows are
+// blocked (two 16-lane accumulators over alternate 16-wide chunks of k, a masked last chunk, a
+// fixed horizontal sum; int4: per group then in group order), so one token's row is
+// bit-identical whether it runs alone or in a window of M tokens (speculative verification).
+//
+// AVX-512 (F, BW, VL) when the compiler targets it; otherwise a portable loop of the same
+// arithmetic that the compiler vectorizes (outputs then differ in rounding from the AVX-512
+// build, never between M).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define P2P_AVX512 1
+#include <immintrin.h>
+#else
+#define P2P_AVX512 0
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// -- weight formats: how 16 weights of a row load as float32 --------------------------------
+
+struct F32W {
+  const float* w;
+  int64_t ld;
+  const float* row(int64_t n) const { return w + n * ld; }
+#if P2P_AVX512
+  static __m512 load(const float* r, int64_t k) { return _mm512_loadu_ps(r + k); }
+  static __m512 load_mask(const float* r, int64_t k, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, r + k);
+  }
+#endif
+  static float at(const float* r, int64_t k) { return r[k]; }
+};
+
+struct BF16W {
+  const uint16_t* w;
+  int64_t ld;
+  const uint16_t* row(int64_t n) const { return w + n * ld; }
+#if P2P_AVX512
+  static __m512 widen(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static __m512 load(const uint16_t* r, int64_t k) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k)));
+  }
+  static __m512 load_mask(const uint16_t* r, int64_t k, __mmask16 m) {
+    return widen(_mm256_maskz_loadu_epi16(m, r + k));
+  }
+#endif
+  static float at(const uint16_t* r, int64_t k) { return bf16_to_f32(r[k]); }
+};
+
+struct I8W {
+  const int8_t* w;
+  int64_t ld;
+  const int8_t* row(int64_t n) const { return w + n * ld; }
+#if P2P_AVX512
+  static __m512 load(const int8_t* r, int64_t k) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k))));
+  }
+  static __m512 load_mask(const int8_t* r, int64_t k, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r + k)));
+  }
+#endif
+  static float at(const int8_t* r, int64_t k) { return static_cast<float>(r[k]); }
+};
+
+// -- dense micro-kernel: MB inputs x NB weight rows --------------------------------------------
+
+template <class W, int MB, int NB>
+inline void dot_block(const W& f, const float* x, int64_t ldx, int64_t n0, int64_t K,
+                      float* out /* MB x NB */) {
+#if P2P_AVX512
+  __m512 acc[MB][NB][2];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j][0] = acc[m][j][1] = _mm512_setzero_ps();
+  decltype(f.row(0)) r[NB];
+  for (int j = 0; j < NB; ++j) r[j] = f.row(n0 + j);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    for (int j = 0; j < NB; ++j) {
+      __m512 w0 = W::load(r[j], k), w1 = W::load(r[j], k + 16);
+      for (int m = 0; m < MB; ++m) {
+        acc[m][j][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * ldx + k), acc[m][j][0]);
+        acc[m][j][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * ldx + k + 16), acc[m][j][1]);
+      }
+    }
+  }
+  if (k < K) {  // a last chunk of 1..31 values: into the first accumulator, then the second
+    int64_t rest = K - k;
+    __mmask16 m0 = rest >= 16 ? static_cast<__mmask16>(0xffff)
+                              : static_cast<__mmask16>((1u << rest) - 1);
+    __mmask16 m1 = rest > 16 ? static_cast<__mmask16>((1u << (rest - 16)) - 1) : 0;
+    for (int j = 0; j < NB; ++j) {
+      __m512 w0 = W::load_mask(r[j], k, m0);
+      __m512 w1 = m1 ? W::load_mask(r[j], k + 16, m1) : _mm512_setzero_ps();
+      for (int m = 0; m < MB; ++m) {
+        acc[m][j][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, x + m * ldx + k),
+                                       acc[m][j][0]);
+        if (m1)
+          acc[m][j][1] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, x + m * ldx + k + 16),
+                                         acc[m][j][1]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j)
+      out[m * NB + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][j][0], acc[m][j][1]));
+#else
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) {
+      auto r = f.row(n0 + j);
+      const float* xm = x + m * ldx;
+      float lanes[32] = {0};
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32)
+        for (int l = 0; l < 32; ++l) lanes[l] += W::at(r, k + l) * xm[k + l];
+      for (int l = 0; k + l < K; ++l) lanes[l] += W::at(r, k + l) * xm[k + l];
+      float s = 0.f;
+      for (int l = 0; l < 16; ++l) s += lanes[l] + lanes[l + 16];
+      out[m * NB + j] = s;
+    }
+#endif
+}
+
+// -- int4 micro-kernel: groups of 32, w = d * q + mn (q in 0..15) ------------------------------
+// Row layout: per group 16 bytes, byte j = q[j] | q[j + 16] << 4 (GGUF's Q4 order).
+
+struct Q4W {
+  const uint8_t* q;   // (N, K / 2)
+  const float* dm;    // (N, G, 2): scale d, min mn
+  int64_t G;
+};
+
+template <int MB, int NB>
+inline void q4_block(const Q4W& f, const float* x, int64_t ldx, const float* xsum /* M x G */,
+                     int64_t n0, float* out) {
+  const int64_t G = f.G;
+#if P2P_AVX512
+  __m512 acc[MB][NB];
+  float macc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) {
+      acc[m][j] = _mm512_setzero_ps();
+      macc[m][j] = 0.f;
+    }
+  const __m128i low = _mm_set1_epi8(0x0f);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n = n0 + j;
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(f.q + n * G * 16 + g * 16));
+      __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
+      __m512 q1 = _mm512_cvtepi32_ps(
+          _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+      __m512 dg = _mm512_set1_ps(f.dm[(n * G + g) * 2]);
+      const float mg = f.dm[(n * G + g) * 2 + 1];
+      for (int m = 0; m < MB; ++m) {
+        const float* xm = x + m * ldx + g * kGroup;
+        __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(xm));
+        t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xm + 16), t);
+        acc[m][j] = _mm512_fmadd_ps(t, dg, acc[m][j]);
+        macc[m][j] = std::fma(mg, xsum[m * G + g], macc[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) out[m * NB + j] = _mm512_reduce_add_ps(acc[m][j]) + macc[m][j];
+#else
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n = n0 + j;
+      float lanes[16] = {0};
+      float ms = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* b = f.q + n * G * 16 + g * 16;
+        const float* xm = x + m * ldx + g * kGroup;
+        const float dg = f.dm[(n * G + g) * 2];
+        for (int l = 0; l < 16; ++l) {
+          float t = static_cast<float>(b[l] & 0x0f) * xm[l];
+          t += static_cast<float>(b[l] >> 4) * xm[l + 16];
+          lanes[l] += t * dg;
+        }
+        ms = std::fma(f.dm[(n * G + g) * 2 + 1], xsum[m * G + g], ms);
+      }
+      float s = 0.f;
+      for (int l = 0; l < 16; ++l) s += lanes[l];
+      out[m * NB + j] = s + ms;
+    }
+#endif
+}
+
+// -- drivers --------------------------------------------------------------------------------
+
+struct Out {
+  float* f32 = nullptr;
+  uint16_t* bf16 = nullptr;
+  int64_t ld = 0;
+  void store(int64_t m, int64_t n, float v) const {
+    if (f32) f32[m * ld + n] = v;
+    else bf16[m * ld + n] = f32_to_bf16(v);
+  }
+};
+
+// Calls blk.go<MB, NB>(m0, n0, tmp) over all (m, n) blocks: threads split the rows of W in
+// blocks of 64 (a block stays in L2 while every chunk of x's rows passes over it, so W is
+// read from memory once whatever M is).
+template <int MB, int NB, class Blk>
+inline void run_rows(int64_t m0, int64_t n_lo, int64_t n_hi, const Blk& blk) {
+  float tmp[MB * NB];
+  int64_t n = n_lo;
+  for (; n + NB <= n_hi; n += NB) blk.template go<MB, NB>(m0, n, tmp);
+  for (; n < n_hi; ++n) blk.template go<MB, 1>(m0, n, tmp);
+}
+
+template <class Blk>
+void drive(int64_t M, int64_t N, const Blk& blk) {
+  const int64_t grain = 64;
+  at::parallel_for(0, (N + grain - 1) / grain, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * grain, hi = std::min(N, lo + grain);
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) run_rows<8, 1>(m, lo, hi, blk);
+      for (; m + 4 <= M; m += 4) run_rows<4, 2>(m, lo, hi, blk);
+      for (; m + 2 <= M; m += 2) run_rows<2, 4>(m, lo, hi, blk);
+      for (; m < M; ++m) run_rows<1, 1>(m, lo, hi, blk);
+    }
+  });
+}
+
+template <class W>
+struct DenseBlk {
+  const W& f;
+  const float* x;
+  int64_t ldx, K;
+  const float* scale;  // per row, or null
+  const Out& out;
+  template <int MB, int NB>
+  void go(int64_t m0, int64_t n0, float* tmp) const {
+    dot_block<W, MB, NB>(f, x + m0 * ldx, ldx, n0, K, tmp);
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NB; ++j) {
+        float v = tmp[m * NB + j];
+        if (scale) v *= scale[n0 + j];
+        out.store(m0 + m, n0 + j, v);
+      }
+  }
+};
+
+struct Q4Blk {
+  const Q4W& f;
+  const float* x;
+  int64_t ldx;
+  const float* xsum;
+  const Out& out;
+  template <int MB, int NB>
+  void go(int64_t m0, int64_t n0, float* tmp) const {
+    q4_block<MB, NB>(f, x + m0 * ldx, ldx, xsum + m0 * f.G, n0, tmp);
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NB; ++j) out.store(m0 + m, n0 + j, tmp[m * NB + j]);
+  }
+};
+
+// x as float32 (M, K) contiguous: itself, or a widened copy of a bfloat16 input.
+const float* input_f32(const torch::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == torch::kFloat32) return x.data_ptr<float>();
+  const int64_t n = x.numel();
+  buf.resize(n);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
+  return buf.data();
+}
+
+torch::Tensor make_out(const torch::Tensor& x, int64_t N, Out& o) {
+  auto y = torch::empty({x.size(0), N}, x.options());
+  o.ld = N;
+  if (y.scalar_type() == torch::kFloat32) o.f32 = y.data_ptr<float>();
+  else o.bf16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous CPU (M, K) tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "x must be float32 or bfloat16");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(x.size(0) >= 1, "x must have rows");
+}
+
+}  // namespace
+
+// y = x @ w.T, w float32 or bfloat16 (N, K); y in x's dtype.
+torch::Tensor linear_dense(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "w must be (N, K)");
+  const int64_t N = w.size(0), K = w.size(1);
+  check_x(x, K);
+  std::vector<float> buf;
+  const float* xf = input_f32(x, buf);
+  Out o;
+  auto y = make_out(x, N, o);
+  if (w.scalar_type() == torch::kFloat32) {
+    F32W f{w.data_ptr<float>(), K};
+    drive(x.size(0), N, DenseBlk<F32W>{f, xf, K, K, nullptr, o});
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be float32 or bfloat16");
+    BF16W f{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), K};
+    drive(x.size(0), N, DenseBlk<BF16W>{f, xf, K, K, nullptr, o});
+  }
+  return y;
+}
+
+// y = (x @ q.T) * scale, q int8 (N, K), scale float32 (N,).
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
+                          const torch::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8,
+              "q must be int8 (N, K)");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
+                  scale.numel() == N, "scale must be float32 (N,)");
+  check_x(x, K);
+  std::vector<float> buf;
+  const float* xf = input_f32(x, buf);
+  Out o;
+  auto y = make_out(x, N, o);
+  I8W f{q.data_ptr<int8_t>(), K};
+  drive(x.size(0), N, DenseBlk<I8W>{f, xf, K, K, scale.data_ptr<float>(), o});
+  return y;
+}
+
+// y = x @ w.T with w[n, 32g + j] = dm[n, g, 0] * code + dm[n, g, 1]; q uint8 (N, K / 2) in
+// Q4 order (per group 16 bytes: byte j holds code j in its low nibble, code j + 16 high).
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q,
+                          const torch::Tensor& dm) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8,
+              "q must be uint8 (N, K / 2)");
+  const int64_t N = q.size(0), K = q.size(1) * 2, G = K / kGroup;
+  TORCH_CHECK(K % kGroup == 0, "int4 input width must be a multiple of 32");
+  TORCH_CHECK(dm.scalar_type() == torch::kFloat32 && dm.is_contiguous() && dm.dim() == 3 &&
+                  dm.size(0) == N && dm.size(1) == G && dm.size(2) == 2,
+              "dm must be float32 (N, K / 32, 2)");
+  check_x(x, K);
+  std::vector<float> buf;
+  const float* xf = input_f32(x, buf);
+  const int64_t M = x.size(0);
+  std::vector<float> xsum(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kGroup; ++j) s += xf[m * K + g * kGroup + j];
+      xsum[m * G + g] = s;
+    }
+  Out o;
+  auto y = make_out(x, N, o);
+  Q4W f{q.data_ptr<uint8_t>(), dm.data_ptr<float>(), G};
+  drive(M, N, Q4Blk{f, xf, K, xsum.data(), o});
+  return y;
+}
+
+bool has_avx512() { return P2P_AVX512 != 0; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_dense", &linear_dense, "x @ w.T for a float32/bfloat16 w, any M");
+  m.def("linear_int8", &linear_int8, "x @ (q * scale).T, any M");
+  m.def("linear_int4", &linear_int4, "x @ w.T for groups-of-32 int4 w, any M");
+  m.def("has_avx512", &has_avx512, "whether this build uses AVX-512");
+}
