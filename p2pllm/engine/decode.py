@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from p2pllm.engine.quant import QuantFused, QuantLinear
 
-__all__ = ["decode_layer", "layer_ok"]
+__all__ = ["decode_layer", "layer_ok", "native_args", "native_layer"]
 
 _silu = torch._C._nn.silu
 _vector_norm = torch.linalg.vector_norm
@@ -133,3 +133,80 @@ def decode_layer(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         gu = dense(_rms(layer.post_attention_layernorm, h, h.dtype).view(1, width), gu_f.weight)
         d = dense(_silu(gu[:, :inter]).mul_(gu[:, inter:]), m.down_proj.weight)
     return h + d.view(1, 1, -1)
+
+
+# -- the native layer ---------------------------------------------------------------------------
+
+_DENSE_KINDS = {_f32: 0, _bf16: 1}
+
+
+def _weight_args(m: Any, linear_type: Any) -> tuple[list[torch.Tensor], int] | None:
+    """A linear module or fused group as the native layer takes it: (tensors, kind)."""
+    if type(m) is QuantFused or type(m) is QuantLinear:
+        if m.bias is not None or (type(m) is QuantLinear and m.rows is not None):
+            return None
+        qw = m.qweight
+        if qw.layout != "native":
+            return None
+        if qw.kind == "int8":
+            assert qw.scale32 is not None
+            return [qw.packed, qw.scale32], 2
+        return [qw.packed, qw.scales], 3
+    if type(m) is linear_type:
+        if m.rows is not None or m.bias is not None:
+            return None
+        w = m.weight
+    else:  # a dense Fused group
+        if m.bias is not None:
+            return None
+        w = m.weight
+    kind = _DENSE_KINDS.get(w.dtype)
+    if kind is None or w.is_mkldnn or not w.is_contiguous() or w.device.type != "cpu":
+        return None
+    return [w.detach()], kind
+
+
+def native_args(layer: Any, norm_type: Any, linear_type: Any,
+                fused_type: Any) -> tuple[Any, ...] | None:
+    """The weights of a DecoderLayer as :func:`native_layer` takes them, or None when the
+    native layer cannot compute it exactly as the module would (checked each step, like
+    :func:`layer_ok`: a peft wrapper or a reassigned weight makes it None)."""
+    a, m = layer.self_attn, layer.mlp
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    if type(n1) is not norm_type or type(n2) is not norm_type:
+        return None
+    if a.q_norm is not None or a.k_norm is not None:
+        return None
+    qkv_f, gu_f = a.fused_qkv, m.fused_gate_up
+    if qkv_f is None or gu_f is None:
+        return None
+    if type(qkv_f) is QuantFused:
+        if not (qkv_f.usable((a.q_proj, a.k_proj, a.v_proj))
+                and type(gu_f) is QuantFused and gu_f.usable((m.gate_proj, m.up_proj))):
+            return None
+    elif not (type(qkv_f) is fused_type and type(gu_f) is fused_type
+              and qkv_f.usable((a.q_proj, a.k_proj, a.v_proj))
+              and gu_f.usable((m.gate_proj, m.up_proj))):
+        return None
+    if len(gu_f.splits) != 2 or gu_f.splits[0] != gu_f.splits[1]:
+        return None
+    parts = [_weight_args(x, linear_type) for x in (qkv_f, a.o_proj, gu_f, m.down_proj)]
+    if any(p is None for p in parts):
+        return None
+    out: list[Any] = [n1.weight.detach(), n2.weight.detach(), float(n1.eps)]
+    for p in parts:
+        assert p is not None
+        out += [p[0], p[1]]
+    return tuple(out)
+
+
+def native_layer(kern: Any, args: tuple[Any, ...], layer: Any, h: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                 write: int, first: int, s: int) -> torch.Tensor:
+    """``layer`` (its :func:`native_args`) on h (1, T, hidden) in one native call: the T new
+    keys/values go to slots ``write ..`` of the row's run, query t attends over slots
+    ``[first, first + s - T + t + 1)`` (the last ``window`` of them with a sliding window)."""
+    a = layer.self_attn
+    window = a.window if a.window is not None else 0
+    return kern.decoder_layer(h, *args, cos, sin, kc, vc, write, first, s, window,
+                              a.num_heads, a.num_kv_heads, a.head_dim, a.scale)

@@ -18,7 +18,7 @@ from torch import nn
 
 from p2pllm.engine import native
 from p2pllm.engine.config import ModelConfig
-from p2pllm.engine.decode import decode_layer, layer_ok
+from p2pllm.engine.decode import decode_layer, layer_ok, native_args, native_layer
 from p2pllm.engine.errors import ModelError, SequenceTooLongError
 from p2pllm.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVPlan
 from p2pllm.engine.quant import QuantFused, QuantLinear
@@ -101,6 +101,7 @@ BF16_DECODE_ATTENTION_FP32 = True  # one bfloat16 query attends in float32 (see 
 DECODE_LAYER = True  # one token of one cache row: the lean layer of :mod:`.decode`
 NATIVE_DENSE = True  # few-row float32/bfloat16 linears through :mod:`.native` when built
 NATIVE_MAX_ROWS = 16  # up to this many input rows (decode, a speculative window)
+NATIVE_LAYER = True  # up to NATIVE_MAX_ROWS tokens of one cache row: one native call a layer
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -536,8 +537,10 @@ class ModelSlice(nn.Module):
         step.fast = not torch.is_grad_enabled()
         # 2. layers
         try:
-            if step.fast and t == 1 and b == 1 and DECODE_LAYER and step.kv is not None \
-                    and step.kv.span is not None and cache is not None:
+            if step.fast and b == 1 and DECODE_LAYER and step.kv is not None \
+                    and step.kv.span is not None and cache is not None and (
+                        t == 1 or (t <= NATIVE_MAX_ROWS and NATIVE_LAYER
+                                   and native.kernels() is not None)):
                 h = self._decode_layers(h, step, cache, step.kv)
             elif step.fast:
                 for layer in self.layers.values():
@@ -562,22 +565,34 @@ class ModelSlice(nn.Module):
 
     def _decode_layers(self, h: torch.Tensor, step: _Step, cache: KVCache,
                        kv: KVPlan) -> torch.Tensor:
-        """The layers on one token of one cache row whose blocks are one run: each layer
-        through :func:`.decode.decode_layer` when it qualifies, else its own forward."""
+        """The layers on T new tokens of one cache row whose blocks are one run: each layer
+        in one native call (:func:`.decode.native_layer`) when the kernels are built and it
+        qualifies, else (one token) through :func:`.decode.decode_layer` when it qualifies,
+        else its own forward."""
         views, first = cache.span_views(kv)
-        s, write = kv.kv_len, first + kv.starts[0]
+        s, t = kv.kv_len, kv.t
+        write = first + kv.starts[0]
         cos, sin, lo0 = step.cos, step.sin, cache.start
         bf16_fp32 = BF16_DECODE_ATTENTION_FP32
+        kern = native.kernels() if NATIVE_LAYER else None
         for layer in self.layers.values():
-            if type(layer) is DecoderLayer and layer_ok(layer, RMSNorm, Linear, Fused):
-                attn = layer.self_attn
+            if type(layer) is not DecoderLayer:
+                h = layer(h, step)
+                continue
+            attn = layer.self_attn
+            args = native_args(layer, RMSNorm, Linear, Fused) if kern is not None else None
+            if args is not None and h.dtype in (torch.float32, torch.bfloat16):
+                kc, vc = views[attn.layer - lo0]
+                h = native_layer(kern, args, layer, h.contiguous(), cos, sin, kc, vc, write,
+                                 first, s)
+            elif t == 1 and layer_ok(layer, RMSNorm, Linear, Fused):
                 window = attn.window
                 lo = s - window if window is not None and s > window else 0
                 kc, vc = views[attn.layer - lo0]
                 h = decode_layer(layer, h, cos, sin, kc, vc, write, first + lo, s - lo,
                                  _dense_decode, bf16_fp32)
             else:
-                h = layer.forward(h, step) if type(layer) is DecoderLayer else layer(h, step)
+                h = layer.forward(h, step)
         return h
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

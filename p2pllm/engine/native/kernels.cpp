@@ -388,11 +388,271 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q,
   return y;
 }
 
+// -- one decoder layer for a few new tokens of one cache row ---------------------------------
+//
+// What DecoderLayer.forward computes for T (<= 16) new tokens of one cache row whose blocks
+// are one run, in one call: RMSNorm, fused q/k/v, rotary, the cache write, attention (GQA,
+// causal within the T tokens, an optional sliding window), output projection, residual,
+// RMSNorm, fused gate/up, SiLU * up, down projection, residual. Activations stay float32
+// inside the layer (a bfloat16 model's hidden state and cache are rounded where they are
+// stored); each query's attention and each linear row are computed the same way whatever T
+// is, so a token gets the same bits alone or in a window.
+
+namespace {
+
+struct Lin {  // one linear's weight, any format
+  int kind = 0;  // 0 dense f32, 1 dense bf16, 2 int8, 3 int4
+  int64_t N = 0, K = 0;
+  const void* w = nullptr;
+  const float* aux = nullptr;  // int8: scale (N,); int4: dm (N, G, 2)
+
+  void run(const float* x, int64_t M, float* y) const {
+    Out o;
+    o.f32 = y;
+    o.ld = N;
+    switch (kind) {
+      case 0: {
+        F32W f{static_cast<const float*>(w), K};
+        drive(M, N, DenseBlk<F32W>{f, x, K, K, nullptr, o});
+        break;
+      }
+      case 1: {
+        BF16W f{static_cast<const uint16_t*>(w), K};
+        drive(M, N, DenseBlk<BF16W>{f, x, K, K, nullptr, o});
+        break;
+      }
+      case 2: {
+        I8W f{static_cast<const int8_t*>(w), K};
+        drive(M, N, DenseBlk<I8W>{f, x, K, K, aux, o});
+        break;
+      }
+      default: {
+        const int64_t G = K / kGroup;
+        std::vector<float> xsum(M * G);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t g = 0; g < G; ++g) {
+            float s = 0.f;
+            for (int64_t j = 0; j < kGroup; ++j) s += x[m * K + g * kGroup + j];
+            xsum[m * G + g] = s;
+          }
+        Q4W f{static_cast<const uint8_t*>(w), aux, G};
+        drive(M, N, Q4Blk{f, x, K, xsum.data(), o});
+      }
+    }
+  }
+};
+
+Lin make_lin(const std::vector<torch::Tensor>& t, int64_t kind, int64_t K) {
+  Lin l;
+  l.kind = static_cast<int>(kind);
+  TORCH_CHECK(!t.empty() && t[0].is_contiguous() && t[0].dim() == 2, "bad weight");
+  l.N = t[0].size(0);
+  l.K = K;
+  switch (kind) {
+    case 0:
+      TORCH_CHECK(t[0].scalar_type() == torch::kFloat32 && t[0].size(1) == K, "f32 weight");
+      l.w = t[0].data_ptr<float>();
+      break;
+    case 1:
+      TORCH_CHECK(t[0].scalar_type() == torch::kBFloat16 && t[0].size(1) == K, "bf16 weight");
+      l.w = t[0].data_ptr<at::BFloat16>();
+      break;
+    case 2:
+      TORCH_CHECK(t.size() == 2 && t[0].scalar_type() == torch::kInt8 && t[0].size(1) == K &&
+                      t[1].scalar_type() == torch::kFloat32 && t[1].numel() == l.N,
+                  "int8 weight");
+      l.w = t[0].data_ptr<int8_t>();
+      l.aux = t[1].data_ptr<float>();
+      break;
+    case 3:
+      TORCH_CHECK(t.size() == 2 && t[0].scalar_type() == torch::kUInt8 && t[0].size(1) * 2 == K &&
+                      K % kGroup == 0 && t[1].scalar_type() == torch::kFloat32 &&
+                      t[1].is_contiguous() && t[1].numel() == l.N * (K / kGroup) * 2,
+                  "int4 weight");
+      l.w = t[0].data_ptr<uint8_t>();
+      l.aux = t[1].data_ptr<float>();
+      break;
+    default:
+      TORCH_CHECK(false, "unknown weight kind ", kind);
+  }
+  return l;
+}
+
+struct AnyF {  // a float32 or bfloat16 buffer, read/written as float32
+  void* p = nullptr;
+  bool bf16 = false;
+  float get(int64_t i) const {
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+  void set(int64_t i, float v) const {
+    if (bf16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+    else static_cast<float*>(p)[i] = v;
+  }
+};
+
+AnyF any_of(const torch::Tensor& t) {
+  AnyF a;
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16,
+              "tensors must be float32 or bfloat16");
+  a.p = t.data_ptr();
+  a.bf16 = t.scalar_type() == torch::kBFloat16;
+  return a;
+}
+
+// y[m] = x[m] * rsqrt(mean(x[m]^2) + eps) * w, x float32 (M, H)
+void rms_norm(const float* x, int64_t M, int64_t H, const AnyF& w, float eps, float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * H;
+    double ss = 0.0;
+    for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(xm[i]) * xm[i];
+    const float r = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
+    for (int64_t i = 0; i < H; ++i) y[m * H + i] = xm[i] * r * w.get(i);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if P2P_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+#endif
+}
+
+}  // namespace
+
+torch::Tensor decoder_layer(
+    const torch::Tensor& h, const torch::Tensor& w_in, const torch::Tensor& w_post, double eps,
+    const std::vector<torch::Tensor>& qkv, int64_t qkv_kind,
+    const std::vector<torch::Tensor>& o_w, int64_t o_kind,
+    const std::vector<torch::Tensor>& gu, int64_t gu_kind,
+    const std::vector<torch::Tensor>& down, int64_t down_kind,
+    const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc,
+    const torch::Tensor& vc, int64_t write, int64_t first, int64_t s, int64_t window,
+    int64_t nh, int64_t nkv, int64_t hd, double scale) {
+  TORCH_CHECK(h.is_contiguous() && h.dim() == 3 && h.size(0) == 1, "h must be (1, T, H)");
+  const int64_t T = h.size(1), H = h.size(2);
+  const int64_t nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk;
+  TORCH_CHECK(T >= 1 && s >= T && nh % nkv == 0 && hd % 2 == 0, "bad layer geometry");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd &&
+                  sin.numel() == T * hd, "cos/sin must hold (T, head_dim)");
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.size(1) == nkv && kc.size(3) == hd &&
+                  kc.stride(3) == 1 && vc.stride(3) == 1 && kc.scalar_type() == vc.scalar_type(),
+              "kc/vc must be (1, kv_heads, slots, head_dim) views");
+  TORCH_CHECK(write >= 0 && first >= 0 && write + T <= kc.size(2) && first + s <= kc.size(2),
+              "cache slots out of range");
+  const Lin lqkv = make_lin(qkv, qkv_kind, H), lo = make_lin(o_w, o_kind, nq),
+            lgu = make_lin(gu, gu_kind, H);
+  TORCH_CHECK(lqkv.N == nqkv && lo.N == H && lgu.N % 2 == 0, "projection shapes");
+  const int64_t inter = lgu.N / 2;
+  const Lin ld = make_lin(down, down_kind, inter);
+  TORCH_CHECK(ld.N == H, "down projection shape");
+  const AnyF hin = any_of(h), win = any_of(w_in), wpost = any_of(w_post), cs = any_of(cos),
+             sn = any_of(sin), kca = any_of(kc), vca = any_of(vc);
+  TORCH_CHECK(w_in.numel() == H && w_post.numel() == H, "norm weights");
+  const float feps = static_cast<float>(eps), fscale = static_cast<float>(scale);
+
+  std::vector<float> x(T * H), x1(T * H), buf(T * std::max(nqkv, 2 * inter)), att(T * nq);
+  for (int64_t i = 0; i < T * H; ++i) x[i] = hin.get(i);
+  // 1. q/k/v and rotary
+  rms_norm(x.data(), T, H, win, feps, x1.data());
+  lqkv.run(x1.data(), T, buf.data());
+  const int64_t half = hd / 2;
+  std::vector<float> tmp(hd);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t head = 0; head < nh + nkv; ++head) {
+      float* v = buf.data() + t * nqkv + head * hd;
+      for (int64_t i = 0; i < hd; ++i)
+        tmp[i] = v[i] * cs.get(t * hd + i) + v[(i + half) % hd] * sn.get(t * hd + i);
+      std::memcpy(v, tmp.data(), hd * sizeof(float));
+    }
+  // 2. the cache: this window's keys/values
+  const int64_t ks0 = kc.stride(1), ks2 = kc.stride(2), vs0 = vc.stride(1), vs2 = vc.stride(2);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < nkv; ++g) {
+      const float* kv = buf.data() + t * nqkv + nq + g * hd;
+      const float* vv = buf.data() + t * nqkv + nq + nk + g * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        kca.set(g * ks0 + (write + t) * ks2 + i, kv[i]);
+        vca.set(g * vs0 + (write + t) * vs2 + i, vv[i]);
+      }
+    }
+  // 3. attention: query t sees slots [first + lo_t, first + s - T + t + 1)
+  const int64_t rep = nh / nkv;
+  at::parallel_for(0, T * nh, 1, [&](int64_t a0, int64_t a1) {
+    std::vector<float> kf(hd), sc(s);
+    std::vector<float> acc(hd);
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t t = a / nh, head = a % nh, g = head / rep;
+      const int64_t end = s - T + t + 1;
+      const int64_t lo_t = (window > 0 && end > window) ? end - window : 0;
+      const float* q = buf.data() + t * nqkv + head * hd;
+      float mx = -INFINITY;
+      for (int64_t j = lo_t; j < end; ++j) {
+        const int64_t base = g * ks0 + (first + j) * ks2;
+        float d;
+        if (kca.bf16) {
+          for (int64_t i = 0; i < hd; ++i) kf[i] = kca.get(base + i);
+          d = dot(q, kf.data(), hd);
+        } else {
+          d = dot(q, static_cast<const float*>(kca.p) + base, hd);
+        }
+        sc[j - lo_t] = d * fscale;
+        mx = std::max(mx, sc[j - lo_t]);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < end - lo_t; ++j) {
+        sc[j] = std::exp(sc[j] - mx);
+        sum += sc[j];
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = lo_t; j < end; ++j) {
+        const float p = sc[j - lo_t];
+        const int64_t base = g * vs0 + (first + j) * vs2;
+        if (vca.bf16) {
+          for (int64_t i = 0; i < hd; ++i) acc[i] = std::fma(p, vca.get(base + i), acc[i]);
+        } else {
+          const float* vv = static_cast<const float*>(vca.p) + base;
+          for (int64_t i = 0; i < hd; ++i) acc[i] = std::fma(p, vv[i], acc[i]);
+        }
+      }
+      const float inv = 1.0f / sum;
+      float* out = att.data() + t * nq + head * hd;
+      for (int64_t i = 0; i < hd; ++i) out[i] = acc[i] * inv;
+    }
+  });
+  // 4. output projection, residual
+  lo.run(att.data(), T, x1.data());
+  for (int64_t i = 0; i < T * H; ++i) x[i] += x1[i];
+  // 5. MLP, residual
+  rms_norm(x.data(), T, H, wpost, feps, x1.data());
+  lgu.run(x1.data(), T, buf.data());
+  std::vector<float> act(T * inter);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float gt = buf[t * 2 * inter + i], up = buf[t * 2 * inter + inter + i];
+      act[t * inter + i] = gt / (1.0f + std::exp(-gt)) * up;
+    }
+  ld.run(act.data(), T, x1.data());
+  auto out = torch::empty_like(h);
+  const AnyF ho = any_of(out);
+  for (int64_t i = 0; i < T * H; ++i) ho.set(i, x[i] + x1[i]);
+  return out;
+}
+
 bool has_avx512() { return P2P_AVX512 != 0; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_dense", &linear_dense, "x @ w.T for a float32/bfloat16 w, any M");
   m.def("linear_int8", &linear_int8, "x @ (q * scale).T, any M");
   m.def("linear_int4", &linear_int4, "x @ w.T for groups-of-32 int4 w, any M");
+  m.def("decoder_layer", &decoder_layer, "one decoder layer for few tokens of one cache row");
   m.def("has_avx512", &has_avx512, "whether this build uses AVX-512");
 }
