@@ -163,7 +163,7 @@ def _weight_args(m: Any, linear_type: Any) -> tuple[list[torch.Tensor], int] | N
     kind = _DENSE_KINDS.get(w.dtype)
     if kind is None or w.is_mkldnn or not w.is_contiguous() or w.device.type != "cpu":
         return None
-    return [w.detach()], kind
+    return [w], kind  # read only: no autograd is involved
 
 
 def native_args(layer: Any, norm_type: Any, linear_type: Any,
@@ -193,7 +193,7 @@ def native_args(layer: Any, norm_type: Any, linear_type: Any,
     parts = [_weight_args(x, linear_type) for x in (qkv_f, a.o_proj, gu_f, m.down_proj)]
     if any(p is None for p in parts):
         return None
-    out: list[Any] = [n1.weight.detach(), n2.weight.detach(), float(n1.eps)]
+    out: list[Any] = [n1.weight, n2.weight, float(n1.eps)]
     for p in parts:
         assert p is not None
         out += [p[0], p[1]]

@@ -176,14 +176,15 @@ inline void q4_block(const Q4W& f, const float* x, int64_t ldx, const float* xsu
       acc[m][j] = _mm512_setzero_ps();
       macc[m][j] = 0.f;
     }
-  const __m128i low = _mm_set1_epi8(0x0f);
+  const __m512i low = _mm512_set1_epi32(0x0f);
   for (int64_t g = 0; g < G; ++g) {
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(f.q + n * G * 16 + g * 16));
-      __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-      __m512 q1 = _mm512_cvtepi32_ps(
-          _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+      // the 16 bytes widened to 32-bit lanes, then both nibbles from each lane
+      __m512i b = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(f.q + n * G * 16 + g * 16)));
+      __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
+      __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
       __m512 dg = _mm512_set1_ps(f.dm[(n * G + g) * 2]);
       const float mg = f.dm[(n * G + g) * 2 + 1];
       for (int m = 0; m < MB; ++m) {
