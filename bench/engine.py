@@ -14,7 +14,9 @@ Prints one JSON object:
   smollm2        (``--models smollm2-135m``) SmolLM2-135M-Instruct from its GGUF files: per
                  weight format (f32, bf16, int8 = Q8_0 file, int4 = Q4_1 file) x threads,
                  decode and prefill tokens/s of our engine (``load_slice(gguf, dtype=,
-                 quant=)``), transformers (its GGUF load, float only) and llama.cpp's
+                 quant=)``), the same without its native kernels (``ours_torch_kernels``:
+                 P2PLLM_NATIVE=0, torch's own kernels), transformers (its GGUF load, float
+                 only) and llama.cpp's
                  llama-bench on the same file, ratios ours/llama.cpp, and peak RSS of each
                  (fresh process per row); medians of rounds. Needs ../shared/tools/build-llamacpp.sh's output
                  (~/.cache/p2pllm-peers/llama.cpp, or $LLAMACPP_DIR); llama.cpp columns are
@@ -137,6 +139,21 @@ def weight_bytes_per_token(model: ModelSlice) -> int:
 
 
 # -- timing -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_kernels() -> Any:
+    """Load and run without the native kernels (P2PLLM_NATIVE=0: oneDNN-packed float
+    weights, torch's int8/int4 kernels, the lean torch decode layer): the side row."""
+    old = os.environ.get("P2PLLM_NATIVE")
+    os.environ["P2PLLM_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("P2PLLM_NATIVE")
+        else:
+            os.environ["P2PLLM_NATIVE"] = old
 
 
 def time_ours(model: ModelSlice, prompt: list[int], n: int) -> tuple[float, float]:
@@ -345,9 +362,9 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
         src = f
         ours = load_slice(src, dtype=DTYPES[dtype] if quant == "none" else torch.float32,
                           quant=quant)
-        packed = None
-        if fmt == "f32":  # float32 on plain weights (packed is the default: layout.can_pack)
-            packed = load_slice(src, dtype=torch.float32, pack=False)
+        with torch_kernels():  # the engine without its native kernels (torch's own)
+            plain = load_slice(src, dtype=DTYPES[dtype] if quant == "none" else torch.float32,
+                               quant=quant)
         hf = None
         if with_hf and quant == "none":
             hf = AutoModelForCausalLM.from_pretrained(
@@ -362,8 +379,8 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
             rounds: dict[str, list[float]] = {}
             for _ in range(repeats):
                 timed = [("ours", time_ours(ours, prompt, n))]
-                if packed is not None:
-                    timed.append(("ours_unpacked", time_ours(packed, prompt, n)))
+                with torch_kernels():
+                    timed.append(("ours_torch_kernels", time_ours(plain, prompt, n)))
                 if hf is not None:
                     timed.append(("hf", time_hf_manual(hf, ids, n)))
                 lc_round, lc_rss = llama_bench(f, th, n, PROMPT_LEN, 1)
@@ -389,7 +406,7 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
             lc_dec = rounds.get("llama_cpp_decode")
             if lc_dec:
                 for key, name in (("ours", "decode_ratio_vs_llama_cpp"),
-                                  ("ours_unpacked", "decode_ratio_unpacked_vs_llama_cpp")):
+                                  ("ours_torch_kernels", "decode_ratio_torch_kernels_vs_llama_cpp")):
                     if key + "_decode" in rounds:  # median of the rounds' ratios
                         row[name] = round(statistics.median(
                             a / b for a, b in zip(rounds[key + "_decode"], lc_dec, strict=True)), 2)
@@ -404,7 +421,7 @@ def bench_smollm2(formats: list[str], threads: list[int], n: int, repeats: int,
                 if r["format"] == fmt:
                     r["ours_peak_rss_mb"] = peak
             print(f"# smollm2 {fmt} ours peak RSS {peak} MB", file=sys.stderr, flush=True)
-        del ours, packed, hf
+        del ours, plain, hf
     return {"command_note": "ours: generate_ids on a 64-token random prompt, decode = "
                             "(n-1)/time after the first token; transformers: manual "
                             "past_key_values loop on its GGUF (dequantized) load; llama.cpp: "
