@@ -127,7 +127,8 @@ async def test_split_re_plans_when_a_shard_refuses_then_a_lost_shard_is_named(
     shutil.rmtree(tmp_path / "b-models" / model.name)
     _, res = await split(a, shards=2, max_tokens=40)
     assert res["token_ids"] == want[:40]
-    assert [s["name"] for s in res["shards"]] == ["a", "c"]  # planned a, b; re-planned a, c
+    # the coordinator a holds the last range: planned b, a; re-planned c, a
+    assert [s["name"] for s in res["shards"]] == ["c", "a"]
     (job,) = [j for j in await jobs_of(a, "split") if j["job"] == res["job"]]
     assert refusals(job) == [("b", "shard")]
     assert "not on this node" in job["metrics"]["runner"]["refusals"][0]["reason"]
@@ -140,10 +141,10 @@ async def test_split_re_plans_when_a_shard_refuses_then_a_lost_shard_is_named(
     with pytest.raises(RemoteError) as err:
         await split(a, shards=2, max_tokens=500, retries=0, kill_at=10, kill=kill_c)
     assert err.value.code == ErrorCode.PEER_DOWN
-    assert "shard 1 (layers" in err.value.message and "on c" in err.value.message
+    assert "shard 0 (layers" in err.value.message and "on c" in err.value.message
     failed = [j for j in await jobs_of(a, "split") if j["state"] == "failed"]
-    assert failed and "lost shard 1 (layers" in failed[-1]["error"]
-    assert "on c" in failed[-1]["error"] and "rid shard1" in failed[-1]["error"]
+    assert failed and "lost shard 0 (layers" in failed[-1]["error"]
+    assert "on c" in failed[-1]["error"] and "rid shard0" in failed[-1]["error"]
 
 
 async def test_three_shards_one_killed_the_two_survivors_finish_equal_to_local_greedy(
@@ -154,23 +155,23 @@ async def test_three_shards_one_killed_the_two_survivors_finish_equal_to_local_g
     await meshed([a, b, c])
     victims: list[str] = []
 
-    async def kill_middle(job: dict[str, Any]) -> None:
+    async def kill_middle(job: dict[str, Any]) -> None:  # planned b, c, a (a coordinates)
         (middle,) = [m for m in job["members"] if m["rid"] == "shard1"]
-        assert middle["node_id"] == b.node_id
+        assert middle["node_id"] == c.node_id
         victims.append(middle["node_id"])
-        b.kill()
+        c.kill()
 
     streamed, res = await split(a, shards=3, max_tokens=500, retries=1, kill_at=10,
                                 kill=kill_middle)
-    assert victims == [b.node_id]
+    assert victims == [c.node_id]
     assert streamed == res["token_ids"] == want
     assert res["retries"] == 1
     names = [s["name"] for s in res["shards"]]
-    assert names == ["a", "a", "c"], names  # one survivor holds two consecutive ranges
+    assert names == ["b", "b", "a"], names  # one survivor holds two consecutive ranges
     assert res["shards"][0]["layers"][0] == 0 and res["shards"][-1]["layers"][1] == 5
     (job,) = [j for j in await jobs_of(a, "split") if j["job"] == res["job"]]
     lost = job["metrics"]["runner"]["lost"]
-    assert [(x["name"], x["rid"]) for x in lost] == [("b", "shard1")]
+    assert [(x["name"], x["rid"]) for x in lost] == [("c", "shard1")]
     assert job["metrics"]["runner"]["replays"] == 1
 
 

@@ -309,8 +309,9 @@ async def test_bad_plans_and_requests_get_typed_errors(cluster) -> None:
     _, res = await generate(e.port, model="only-on-e", prompt_ids=[1, 2, 3], max_tokens=8,
                             shards=2)
     assert res["token_ids"] == local
-    assert [(s["name"], s.get("sources")) for s in res["shards"]] == [("e", None),
-                                                                      ("a", [e.node_id])]
+    # (the coordinator e holds the last range)
+    assert [(s["name"], s.get("sources")) for s in res["shards"]] == [("a", [e.node_id]),
+                                                                      ("e", None)]
     # ... more shards than nodes cannot: the error names who has it and who could fetch it
     with pytest.raises(RemoteError, match=r"have it: e\(.*can fetch it: a\(") as err:
         await generate(e.port, model="only-on-e", prompt_ids=[1, 2, 3], shards=6)

@@ -108,18 +108,19 @@ def test_split_plan_takes_fetching_nodes_only_when_it_needs_more(tmp_path: Path)
     # no shard count: the nodes that have the model (this one), no fetch
     stages = plan_pipeline(nodes, model, SplitRequest(model="m", prompt="x"))
     assert [(s.name, s.fetch) for s in stages] == [("me", None)]
-    # three shards: b and c join, fetching their slices from this node
+    # three shards: b and c join, fetching their slices from this node (the coordinator
+    # holds the last range)
     stages = plan_pipeline(nodes, model, SplitRequest(model="m", prompt="x", shards=3))
-    assert [s.name for s in stages] == ["me", "b", "c"]
-    assert stages[0].fetch is None and stages[0].sources == () and stages[0].fetch_bytes == 0
-    for s in stages[1:]:
+    assert [s.name for s in stages] == ["b", "c", "me"]
+    assert stages[2].fetch is None and stages[2].sources == () and stages[2].fetch_bytes == 0
+    for s in stages[:2]:
         assert s.sources == (nid("me"),)
         assert s.fetch_bytes == slice_fetch_bytes(model.config, 1_000_000, s.start, s.end)
         assert 0 < s.fetch_bytes < 1_000_000
         assert s.describe()["fetch_bytes"] == s.fetch_bytes
-    assert stages[1].fetch is not None and stages[1].fetch.measured
-    assert stages[1].fetch_s == pytest.approx(stages[1].fetch_bytes / 40e6, abs=1e-3)
-    assert stages[2].fetch is not None and not stages[2].fetch.measured
+    assert stages[0].fetch is not None and stages[0].fetch.measured
+    assert stages[0].fetch_s == pytest.approx(stages[0].fetch_bytes / 40e6, abs=1e-3)
+    assert stages[1].fetch is not None and not stages[1].fetch.measured
     # the slices' bytes add up to about the model (the head is the last shard's)
     assert sum(slice_fetch_bytes(model.config, 1_000_000, s.start, s.end) for s in stages) \
         == pytest.approx(1_000_000, rel=0.01)
@@ -129,10 +130,10 @@ def test_split_plan_prefers_nodes_with_the_model(tmp_path: Path) -> None:
     model = _model(tmp_path)
     nodes = [node("me", GiB, me=True), node("a", GiB, models=()), node("z", GiB)]
     stages = plan_pipeline(nodes, model, SplitRequest(model="m", prompt="x", shards=2))
-    assert [(s.name, s.fetch) for s in stages] == [("me", None), ("z", None)]
+    assert [(s.name, s.fetch) for s in stages] == [("z", None), ("me", None)]
     stages = plan_pipeline(nodes, model, SplitRequest(model="m", prompt="x", shards=3))
     assert [(s.name, s.sources) for s in stages] == [
-        ("me", ()), ("a", (nid("me"), nid("z"))), ("z", ())]
+        ("a", (nid("me"), nid("z"))), ("z", ()), ("me", ())]
 
 
 def test_split_plan_without_sources_still_names_who_lacks_it(tmp_path: Path) -> None:

@@ -134,11 +134,13 @@ def local(ref: str = "m") -> LocalModel:
     return LocalModel(ref, Path("/models/m"), cfg(), None)
 
 
-def test_split_plan_puts_this_node_first_and_follows_memory() -> None:
+def test_split_plan_puts_this_node_last_and_follows_memory() -> None:
+    # the coordinator (this node) holds the last range: each sampled token reaches it
+    # in-process and its relay to the client overlaps shard 0's next step (issue 19)
     nodes = [node("c", 3 * GiB), node("a", 1 * GiB), node("me", 4 * GiB, me=True)]
     stages = plan_pipeline(nodes, local(), SplitRequest(model="m", prompt="x"))
     assert [(s.name, s.start, s.end, s.rid) for s in stages] == [
-        ("me", 0, 4, "shard0"), ("a", 4, 5, "shard1"), ("c", 5, 8, "shard2")]
+        ("a", 0, 1, "shard0"), ("c", 1, 4, "shard1"), ("me", 4, 8, "shard2")]
     # names cross the wire (issue 12): every shard gets the name, never a path a node advertises
     assert stages[0].model_ref == "m" and stages[1].model_ref == "m"
 
@@ -154,7 +156,7 @@ def test_split_plan_names_the_nodes_that_lack_the_model_or_refuse_shards() -> No
     # a path is taken to be readable by every peer (the member checks on ASSIGN)
     stages = plan_pipeline(nodes[:2], local("/models/m"),
                            SplitRequest(model="/models/m", prompt="x", shards=2))
-    assert [s.name for s in stages] == ["me", "b"]
+    assert [s.name for s in stages] == ["b", "me"]
 
 
 def test_split_plan_errors_are_typed() -> None:

@@ -238,11 +238,15 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
     Raises ProtocolError: NOT_FOUND when too few nodes have the model (naming who lacks it),
     BAD_REQUEST for invalid ranges, REFUSED when the plan does not fit in memory.
     """
-    # 1. candidates: nodes that have the model and take shard roles; self first
+    # 1. candidates: nodes that have the model and take shard roles, in pipeline order: the
+    # peers by name, this node last. The coordinator holding the last range takes each token
+    # in-process and relays it to the client while shard 0 computes the next step; on shard
+    # 0's node that relay ran exactly when shard 0's next step arrived, on the same core
+    # (issue 19: 0.5 ms of its worker's start per token, 0.07 ms elsewhere)
     cands: list[tuple[Mapping[str, Any], str]] = []
     fetchers: list[tuple[Mapping[str, Any], tuple[str, ...]]] = []  # nodes that would fetch
     lacking: list[str] = []
-    ordered = sorted(nodes, key=lambda n: (not n.get("self"), str(n.get("name")), n["node_id"]))
+    ordered = sorted(nodes, key=lambda n: (bool(n.get("self")), str(n.get("name")), n["node_id"]))
     for n in ordered:
         caps = n.get("caps") or {}
         name = label(n)
@@ -268,7 +272,7 @@ def plan_pipeline(nodes: Sequence[Mapping[str, Any]], model: LocalModel,
     fetch_from: dict[str, tuple[str, ...]] = {}
     if want is not None and want > len(cands) and fetchers:
         # more shards than nodes with the model: nodes that fetch their slice join, in the
-        # order of every node (this node first, then by name)
+        # order of every node (by name, this node last)
         extra = dict((str(n["node_id"]), s) for n, s in fetchers[:want - len(cands)])
         fetch_from.update(extra)
         chosen = {str(n["node_id"]) for n, _ in cands} | set(extra)
