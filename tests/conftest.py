@@ -86,6 +86,19 @@ def model_arg(path: Path) -> list[str]:
     return models_dir_args(path.parent) if path.parent.resolve() != BUNDLED_MODELS.resolve() else []
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the native kernels once, up front (~1 min the first time on a machine): the
+    daemons the tests start then load the cached build instead of each compiling it inside
+    a test's time limit."""
+    from p2pllm.engine import native
+
+    t0 = time.monotonic()
+    built = native.kernels() is not None
+    if time.monotonic() - t0 > 5:
+        print(f"\nnative kernels {'built' if built else 'NOT built'} in "
+              f"{time.monotonic() - t0:.0f} s", file=sys.stderr)
+
+
 def _allowed_skip(reason: str) -> bool:
     """In CI a skip is expected only for a shared model while the whole shared checkout is
     absent; a missing model inside a present checkout, or any other reason, is a failure."""

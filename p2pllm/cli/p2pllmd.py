@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 
 from p2pllm.config import ROLE_KINDS, ConfigError, load_config
 from p2pllm.wire.connection import install_uvloop
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         warn_if_readable_by_others(config.secret_file)
     install_uvloop()
     from p2pllm.daemon.daemon import Daemon
+    from p2pllm.engine import native
+
+    # the native kernels build (~1 min the first time on a host) while the daemon starts,
+    # not inside the first job that loads a model
+    threading.Thread(target=native.kernels, name="p2pllm-native-build", daemon=True).start()
 
     try:
         daemon = Daemon(config)
