@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 16  # the kernels' largest M (kernels.cpp kMaxRows)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 _lock = threading.Lock()
+_STALE_LOCK_S = 900  # a build takes ~1 min (a few on a loaded machine)
 _state: dict[str, Any] = {}
 
 
@@ -60,6 +62,13 @@ def _build() -> Any:
     root = Path(os.environ.get("P2PLLM_KERNEL_DIR") or Path.home() / ".cache/p2pllm/kernels")
     build = root / digest
     build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"  # torch's FileBaton: a build killed midway leaves it behind,
+    try:  # and every later load would wait on it forever
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            log.warning("removed a stale native build lock %s", lock)
+    except OSError:
+        pass
     return cpp_extension.load(name=f"p2pllm_kernels_{digest}", sources=[str(_SOURCE)],
                               extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
                               build_directory=str(build), verbose=False)
