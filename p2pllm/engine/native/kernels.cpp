@@ -587,7 +587,10 @@ torch::Tensor decoder_layer(
     }
   // 3. attention: query t sees slots [first + lo_t, first + s - T + t + 1)
   const int64_t rep = nh / nkv;
-  at::parallel_for(0, T * nh, 1, [&](int64_t a0, int64_t a1) {
+  // a short context is a few microseconds of attention: threads only from ~100k products
+  // a thread (waking one costs more than that, and under load much more)
+  const int64_t att_grain = std::max<int64_t>(1, 200000 / std::max<int64_t>(1, 2 * s * hd));
+  at::parallel_for(0, T * nh, att_grain, [&](int64_t a0, int64_t a1) {
     std::vector<float> kf(hd), sc(s);
     std::vector<float> acc(hd);
     for (int64_t a = a0; a < a1; ++a) {
