@@ -167,7 +167,7 @@ def quantized_nbytes(n: int, k: int, mode: str, group: int = GROUP) -> int:
     native kernel also keeps a float32 copy)."""
     nat = native_layout()
     if mode == "int4" and k % group == 0 and n % 16 == 0:
-        per_group = 8 if nat else 2 * _KERNEL_DTYPE.itemsize
+        per_group = 8 if nat and group == 32 else 2 * _KERNEL_DTYPE.itemsize  # int4_min
         return n * k // 2 + (k // group) * n * per_group
     if mode not in ("int4", "int8"):
         raise ValueError(f"quant mode {mode!r} is not int8 or int4")

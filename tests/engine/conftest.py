@@ -98,3 +98,43 @@ def shared_model() -> Any:
         return path
 
     return get
+
+
+def native_built() -> bool:
+    """Whether the native kernels (p2pllm.engine.native) are built here (or can be)."""
+    from p2pllm.engine import native
+
+    return native.kernels() is not None
+
+
+NEEDS_CXX = "needs a C++ compiler"  # the skip reason when the native kernels did not build
+
+
+def native_missing() -> str:
+    """Why the native kernels are not here: the skip reason of a test that needs them."""
+    import os
+
+    from p2pllm.engine import native
+
+    if os.environ.get("P2PLLM_NATIVE") == "0":
+        return "the native kernels are turned off (P2PLLM_NATIVE=0)"
+    return f"{NEEDS_CXX}: {native._state.get('error', 'the native kernels did not build')}"
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's own kernels, as under P2PLLM_NATIVE=0 (native.kernels() reads the variable on
+    every call, so its cached module is simply not used): new QuantWeights take the torch
+    layout, few-row dense linears go through oneDNN / F.linear, can_pack decides as before."""
+    monkeypatch.setenv("P2PLLM_NATIVE", "0")
+
+
+@pytest.fixture(params=["native", "torch"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per QuantWeight layout: "native" (skips with NEEDS_CXX when the
+    kernels do not build; CI=true turns that skip into a failure) and "torch"."""
+    if request.param == "torch":
+        monkeypatch.setenv("P2PLLM_NATIVE", "0")
+    elif not native_built():
+        pytest.skip(native_missing())
+    return str(request.param)

@@ -1,7 +1,13 @@
 """The no-grad forward's fast paths against the plain ones they replace (each path is a switch
 in :mod:`p2pllm.engine.model`): float32 dense linears through oneDNN, and one bfloat16 query
 attending in float32. Same logits within a stated tolerance, same greedy ids, and the fast
-path really ran (counted), on the tiny architectures and on SmolLM2 from ../shared."""
+path really ran (counted), on the tiny architectures and on SmolLM2 from ../shared.
+
+These are torch's paths. Where the native kernels are built, up to 16 tokens of one cache
+row go through the native layer first (``NATIVE_LAYER``) and other few-row linears through
+the native kernel (``NATIVE_DENSE``), so each test here turns both off (_torch_paths);
+test_engine_decode.py and test_native.py test those, and the SmolLM2 test also checks that
+the native default gives the same greedy ids."""
 
 from __future__ import annotations
 
@@ -41,6 +47,12 @@ def _decode_logits(model: ModelSlice, prompt: list[int], steps: int,
             logits = model(torch.tensor([[tok]]), torch.tensor([[pos]]), cache,
                            last_only=True)[0, -1]
     return torch.stack(out)
+
+
+@pytest.fixture(autouse=True)
+def _torch_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_mod, "NATIVE_LAYER", False)
+    monkeypatch.setattr(model_mod, "NATIVE_DENSE", False)
 
 
 class _Count:
@@ -116,22 +128,27 @@ def test_argmax_through_float32_is_bfloat16_argmax() -> None:
 
 @pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SHARED_SKIP}: {SMOLLM2} is not present")
 def test_smollm2_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """float32: the same greedy ids with and without oneDNN. bfloat16 (greedy ids of two
+    """float32: the same greedy ids through oneDNN, F.linear and the native kernels (the
+    default where they are built). bfloat16 (greedy ids of two
     bf16 roundings part at near-ties, so teacher-forced on the float32 ids): the float32
     attention agrees with the float32 model's top-1 at least as often as bf16 SDPA did, less
     two positions (of 24), and is no farther from its logits."""
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018]
     f32 = load_slice(SMOLLM2, dtype=torch.float32)
-    ids = generate_ids(f32, prompt, max_tokens=24, stop_ids=[]).token_ids
-    ref = _decode_logits(f32, prompt, 23, forced=ids)
-    assert ref.argmax(-1).tolist() == ids
     counted = _Count(model_mod._onednn)
     monkeypatch.setattr(model_mod, "_onednn", counted)
-    assert generate_ids(f32, prompt, max_tokens=1, stop_ids=[]).token_ids == ids[:1]
+    ids = generate_ids(f32, prompt, max_tokens=24, stop_ids=[]).token_ids
     if torch.backends.mkldnn.is_available():  # qkv, o, gate/up, down of 30 layers, the head
-        assert counted.calls == 4 * 30 + 1
+        assert counted.calls == 24 * (4 * 30 + 1)  # the prompt and 23 decode steps
+    ref = _decode_logits(f32, prompt, 23, forced=ids)
+    assert ref.argmax(-1).tolist() == ids
     monkeypatch.setattr(model_mod, "ONEDNN_FLOAT32", False)
     assert generate_ids(f32, prompt, max_tokens=24, stop_ids=[]).token_ids == ids
+    monkeypatch.setattr(model_mod, "NATIVE_LAYER", True)  # the default (where built)
+    monkeypatch.setattr(model_mod, "NATIVE_DENSE", True)
+    assert generate_ids(f32, prompt, max_tokens=24, stop_ids=[]).token_ids == ids
+    monkeypatch.setattr(model_mod, "NATIVE_LAYER", False)
+    monkeypatch.setattr(model_mod, "NATIVE_DENSE", False)
     bf16 = load_slice(SMOLLM2, dtype=torch.bfloat16)
     monkeypatch.setattr(model_mod, "BF16_DECODE_ATTENTION_FP32", False)
     old = _decode_logits(bf16, prompt, 23, forced=ids)

@@ -77,12 +77,13 @@ def test_int4_round_trip() -> None:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_kernel_layout_matches_the_codes(mode: str) -> None:
-    """QuantWeight.matmul multiplies by exactly the dequantized weight (bf16 rounding aside)."""
+def test_kernel_layout_matches_the_codes(mode: str, layout: str) -> None:
+    """QuantWeight.matmul multiplies by exactly the dequantized weight (torch's layout: up to
+    its bfloat16 scales and activations; the native one keeps float32 scales and inputs)."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(80, 64, generator=g)
     qw = QuantWeight.from_float(w, mode)
-    assert qw.kind == mode
+    assert qw.kind == mode and qw.layout == layout
     if mode == "int8":
         ref = dequantize_int8(*quantize_int8(w))
     else:
@@ -90,9 +91,19 @@ def test_kernel_layout_matches_the_codes(mode: str) -> None:
     assert torch.allclose(qw.dequantize(), ref, rtol=1e-2, atol=1e-2)
     x = torch.randn(3, 5, 64, generator=g)
     y = qw.matmul(x).float()
-    want = x.bfloat16().float() @ ref.t()
     assert y.shape == (3, 5, 80)
-    assert (y - want).abs().max() <= 0.02 * want.abs().max()
+    if layout == "torch":
+        assert qw.matmul(x).dtype == torch.bfloat16
+        want = x.bfloat16().float() @ ref.t()
+        assert (y - want).abs().max() <= 0.02 * want.abs().max()
+    else:  # float32 in, float32 out, the weight as dequantized up to float32 rounding
+        assert qw.matmul(x).dtype == torch.float32
+        want = (x.double() @ qw.dequantize().double().t()).float()
+        assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+        if mode == "int8":  # the scales are kept in bfloat16 (as in torch's layout), widened
+            q, scale = quantize_int8(w)
+            ref = dequantize_int8(q, scale.bfloat16())
+        torch.testing.assert_close(qw.dequantize(), ref, rtol=1e-6, atol=1e-6)
     # and far from a wrong layout: a transposed or shuffled weight misses by a lot
     assert (x @ w.t() - y).abs().mean() < 0.2 * (x @ w.flip(0).t() - y).abs().mean()
 
@@ -146,25 +157,28 @@ def test_gguf_dequantize_matches_the_block_formulas() -> None:
 
 
 @pytest.mark.parametrize("ggml_type", [2, 3])
-def test_q4_repack_equals_dequantize_then_quantize(ggml_type: int) -> None:
+def test_q4_repack_equals_dequantize_then_quantize(ggml_type: int, layout: str) -> None:
     raw = _blocks(ggml_type, 64, 96, 4, full_range=True)
     values = gguf_dequantize(ggml_type, raw.shape, torch.from_numpy(raw.blocks))
     packed = repack_gguf(raw, "int4")
-    assert packed.kind == "int4" and packed.group == 32
+    assert packed.kind == "int4" and packed.group == 32 and packed.layout == layout
     requant = QuantWeight.from_float(values, "int4")
-    # the same codes and (bf16) scales, so the kernel computes the same weight bit for bit
+    # the same codes and scales (bf16 in torch's layout, float32 (scale, min) in the native
+    # one: min/max re-quantization rounds the scale, so not bit for bit there)
     assert torch.equal(packed.packed, requant.packed)
-    assert torch.allclose(packed.scales.float(), requant.scales.float(), rtol=2**-7)
-    # and that weight is the GGUF one, up to the kernel's bfloat16 scales
-    assert torch.allclose(packed.dequantize(), values, rtol=2**-6, atol=2e-3)
+    assert torch.allclose(packed.scales.float(), requant.scales.float(), rtol=2**-7, atol=1e-6)
+    if layout == "torch":  # that weight is the GGUF one, up to the kernel's bfloat16 scales
+        assert torch.allclose(packed.dequantize(), values, rtol=2**-6, atol=2e-3)
+    else:  # f16 d and m are exact in float32: the GGUF weight itself
+        assert torch.equal(packed.dequantize(), values)
 
 
-def test_q8_repack_equals_dequantize_then_quantize() -> None:
+def test_q8_repack_equals_dequantize_then_quantize(layout: str) -> None:
     raw = _blocks(8, 48, 64, 5)
     values = gguf_dequantize(8, raw.shape, torch.from_numpy(raw.blocks))
     packed, requant = repack_gguf(raw, "int8"), QuantWeight.from_float(values, "int8")
     assert torch.equal(packed.packed, requant.packed)
-    assert torch.equal(packed.scales, requant.scales)
+    assert torch.equal(packed.scales, requant.scales) and packed.layout == layout
     four = repack_gguf(raw, "int4")  # int4 from Q8_0 blocks: re-quantized from the values
     assert four.kind == "int4"
     assert torch.equal(four.packed, QuantWeight.from_float(values, "int4").packed)
@@ -201,7 +215,7 @@ SHAKESPEARE_BOUNDS = {"int8": (0.002, 0.97), "int4": (0.02, 0.88)}
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_shakespeare_logits_close_to_float(mode: str) -> None:
+def test_shakespeare_logits_close_to_float(mode: str, layout: str) -> None:
     tok = load_tokenizer(SHAKESPEARE)
     ids = tok(SONNET)["input_ids"]
     ref_model = load_slice(SHAKESPEARE, dtype=torch.float32)
@@ -212,7 +226,8 @@ def test_shakespeare_logits_close_to_float(mode: str) -> None:
     assert isinstance(model.layers["0"].self_attn.fused_qkv, QuantFused)
     assert model.num_parameters() == ref_model.num_parameters()
     kl, top1 = _compare(ref, _logits(model, ids))
-    print(f"shakespeare {mode}: {len(ids)} tokens, KL {kl:.4f}, top-1 {top1:.3f}")
+    assert {m.qweight.layout for m in model.modules() if type(m) is QuantLinear} == {layout}
+    print(f"shakespeare {mode} {layout}: {len(ids)} tokens, KL {kl:.4f}, top-1 {top1:.3f}")
     max_kl, min_top1 = SHAKESPEARE_BOUNDS[mode]
     assert kl < max_kl and top1 > min_top1
     # the dequantized weights give the same logits through the float path
@@ -263,7 +278,7 @@ def _smollm2_gguf() -> Path:
 SMOLLM2_BOUNDS = {"int8": (0.03, 0.9), "int4": (0.03, 0.9)}
 
 
-def test_smollm2_q4_blocks_kept() -> None:
+def test_smollm2_q4_blocks_kept(layout: str) -> None:
     """The real Q4_1 file: the int4 weights are its own codes, scales and minimums."""
     from p2pllm.engine import gguf
 
@@ -276,6 +291,10 @@ def test_smollm2_q4_blocks_kept() -> None:
         want = gguf.dequantize(raw).float()
     got = model.layers["0"].self_attn.k_proj.dequantized()
     assert got.shape == want.shape == (192, 576)
+    assert model.layers["0"].self_attn.k_proj.qweight.layout == layout
+    if layout == "native":  # float32 d and m: exactly the file's weights
+        assert torch.equal(got, want)
+        return
     # the kernel keeps scale and zero (m + 8d) in bfloat16: off by < 2^-7 of the block's
     # largest magnitude (measured 0.03 at most, on |w| up to 5), never by a code step
     block_max = want.view(192, 18, 32).abs().amax(-1, keepdim=True).expand(192, 18, 32)

@@ -51,7 +51,10 @@ def param_count(path: Path) -> int:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_a_q4_1_gguf_is_estimated_as_the_engine_holds_it(tmp_path: Path, tied: bool) -> None:
+def test_a_q4_1_gguf_is_estimated_as_the_engine_holds_it(tmp_path: Path, tied: bool,
+                                                          layout: str) -> None:
+    """Either QuantWeight layout (the native one keeps float32 int4 scales and mins, and a
+    float32 copy of the int8 scales): the estimate follows the one a load takes."""
     state, cfg = tiny_state(seed=7, tied=tied)
     path = write_gguf(tmp_path / "models" / "tiny-q4" / "Tiny.Q4_1.gguf", state, cfg, T.Q4_1)
     folder = path.parent
@@ -78,7 +81,7 @@ def test_a_q4_1_gguf_is_estimated_as_the_engine_holds_it(tmp_path: Path, tied: b
     assert _param_bytes(loaded) == held(loaded) == model_bytes(folder, "float32", "int8")
 
 
-def test_the_bundled_checkpoint_is_estimated_as_loaded() -> None:
+def test_the_bundled_checkpoint_is_estimated_as_loaded(layout: str) -> None:
     path = BUNDLED_MODELS_DIR / "shakespeare"  # bfloat16 safetensors, tied head
     for dtype, quant in LOADS:
         assert weight_bytes(path, dtype, quant) == held(load_slice(path, dtype=dtype,
