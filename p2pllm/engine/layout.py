@@ -45,10 +45,18 @@ PACK_FLOAT32_MIN_HIDDEN = 512  # float32 packs from hidden 512 (SmolLM2 576); ti
 
 
 def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu", hidden_size: int = 0) -> bool:
-    """Whether packing helps: bfloat16 on a CPU whose oneDNN has native BF16 support, and
-    float32 on a CPU with oneDNN for a model of ``hidden_size`` >= PACK_FLOAT32_MIN_HIDDEN.
+    """Whether packing helps: never where the native kernels are built (:mod:`.native`,
+    with ``model.NATIVE_DENSE`` on: the default); else bfloat16 on a CPU whose oneDNN has
+    native BF16 support, and float32 on a CPU with oneDNN for a model of ``hidden_size`` >=
+    PACK_FLOAT32_MIN_HIDDEN.
 
-    float32, SmolLM2, one thread, CPU time of the thread (the box is shared; wall clock
+    The native kernels read the plain float32/bfloat16 weights (one thread pinned, SmolLM2's
+    30 layers without the head: float32 22.5 ms, bfloat16 12.1 ms a token, the weights
+    streamed from memory; the native decode layer takes only plain weights), and without
+    packing a tied head needs no copy and the weights stay trainable. Up to 16 rows go
+    native; a longer prompt runs ``F.linear`` / oneDNN on the plain weights.
+
+    Without them (``P2PLLM_NATIVE=0``, no compiler) -- float32, SmolLM2, one thread, CPU time of the thread (the box is shared; wall clock
     swung 2x between runs), medians of 6 rounds: packed decode 24.4 vs 29.6 ms a token
     (1.21x over oneDNN on the plain weight), 64-token prefill 89 vs 105 ms. It costs a
     tied head its own packed copy (SmolLM2 +113 MB) and the weights' trainability (the

@@ -1,23 +1,35 @@
 """Weight-only quantized linear layers: int8 (per output channel) and int4 (groups of 32).
 
-Kernels, chosen by measurement on this repo's CPU (bench/engine.py has the end-to-end rows):
-batch-1 linears with the shapes of SmolLM2's 30 layers, one thread, best of 7 on a shared
-machine: ``F.linear`` float32 ~60 ms, oneDNN bfloat16 ~14 ms, ``torch._weight_int8pack_mm``
-~8-14 ms, ``aten._weight_int4pack_mm_for_cpu`` (group 32) ~4.5 ms. Both quantized kernels
-are fast only with bfloat16 activations (float32 input takes a scalar path: 200-560 ms), so a
-:class:`QuantLinear` runs its kernel in bfloat16 and casts back to the input's dtype.
-torchao (pip-installable) was not taken: on CPU its int4/int8 weight-only layouts call these
-same two aten kernels, so it would add a dependency and no speed. fbgemm's dynamic int8
-linear (activations quantized per tensor) is deprecated and coarser.
+Kernels. Where the native kernels build (:mod:`.native`, C++ compiled on first use: the
+default), a weight takes their layout; otherwise (``P2PLLM_NATIVE=0``, no compiler) torch's
+``torch._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu`` layout. Measured, one
+thread pinned (``taskset -c 1``), the linears of SmolLM2's 30 layers (no head) with the
+weights streamed from memory, per token: native float32 22.5 ms, bfloat16 12.1 ms, int8
+7.4 ms, int4 8.5 ms. Torch's int8 kernel took ~10.7 ms; its int4 kernel ~4.3 ms, faster
+for one row but compute-bound, and both are fast only on bfloat16 activations (a float32
+input takes a scalar path: 200-560 ms), so a torch-layout :class:`QuantLinear` rounds its
+input to bfloat16 and the kernel's output is bfloat16 (cast back to the input's dtype).
+The native kernels take float32 (or bfloat16) activations and any number of rows, give a
+row's output the same bits whatever rows run with it (a speculative window verifies what
+one-token decode gives), and keep int4's (d, min) in float32, so the codes (and int8's
+bfloat16 scales) are the only approximation: hence the default. torchao
+(pip-installable) was not taken: on CPU its int4/int8 weight-only layouts call the same two
+aten kernels. fbgemm's dynamic int8 linear (activations quantized per tensor) is deprecated
+and coarser.
 
 * **int8**: symmetric per-output-channel, ``w ~ q * scale[n]`` (``_weight_int8pack_mm`` takes
   no groups). GGUF Q8_0 blocks (one scale per 32) are dequantized and re-quantized per
   channel: :func:`repack_gguf` equals ``quantize_int8(dequantize(raw))`` by construction.
+  Its scales are kept in bfloat16 in both layouts (the native one multiplies by their
+  float32 widening), so both layouts hold the same weight.
 * **int4**: asymmetric, groups of 32 along the input, ``w ~ (q - 8) * scale + zero`` with
-  q in 0..15 (the kernel's convention). GGUF Q4_0 (``d * (q - 8)``) and Q4_1
-  (``d * q + m``, so zero = m + 8d) map onto it with the same codes (no re-rounding of the
-  nibbles); the kernel takes scale and zero only in bfloat16, which moves a weight by
-  < 2^-7 of its block's largest magnitude (f16 d and m have 3 more mantissa bits).
+  q in 0..15 (:func:`quantize_int4`'s convention, torch's kernel's). The native layout keeps
+  GGUF's own form instead: the 16 bytes of a group in Q4 order (byte j = code j | code
+  j + 16 << 4) and a float32 (d, min) per group, ``w = d * q + min``. GGUF Q4_0
+  (``d * (q - 8)``: min = -8d) and Q4_1 (``d * q + m``) map onto either with the same codes
+  (no re-rounding of the nibbles): natively exactly (f16 d and m are exact in float32);
+  torch's kernel takes scale and zero (m + 8d) only in bfloat16, which moves a weight by
+  < 2^-7 of its block's largest magnitude (f16 has 3 more mantissa bits).
   A layer whose input width is not a multiple of 32 falls back to int8; a head stays int8
   (as llama.cpp's Q4 files keep the token embedding in Q8_0).
 
