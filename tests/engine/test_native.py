@@ -407,3 +407,26 @@ def test_native_layout_is_the_default_where_built(kern: Any) -> None:
     model = load_slice(BUNDLED_MODELS_DIR / "shakespeare", layers=(0, 1), quant="int4")
     layouts = {m.qweight.layout for m in model.modules() if hasattr(m, "qweight")}
     assert layouts == {"native"}
+
+
+def test_ninja_beside_the_interpreter_is_found(tmp_path: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A virtualenv's p2pllmd run without the venv activated: the ninja the ``ninja`` wheel
+    installed beside the interpreter is not on PATH, and torch's build needs it there."""
+    import shutil
+    import sys
+
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "ninja").write_text("#!/bin/sh\n")
+    (bindir / "ninja").chmod(0o755)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setitem(sys.modules, "ninja", None)  # the wheel's module: not importable
+    assert shutil.which("ninja") is None
+    native._ninja_on_path()
+    assert shutil.which("ninja") == str(bindir / "ninja")
+    assert os.environ["PATH"] == os.pathsep.join([str(bindir), str(tmp_path / "empty")])
+    native._ninja_on_path()  # found: PATH left alone
+    assert os.environ["PATH"].count(str(bindir)) == 1

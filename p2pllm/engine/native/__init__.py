@@ -12,6 +12,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +34,9 @@ class NativeBuildError(RuntimeError):
 
 
 def _cpu_tag() -> str:
-    """What the build depends on besides the source: machine, CPU flags, torch version."""
+    """What the build depends on besides the source: machine, CPU flags, torch version,
+    the Python ABI (two Pythons sharing the cache would otherwise rebuild over each other's
+    module, ninja seeing another include path each time) and the compiler flags."""
     import torch
 
     flags = ""
@@ -43,7 +47,8 @@ def _cpu_tag() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.machine()}|{flags}|{torch.__version__}"
+    return (f"{platform.machine()}|{flags}|{torch.__version__}|{sys.implementation.cache_tag}"
+            f"|{' '.join(_cflags())}")
 
 
 def _cflags() -> list[str]:
@@ -54,8 +59,29 @@ def _cflags() -> list[str]:
     return flags
 
 
+def _ninja_on_path() -> None:
+    """torch's cpp_extension runs ``ninja`` from PATH. The ``ninja`` wheel (an install
+    requirement) puts it beside the interpreter, which is not on PATH when a virtualenv's
+    ``p2pllmd`` runs without the venv activated (by its path, from a service): add it."""
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        dirs.insert(0, str(ninja.BIN_DIR))
+    except Exception:  # not installed, or a wheel without BIN_DIR
+        pass
+    for d in dirs:
+        if shutil.which("ninja", path=d):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def _build() -> Any:
     from torch.utils import cpp_extension
+
+    _ninja_on_path()
 
     src = _SOURCE.read_bytes()
     digest = hashlib.sha256(src + _cpu_tag().encode()).hexdigest()[:16]
