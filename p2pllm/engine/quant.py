@@ -196,8 +196,9 @@ class QuantWeight:
     ``module.to(dtype)`` leaves its integer codes and scales alone.
 
     Two layouts, chosen when the weight is made: **native** (:mod:`.native` built: the
-    default) -- int8 codes with float32 scales, int4 codes in GGUF's Q4 order (16 bytes a
-    group of 32) with a float32 (scale, min) per group, ``w = scale * q + min``; any number
+    default) -- int8 codes with their bfloat16 scales widened to float32, int4 codes in
+    GGUF's Q4 order (16 bytes a group of 32) with a float32 (scale, min) per group,
+    ``w = scale * q + min``; any number
     of input rows, float32 activations, the same bits for a row whether it runs alone or
     among others -- or **torch** -- ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``
     with their packed codes, bfloat16 scales and bfloat16 activations."""
