@@ -294,7 +294,7 @@ class QuantWeight:
 
     def mm_native(self, x2: torch.Tensor) -> torch.Tensor:
         """The native kernel on a contiguous (M, K) float32/bfloat16 input."""
-        kern = native.kernels()
+        kern = native.built()  # the layout was made with them: they exist in this process
         assert kern is not None
         if self.kind == "int8":
             return kern.linear_int8(x2, self.packed, self.scale32)

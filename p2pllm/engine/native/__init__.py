@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_ROWS", "NativeBuildError", "kernels"]
+__all__ = ["MAX_ROWS", "NativeBuildError", "built", "kernels"]
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 16  # the kernels' largest M (kernels.cpp kMaxRows)
@@ -120,4 +120,10 @@ def kernels() -> Any | None:
                 log.warning("%s; using torch's kernels", _state["error"])
     if _state.get("mod") is None and mode == "1":
         raise NativeBuildError(_state["error"])
+    return _state.get("mod")
+
+
+def built() -> Any | None:
+    """The module if this process has built or loaded it, whatever P2PLLM_NATIVE says now:
+    weights already in the native layout keep their kernels."""
     return _state.get("mod")
