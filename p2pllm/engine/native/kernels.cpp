@@ -293,124 +293,13 @@ struct Q4Blk {
   }
 };
 
-// x as float32 (M, K) contiguous: itself, or a widened copy of a bfloat16 input.
-const float* input_f32(const torch::Tensor& x, std::vector<float>& buf) {
-  if (x.scalar_type() == torch::kFloat32) return x.data_ptr<float>();
-  const int64_t n = x.numel();
-  buf.resize(n);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
-  return buf.data();
-}
-
-torch::Tensor make_out(const torch::Tensor& x, int64_t N, Out& o) {
-  auto y = torch::empty({x.size(0), N}, x.options());
-  o.ld = N;
-  if (y.scalar_type() == torch::kFloat32) o.f32 = y.data_ptr<float>();
-  else o.bf16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  return y;
-}
-
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous CPU (M, K) tensor");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
-              "x must be float32 or bfloat16");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
-  TORCH_CHECK(x.size(0) >= 1, "x must have rows");
-}
-
-}  // namespace
-
-// y = x @ w.T, w float32 or bfloat16 (N, K); y in x's dtype.
-torch::Tensor linear_dense(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "w must be (N, K)");
-  const int64_t N = w.size(0), K = w.size(1);
-  check_x(x, K);
-  std::vector<float> buf;
-  const float* xf = input_f32(x, buf);
-  Out o;
-  auto y = make_out(x, N, o);
-  if (w.scalar_type() == torch::kFloat32) {
-    F32W f{w.data_ptr<float>(), K};
-    drive(x.size(0), N, DenseBlk<F32W>{f, xf, K, K, nullptr, o});
-  } else {
-    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be float32 or bfloat16");
-    BF16W f{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), K};
-    drive(x.size(0), N, DenseBlk<BF16W>{f, xf, K, K, nullptr, o});
-  }
-  return y;
-}
-
-// y = (x @ q.T) * scale, q int8 (N, K), scale float32 (N,).
-torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
-                          const torch::Tensor& scale) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8,
-              "q must be int8 (N, K)");
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
-                  scale.numel() == N, "scale must be float32 (N,)");
-  check_x(x, K);
-  std::vector<float> buf;
-  const float* xf = input_f32(x, buf);
-  Out o;
-  auto y = make_out(x, N, o);
-  I8W f{q.data_ptr<int8_t>(), K};
-  drive(x.size(0), N, DenseBlk<I8W>{f, xf, K, K, scale.data_ptr<float>(), o});
-  return y;
-}
-
-// y = x @ w.T with w[n, 32g + j] = dm[n, g, 0] * code + dm[n, g, 1]; q uint8 (N, K / 2) in
-// Q4 order (per group 16 bytes: byte j holds code j in its low nibble, code j + 16 high).
-torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q,
-                          const torch::Tensor& dm) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8,
-              "q must be uint8 (N, K / 2)");
-  const int64_t N = q.size(0), K = q.size(1) * 2, G = K / kGroup;
-  TORCH_CHECK(K % kGroup == 0, "int4 input width must be a multiple of 32");
-  TORCH_CHECK(dm.scalar_type() == torch::kFloat32 && dm.is_contiguous() && dm.dim() == 3 &&
-                  dm.size(0) == N && dm.size(1) == G && dm.size(2) == 2,
-              "dm must be float32 (N, K / 32, 2)");
-  check_x(x, K);
-  std::vector<float> buf;
-  const float* xf = input_f32(x, buf);
-  const int64_t M = x.size(0);
-  std::vector<float> xsum(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t j = 0; j < kGroup; ++j) s += xf[m * K + g * kGroup + j];
-      xsum[m * G + g] = s;
-    }
-  Out o;
-  auto y = make_out(x, N, o);
-  Q4W f{q.data_ptr<uint8_t>(), dm.data_ptr<float>(), G};
-  drive(M, N, Q4Blk{f, xf, K, xsum.data(), o});
-  return y;
-}
-
-// -- one decoder layer for a few new tokens of one cache row ---------------------------------
-//
-// What DecoderLayer.forward computes for T (<= 16) new tokens of one cache row whose blocks
-// are one run, in one call: RMSNorm, fused q/k/v, rotary, the cache write, attention (GQA,
-// causal within the T tokens, an optional sliding window), output projection, residual,
-// RMSNorm, fused gate/up, SiLU * up, down projection, residual. Activations stay float32
-// inside the layer (a bfloat16 model's hidden state and cache are rounded where they are
-// stored); each query's attention and each linear row are computed the same way whatever T
-// is, so a token gets the same bits alone or in a window.
-
-namespace {
-
 struct Lin {  // one linear's weight, any format
   int kind = 0;  // 0 dense f32, 1 dense bf16, 2 int8, 3 int4
   int64_t N = 0, K = 0;
   const void* w = nullptr;
   const float* aux = nullptr;  // int8: scale (N,); int4: dm (N, G, 2)
 
-  void run(const float* x, int64_t M, float* y) const {
-    Out o;
-    o.f32 = y;
-    o.ld = N;
+  void run(const float* x, int64_t M, const Out& o) const {
     switch (kind) {
       case 0: {
         F32W f{static_cast<const float*>(w), K};
@@ -441,7 +330,101 @@ struct Lin {  // one linear's weight, any format
       }
     }
   }
+  void run(const float* x, int64_t M, float* y) const {  // float32 (M, N) out
+    Out o;
+    o.f32 = y;
+    o.ld = N;
+    run(x, M, o);
+  }
 };
+
+
+// x as float32 (M, K) contiguous: itself, or a widened copy of a bfloat16 input.
+const float* input_f32(const torch::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == torch::kFloat32) return x.data_ptr<float>();
+  const int64_t n = x.numel();
+  buf.resize(n);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
+  return buf.data();
+}
+
+torch::Tensor make_out(const torch::Tensor& x, int64_t N, Out& o) {
+  auto y = torch::empty({x.size(0), N}, x.options());
+  o.ld = N;
+  if (y.scalar_type() == torch::kFloat32) o.f32 = y.data_ptr<float>();
+  else o.bf16 = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous CPU (M, K) tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "x must be float32 or bfloat16");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(x.size(0) >= 1, "x must have rows");
+}
+
+// x (M, K) through one linear: y (M, N) in x's dtype.
+torch::Tensor apply(const torch::Tensor& x, const Lin& l) {
+  check_x(x, l.K);
+  std::vector<float> buf;
+  const float* xf = input_f32(x, buf);
+  Out o;
+  auto y = make_out(x, l.N, o);
+  l.run(xf, x.size(0), o);
+  return y;
+}
+
+}  // namespace
+
+// y = x @ w.T, w float32 or bfloat16 (N, K); y in x's dtype.
+torch::Tensor linear_dense(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
+              "w must be a contiguous CPU (N, K) tensor");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16,
+              "w must be float32 or bfloat16");
+  const int kind = w.scalar_type() == torch::kBFloat16 ? 1 : 0;
+  return apply(x, Lin{kind, w.size(0), w.size(1), w.data_ptr(), nullptr});
+}
+
+// y = (x @ q.T) * scale, q int8 (N, K), scale float32 (N,).
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q,
+                          const torch::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8 &&
+                  q.device().is_cpu() && scale.device().is_cpu(), "q must be CPU int8 (N, K)");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
+                  scale.numel() == N, "scale must be float32 (N,)");
+  return apply(x, Lin{2, N, K, q.data_ptr(), scale.data_ptr<float>()});
+}
+
+// y = x @ w.T with w[n, 32g + j] = dm[n, g, 0] * code + dm[n, g, 1]; q uint8 (N, K / 2) in
+// Q4 order (per group 16 bytes: byte j holds code j in its low nibble, code j + 16 high).
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q,
+                          const torch::Tensor& dm) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8 &&
+                  q.device().is_cpu() && dm.device().is_cpu(), "q must be CPU uint8 (N, K / 2)");
+  const int64_t N = q.size(0), K = q.size(1) * 2, G = K / kGroup;
+  TORCH_CHECK(K % kGroup == 0, "int4 input width must be a multiple of 32");
+  TORCH_CHECK(dm.scalar_type() == torch::kFloat32 && dm.is_contiguous() && dm.dim() == 3 &&
+                  dm.size(0) == N && dm.size(1) == G && dm.size(2) == 2,
+              "dm must be float32 (N, K / 32, 2)");
+  return apply(x, Lin{3, N, K, q.data_ptr(), dm.data_ptr<float>()});
+}
+
+// -- one decoder layer for a few new tokens of one cache row ---------------------------------
+//
+// What DecoderLayer.forward computes for T (<= 16) new tokens of one cache row whose blocks
+// are one run, in one call: RMSNorm, fused q/k/v, rotary, the cache write, attention (GQA,
+// causal within the T tokens, an optional sliding window), output projection, residual,
+// RMSNorm, fused gate/up, SiLU * up, down projection, residual. Activations stay float32
+// inside the layer (a bfloat16 model's hidden state and cache are rounded where they are
+// stored); each query's attention and each linear row are computed the same way whatever T
+// is, so a token gets the same bits alone or in a window.
+
+namespace {
 
 Lin make_lin(const std::vector<torch::Tensor>& t, int64_t kind, int64_t K) {
   Lin l;
