@@ -283,6 +283,15 @@ class Daemon:
         """A one-way message; returns the bytes it took on the wire (0 to this node itself)."""
         return await self.connection(node_id).notify(msg_type, meta, payload)
 
+    def notify_nowait(
+        self, node_id: str, msg_type: MsgType, meta: dict[str, Any], payload: Sequence[Buffer] = ()
+    ) -> int:
+        """`notify` from plain code: written when this returns, never waits (roles.Cluster)."""
+        return self.connection(node_id).notify_nowait(msg_type, meta, payload)
+
+    async def wait_writable(self, node_id: str) -> None:
+        await self.connection(node_id).wait_writable()
+
     # -- dispatch -------------------------------------------------------------------------
 
     async def _dispatch(self, conn: Connection, req: Request) -> Reply | None:

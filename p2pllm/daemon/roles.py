@@ -86,6 +86,17 @@ class Cluster(Protocol):
         """A one-way message; returns the bytes it took on the wire (0 in-process)."""
         ...
 
+    def notify_nowait(
+        self, node_id: str, msg_type: MsgType, meta: dict[str, Any], payload: Sequence[Buffer] = ()
+    ) -> int:
+        """`notify` from plain code (a RoleWorker follow-up): written when this returns,
+        never waits; a sender that may outpace the peer awaits `wait_writable` after."""
+        ...
+
+    async def wait_writable(self, node_id: str) -> None:
+        """Return once the link to `node_id` takes writes again (at once unless it paused)."""
+        ...
+
 
 @dataclass(frozen=True)
 class RoleContext:

@@ -7,6 +7,12 @@ exception. Items run one at a time, first in first out, on one thread, so a role
 (a KV cache, accumulated gradients, a draft cache) is only ever touched by one thread and needs
 no lock.
 
+Follow-up: ``run(fn, *args, then=cb)`` calls ``cb(result)`` on the event loop in the very
+callback that delivers the result, before the awaiting task resumes (a task's turn comes a
+loop iteration later, after whatever else is ready): what must leave at once, a shard's
+hidden states for the next node, leaves from there. Not called when ``fn`` raised or the
+awaiting task was cancelled; an exception ``cb`` raises is the awaiting task's.
+
 Cancellation: when the task awaiting an item is cancelled, a queued item is dropped (it never
 runs) and a running one is told through its ``cancel`` event (if it was given one: work that
 can stop early checks it) and otherwise runs to its end; the task sees CancelledError at once.
@@ -79,6 +85,7 @@ class _Item:
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     cancel: threading.Event | None
+    then: Callable[[Any], None] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
     running: bool = False
 
@@ -156,15 +163,18 @@ class RoleWorker:
         return self._closed
 
     async def run(self, fn: Callable[..., T], /, *args: Any,
-                  cancel: threading.Event | None = None) -> T:
+                  cancel: threading.Event | None = None,
+                  then: Callable[[T], None] | None = None) -> T:
         """Run ``fn(*args)`` on the worker thread after everything queued before it.
 
         ``cancel`` is set when the awaiting task is cancelled or the worker closes while the
         item runs (long work checks it and returns early); a queued item is simply dropped.
+        ``then(result)`` runs on the event loop as the result arrives, before this returns
+        (the module docstring's follow-up).
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        item = _Item(fn, args, fut, cancel)
+        item = _Item(fn, args, fut, cancel, then)
         with self._cond:
             if self._closed:
                 raise WorkerClosed(self.name)
@@ -245,7 +255,7 @@ class RoleWorker:
                 self._errors += error is not None
                 self._current = None
                 self._running_since = None
-            self._post(_deliver, item.future, result, error)
+            self._post(_deliver, item.future, result, error, item.then)
             del item, result, error  # drop references to tensors before waiting again
         self._post(_deliver, self._exited, None, None)
 
@@ -315,9 +325,15 @@ class RoleWorker:
         return Span(self)
 
 
-def _deliver(fut: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
+def _deliver(fut: asyncio.Future[Any] | None, result: Any, error: BaseException | None,
+             then: Callable[[Any], None] | None = None) -> None:
     if fut is None or fut.done():  # cancelled by its awaiting task
         return
+    if then is not None and error is None:
+        try:
+            then(result)
+        except BaseException as exc:  # the awaiting task's, like fn's own
+            error = exc
     if error is not None:
         fut.set_exception(error)
     else:

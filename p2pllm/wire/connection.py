@@ -404,6 +404,16 @@ class Connection(FrameSink):
         """A one-way message: no response is expected or sent. Returns its bytes on the wire."""
         return await self.send_frame(msg_type, meta, payload, flags=_ONEWAY)
 
+    def notify_nowait(
+        self, msg_type: MsgType, meta: dict[str, Any] | None = None, payload: Sequence[Buffer] = ()
+    ) -> int:
+        """`notify` from plain (non-async) code: the frame is on the transport when this
+        returns; it never waits, so a sender that may outpace the peer awaits
+        `wait_writable()` afterwards (what `notify` does). Returns its bytes on the wire."""
+        if self._is_closed:
+            raise self._closed_error()
+        return self._write(msg_type, meta, payload, _ONEWAY, 0)
+
     async def request(
         self,
         msg_type: MsgType,

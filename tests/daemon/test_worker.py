@@ -120,6 +120,49 @@ async def test_exceptions_reach_the_caller_and_the_worker_goes_on() -> None:
         await worker.aclose()
 
 
+async def test_then_runs_on_the_loop_with_the_result_before_run_returns() -> None:
+    worker = RoleWorker("t")
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, Any, int]] = []
+
+    def then(result: int) -> None:
+        seen.append(("then", result, threading.get_ident()))
+
+    def fail() -> int:
+        raise ValueError("bad step")
+
+    def refuse(result: int) -> None:
+        raise LookupError(f"cannot send {result}")
+
+    try:
+        assert await worker.run(sum, [1, 2, 3], then=then) == 6
+        assert seen == [("then", 6, loop_thread)]  # already called when run() returned
+        # fn failed: no follow-up, the caller gets fn's exception
+        with pytest.raises(ValueError):
+            await worker.run(fail, then=then)
+        assert len(seen) == 1
+        # the follow-up failed: the caller gets its exception
+        with pytest.raises(LookupError, match="cannot send 6"):
+            await worker.run(sum, [1, 2, 3], then=refuse)
+        # the awaiting task was cancelled while its item ran: nobody wants the follow-up
+        started = threading.Event()
+
+        def slow() -> int:
+            started.set()
+            time.sleep(0.05)
+            return 1
+
+        task = asyncio.create_task(worker.run(slow, then=then))
+        assert await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await worker.run(sum, [2], then=then) == 2  # after slow() has finished
+        assert seen == [("then", 6, loop_thread), ("then", 2, loop_thread)]
+    finally:
+        await worker.aclose()
+
+
 async def test_busy_and_idle_seconds_measure_the_real_work() -> None:
     worker = RoleWorker("t")
     try:

@@ -110,6 +110,25 @@ async def test_one_way_frames_are_handled_in_order_on_one_task(link: Any) -> Non
     assert len(rec.oneway_tasks) == 1  # no task per frame
 
 
+async def test_notify_nowait_writes_before_it_returns_in_order_with_notify(link: Any) -> None:
+    conn, rec = link
+    sent = [conn.notify_nowait(MsgType.ROLE_CALL, {"i": i}) for i in range(3)]  # plain code
+    if isinstance(conn, LocalConnection):
+        assert sent == [0, 0, 0]  # nothing crosses a socket
+    else:
+        assert all(n > HEADER_SIZE for n in sent) and conn.bytes_out >= sum(sent)
+        assert conn.frames_out == 3 and conn._transport.get_write_buffer_size() == 0
+    await conn.notify(MsgType.ROLE_CALL, {"i": 3})
+    for _ in range(200):
+        if len(rec.oneway) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert rec.oneway == [0, 1, 2, 3]
+    conn.close()
+    with pytest.raises(ConnectionClosed):
+        conn.notify_nowait(MsgType.ROLE_CALL, {"i": 4})
+
+
 async def test_cancel_ends_one_request_and_the_parked_task_serves_the_next(link: Any) -> None:
     conn, rec = link
     for round_ in range(3):

@@ -11,8 +11,10 @@ Flow of one session (protocol.md section 9):
    elsewhere). It is checked and queued at once; the batching loop takes queued steps one at a
    time (or, with ``batch_decode``, the one-token steps of several sessions in one forward),
    runs each forward on the role's worker thread (``Role.worker``), then sends hidden states
-   to the next shard as one-way SHARD_FORWARDs. The last shard samples and sends the token
-   back to the first shard itself (the ring), so decoding never waits on the coordinator.
+   to the next shard as one-way SHARD_FORWARDs, from the worker's follow-up (``then``: on the
+   event loop as the result lands, before the batching loop's turn; its bookkeeping comes
+   after the frame has left). The last shard samples and sends the token back to the first
+   shard itself (the ring), so decoding never waits on the coordinator.
 3. SHARD_CLOSE (or the coordinator cancelling the OPEN stream, or the session idling past
    ``session_idle_s``) frees the session.
 """
@@ -181,6 +183,7 @@ class ShardRole(Role):
         self._wake = asyncio.Event()
         self._busy_rows: set[int] = set()
         self._deferred_rows: list[int] = []
+        self._sent_to: set[str] = set()  # nodes this batch's outputs went to
         self._started = time.monotonic()
         self._counters = dict(sessions_total=0, steps=0, positions=0, tokens=0, batches=0,
                               max_batch=0, max_open=0, bytes_in=0, bytes_out=0, frames_in=0,
@@ -424,9 +427,11 @@ class ShardRole(Role):
             if not batch:
                 continue
             self._busy_rows = {w.step.row for w in batch}
+            self._sent_to.clear()
             t0 = time.perf_counter()
             try:
-                results = await self.worker.run(self._compute, batch)
+                results = await self.worker.run(
+                    self._compute, batch, then=functools.partial(self._emit_batch, batch, t0))
             except KVCacheFullError as exc:  # nothing was written; the session is freed
                 for w in batch:
                     self._fail(w.session, *self._kv_refusal(exc))
@@ -447,23 +452,14 @@ class ShardRole(Role):
                 for row in self._deferred_rows:
                     self.engine.give_row(row)
                 self._deferred_rows.clear()
-            dt = time.perf_counter() - t0
-            self._compute_s += dt
-            c = self._counters
-            c["batches"] += 1
-            c["steps"] += len(batch)
-            c["max_batch"] = max(c["max_batch"], len(batch))
             for w, result in zip(batch, results, strict=True):
-                s = w.session
                 if isinstance(result, KVCacheFullError):  # this one could not grow
-                    self._fail(s, *self._kv_refusal(result))
-                    continue
-                s.steps += 1
-                s.positions += w.step.tokens
-                s.compute_s += dt / len(batch)
-                c["positions"] += w.step.tokens
-                if not s.closed:
-                    await self._emit(s, w.step, result)
+                    self._fail(w.session, *self._kv_refusal(result))
+            for node in self._sent_to:  # backpressure: the frames are out, wait for room
+                try:
+                    await self.ctx.cluster.wait_writable(node)
+                except (ConnectionClosed, OSError):
+                    pass  # the session's next send fails it (PEER_DOWN)
 
     def _kv_refusal(self, exc: KVCacheFullError) -> tuple[ErrorCode, str]:
         """Past the memory budget: a cap (OVER_LIMIT); a full pool: REFUSED."""
@@ -472,15 +468,35 @@ class ShardRole(Role):
                                           f"{exc.limit} (config key memory_budget): {exc}")
         return ErrorCode.REFUSED, f"shard {self.p.index}'s KV cache is full: {exc}"
 
-    async def _emit(self, s: _Session, step: Step,
-                    result: torch.Tensor | tuple[int, str | None] | None) -> None:
+    def _emit_batch(self, batch: list[_Work], t0: float, results: list[_Result]) -> None:
+        """The worker's follow-up, on the event loop as the batch's results land: each
+        step is counted and its output goes on at once (before the batching loop's turn)."""
+        dt = time.perf_counter() - t0
+        self._compute_s += dt
+        c = self._counters
+        c["batches"] += 1
+        c["steps"] += len(batch)
+        c["max_batch"] = max(c["max_batch"], len(batch))
+        for w, result in zip(batch, results, strict=True):
+            if isinstance(result, KVCacheFullError):  # failed by the batching loop
+                continue
+            s = w.session
+            s.steps += 1
+            s.positions += w.step.tokens
+            s.compute_s += dt / len(batch)
+            c["positions"] += w.step.tokens
+            if not s.closed:
+                self._emit(s, w.step, result)
+
+    def _emit(self, s: _Session, step: Step,
+              result: torch.Tensor | tuple[int, str | None] | None) -> None:
         """Send a step's output on: hidden states to the next shard, or the sampled token to
         the coordinator (OPEN stream) and back to the first shard."""
         if result is None:  # a prompt chunk that is not the last: nothing to send
             return
         if isinstance(result, torch.Tensor):
             assert self.p.next is not None
-            await self._send(s, self.p.next, step.pos, step.sample, *_hidden_payload(result))
+            self._send(s, self.p.next, step.pos, step.sample, *_hidden_payload(result))
             return
         token, reason = result
         assert s.sampler is not None
@@ -496,22 +512,24 @@ class ShardRole(Role):
             self._enqueue(s, Step(s.row, s.sampler.next_pos, ids, True))
             return
         # the id as int64 (T,) = (1,) on the wire: its 8 bytes, without a tensor
-        await self._send(s, first, s.sampler.next_pos, True,
-                         [{"name": "ids", "dtype": "int64", "shape": [1]}],
-                         [_INT64.pack(token)])
+        self._send(s, first, s.sampler.next_pos, True,
+                   [{"name": "ids", "dtype": "int64", "shape": [1]}], [_INT64.pack(token)])
 
-    async def _send(self, s: _Session, hop: Hop, pos: int, sample: bool,
-                    descs: list[dict[str, Any]], payload: list[Buffer]) -> None:
+    def _send(self, s: _Session, hop: Hop, pos: int, sample: bool,
+              descs: list[dict[str, Any]], payload: list[Buffer]) -> None:
         """One-way SHARD_FORWARD of a step's tensors (``descs`` and ``payload`` as
-        :func:`~p2pllm.wire.tensors.pack_tensors` gives them)."""
+        :func:`~p2pllm.wire.tensors.pack_tensors` gives them), written now; the batching
+        loop waits for room on the link after its bookkeeping (``_sent_to``)."""
         meta = forward_meta(self.ctx.job, hop, s.id, pos, sample)
         meta["tensors"] = descs
         try:
-            nbytes = await self.ctx.cluster.notify(hop.node, MsgType.SHARD_FORWARD, meta, payload)
+            nbytes = self.ctx.cluster.notify_nowait(hop.node, MsgType.SHARD_FORWARD, meta,
+                                                    payload)
         except (ConnectionClosed, OSError) as exc:
             self._fail(s, ErrorCode.PEER_DOWN, f"shard {self.p.index} cannot reach node "
                        f"{hop.node[:8]} ({hop.rid}): {exc}")
             return
+        self._sent_to.add(hop.node)
         s.bytes_out += nbytes
         self._counters["bytes_out"] += nbytes
         self._counters["frames_out"] += 1
