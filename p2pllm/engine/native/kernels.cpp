@@ -510,6 +510,55 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #endif
 }
 
+// exp(x) for n floats in place: Cephes' expf (x = k ln2 + r, |r| <= ln2 / 2, degree-5
+// polynomial, 2^k from the exponent bits), within ~2 ulp of std::exp; the portable build
+// calls std::exp.
+void exp_inplace(float* v, int64_t n) {
+  int64_t i = 0;
+#if P2P_AVX512
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-87.3365447505531f);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 p0 = _mm512_set1_ps(1.9875691500e-4f), p1 = _mm512_set1_ps(1.3981999507e-3f),
+               p2 = _mm512_set1_ps(8.3334519073e-3f), p3 = _mm512_set1_ps(4.1665795894e-2f),
+               p4 = _mm512_set1_ps(1.6666665459e-1f), p5 = _mm512_set1_ps(5.0000001201e-1f);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = _mm512_loadu_ps(v + i);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(k, c1, x);
+    r = _mm512_fnmadd_ps(k, c2, r);
+    __m512 r2 = _mm512_mul_ps(r, r);
+    __m512 y = _mm512_fmadd_ps(p0, r, p1);
+    y = _mm512_fmadd_ps(y, r, p2);
+    y = _mm512_fmadd_ps(y, r, p3);
+    y = _mm512_fmadd_ps(y, r, p4);
+    y = _mm512_fmadd_ps(y, r, p5);
+    y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, one));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    _mm512_storeu_ps(v + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), y));
+  }
+#endif
+  for (; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+// n values of a float32 or bfloat16 buffer from element `base`, as float32: a pointer into
+// the buffer itself (float32) or into `tmp` (widened).
+const float* row_f32(const AnyF& a, int64_t base, int64_t n, float* tmp) {
+  if (!a.bf16) return static_cast<const float*>(a.p) + base;
+  const uint16_t* src = static_cast<const uint16_t*>(a.p) + base;
+  int64_t i = 0;
+#if P2P_AVX512
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(tmp + i, BF16W::load(src, i));
+#endif
+  for (; i < n; ++i) tmp[i] = bf16_to_f32(src[i]);
+  return tmp;
+}
+
 }  // namespace
 
 torch::Tensor decoder_layer(
@@ -583,32 +632,20 @@ torch::Tensor decoder_layer(
       const float* q = buf.data() + t * nqkv + head * hd;
       float mx = -INFINITY;
       for (int64_t j = lo_t; j < end; ++j) {
-        const int64_t base = g * ks0 + (first + j) * ks2;
-        float d;
-        if (kca.bf16) {
-          for (int64_t i = 0; i < hd; ++i) kf[i] = kca.get(base + i);
-          d = dot(q, kf.data(), hd);
-        } else {
-          d = dot(q, static_cast<const float*>(kca.p) + base, hd);
-        }
-        sc[j - lo_t] = d * fscale;
+        const float* kr = row_f32(kca, g * ks0 + (first + j) * ks2, hd, kf.data());
+        sc[j - lo_t] = dot(q, kr, hd) * fscale;
         mx = std::max(mx, sc[j - lo_t]);
       }
+      const int64_t nk_t = end - lo_t;
+      for (int64_t j = 0; j < nk_t; ++j) sc[j] -= mx;
+      exp_inplace(sc.data(), nk_t);
       float sum = 0.f;
-      for (int64_t j = 0; j < end - lo_t; ++j) {
-        sc[j] = std::exp(sc[j] - mx);
-        sum += sc[j];
-      }
+      for (int64_t j = 0; j < nk_t; ++j) sum += sc[j];
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = lo_t; j < end; ++j) {
         const float p = sc[j - lo_t];
-        const int64_t base = g * vs0 + (first + j) * vs2;
-        if (vca.bf16) {
-          for (int64_t i = 0; i < hd; ++i) acc[i] = std::fma(p, vca.get(base + i), acc[i]);
-        } else {
-          const float* vv = static_cast<const float*>(vca.p) + base;
-          for (int64_t i = 0; i < hd; ++i) acc[i] = std::fma(p, vv[i], acc[i]);
-        }
+        const float* vr = row_f32(vca, g * vs0 + (first + j) * vs2, hd, kf.data());
+        for (int64_t i = 0; i < hd; ++i) acc[i] = std::fma(p, vr[i], acc[i]);
       }
       const float inv = 1.0f / sum;
       float* out = att.data() + t * nq + head * hd;
@@ -622,16 +659,26 @@ torch::Tensor decoder_layer(
   rms_norm(x.data(), T, H, wpost, feps, x1.data());
   lgu.run(x1.data(), T, buf.data());
   std::vector<float> act(T * inter);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < inter; ++i) {
-      const float gt = buf[t * 2 * inter + i], up = buf[t * 2 * inter + inter + i];
-      act[t * inter + i] = gt / (1.0f + std::exp(-gt)) * up;
-    }
+  for (int64_t t = 0; t < T; ++t) {  // SiLU(gate) * up
+    const float* gt = buf.data() + t * 2 * inter;
+    float* a = act.data() + t * inter;
+    for (int64_t i = 0; i < inter; ++i) a[i] = -gt[i];
+    exp_inplace(a, inter);
+    for (int64_t i = 0; i < inter; ++i) a[i] = gt[i] / (1.0f + a[i]) * gt[inter + i];
+  }
   ld.run(act.data(), T, x1.data());
   auto out = torch::empty_like(h);
   const AnyF ho = any_of(out);
   for (int64_t i = 0; i < T * H; ++i) ho.set(i, x[i] + x1[i]);
   return out;
+}
+
+// exp of a contiguous float32 tensor, as the layer computes it (for tests)
+torch::Tensor exp_f32(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "x must be float32");
+  auto y = x.contiguous().clone();
+  exp_inplace(y.data_ptr<float>(), y.numel());
+  return y;
 }
 
 bool has_avx512() { return P2P_AVX512 != 0; }
@@ -641,5 +688,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8, "x @ (q * scale).T, any M");
   m.def("linear_int4", &linear_int4, "x @ w.T for groups-of-32 int4 w, any M");
   m.def("decoder_layer", &decoder_layer, "one decoder layer for few tokens of one cache row");
+  m.def("exp_f32", &exp_f32, "the layer's exp (tests)");
   m.def("has_avx512", &has_avx512, "whether this build uses AVX-512");
 }
