@@ -524,8 +524,10 @@ void exp_inplace(float* v, int64_t n) {
                p4 = _mm512_set1_ps(1.6666665459e-1f), p5 = _mm512_set1_ps(5.0000001201e-1f);
   const __m512 one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= n; i += 16) {
-    __m512 x = _mm512_loadu_ps(v + i);
-    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    const __m512 x0 = _mm512_loadu_ps(v + i);
+    __mmask16 under = _mm512_cmp_ps_mask(x0, lo, _CMP_LT_OQ);
+    __mmask16 nan = _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q);
+    __m512 x = x0;
     x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
     __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
     __m512 r = _mm512_fnmadd_ps(k, c1, x);
@@ -539,7 +541,8 @@ void exp_inplace(float* v, int64_t n) {
     y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, one));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
     y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-    _mm512_storeu_ps(v + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), y));
+    y = _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), y);
+    _mm512_storeu_ps(v + i, _mm512_mask_mov_ps(y, nan, x0));
   }
 #endif
   for (; i < n; ++i) v[i] = std::exp(v[i]);
