@@ -227,6 +227,11 @@ class RoleWorker:
         exited = self._exited
         if exited is not None and not exited.done():
             await asyncio.shield(exited)
+        thread = self._thread
+        if thread is not None and exited is not None:
+            # ``exited`` is posted as the thread's last act: it returns within microseconds,
+            # and after aclose() it is gone (a loaded host could otherwise still see it alive)
+            thread.join(timeout=1.0)
 
     # -- the thread ------------------------------------------------------------------------
 
