@@ -142,8 +142,12 @@ async def test_split_re_plans_when_a_shard_refuses_then_a_lost_shard_is_named(
         await split(a, shards=2, max_tokens=500, retries=0, kill_at=10, kill=kill_c)
     assert err.value.code == ErrorCode.PEER_DOWN
     assert "shard 0 (layers" in err.value.message and "on c" in err.value.message
-    failed = [j for j in await jobs_of(a, "split") if j["state"] == "failed"]
-    assert failed and "lost shard 0 (layers" in failed[-1]["error"]
+    async def failed_jobs() -> list[dict[str, Any]]:
+        return [j for j in await jobs_of(a, "split") if j["state"] == "failed"]
+
+    # the session's error reaches the client before the job's record says failed
+    failed = await wait_for(failed_jobs, timeout=20, what="the split job marked failed")
+    assert "lost shard 0 (layers" in failed[-1]["error"]
     assert "on c" in failed[-1]["error"] and "rid shard0" in failed[-1]["error"]
 
 
