@@ -52,9 +52,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
-    p.add_argument("--mode", choices=("local", "spec", "split"), default="local",
+    p.add_argument("--mode", choices=("local", "spec", "split", "tp"), default="local",
                    help="local: in this process; spec: speculative decoding (drafter + "
-                        "verifier peers); split: layers sharded across peers (default local)")
+                        "verifier peers); split: layers sharded across peers; tp: every "
+                        "layer split over --tp peers (tensor parallelism) (default local)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory, name under --models-dir, bundled model name, or "
                         f"Hugging Face hub id (default {DEFAULT_MODEL})")
@@ -102,7 +103,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "with many sessions; greedy ids equal in practice, not by construction)")
     split.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
                        help="keep the shards loaded this long after the last request (default 30)")
-    remote = p.add_argument_group("daemon (--mode spec|split)")
+    tp = p.add_argument_group("tensor parallelism (--mode tp)")
+    tp.add_argument("--tp", type=_positive_int, default=None,
+                    help="ranks (daemons that have the model); must divide the attention heads, "
+                         "KV heads and MLP width (default 2)")
+    remote = p.add_argument_group("daemon (--mode spec|split|tp)")
     remote.add_argument("--daemon", metavar="HOST:PORT", default=None,
                         help="daemon to ask (default 127.0.0.1:7411 or $P2PLLM_DAEMON)")
     remote.add_argument("--secret-file", default=None,

@@ -1,4 +1,4 @@
-"""`p2pllm generate --mode spec|split`: submit a GENERATE job to the local daemon and stream it.
+"""`p2pllm generate --mode spec|split|tp`: submit a GENERATE job to the local daemon and stream it.
 
 The daemon coordinates the job (plans, assigns roles, runs it) and streams partial responses
 `{"token_ids": [...], "text": "..."}` as tokens are produced; the final response carries the
@@ -20,7 +20,7 @@ GENERATE_KEYS = (
     "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "quant", "draft_quant",
     "max_tokens", "ignore_eos",
     "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
-    "shards", "layers", "wire_dtype", "batch_decode", "keep_alive",
+    "shards", "layers", "wire_dtype", "batch_decode", "keep_alive", "tp",
 )
 
 

@@ -196,6 +196,7 @@ async def coordinate_generate(host: JobHost, req: Request) -> Reply:
     table = {
         "spec": ("p2pllm.pillars.speculative.coordinator", "coordinate"),
         "split": ("p2pllm.pillars.split.pipeline", "coordinate"),
+        "tp": ("p2pllm.pillars.tp.coordinator", "coordinate"),
     }
     if mode not in table:
         raise ProtocolError(

@@ -253,4 +253,5 @@ _PILLAR_ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("p2pllm.pillars.split.shard", ("ShardRole",)),
     ("p2pllm.pillars.federated.client", ("FLClientRole",)),
     ("p2pllm.pillars.splittrain.stage", ("TrainStageRole",)),
+    ("p2pllm.pillars.tp.roles", ("TPRankRole",)),
 )

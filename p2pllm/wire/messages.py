@@ -70,6 +70,10 @@ class MsgType(IntEnum):
     WEIGHTS_MANIFEST = 0x0600  # {"model"} -> {"model", "digest", "manifest"}
     WEIGHTS_READ = 0x0601  # {"model", "digest", "pieces"} -> {"pieces", "lengths"} + raw bytes
 
+    # tensor parallelism (protocol.md section 14)
+    TP_RUN = 0x0700  # coordinator -> every rank: one generation, streamed (TP_TOKEN partials on rank 0)
+    TP_TOKEN = 0x0701  # partial response on rank 0's TP_RUN stream: {token, step}
+
 
 class Flags(IntFlag):
     NONE = 0

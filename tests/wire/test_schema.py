@@ -19,7 +19,8 @@ import p2pllm.pillars.federated.messages
 import p2pllm.pillars.messages
 import p2pllm.pillars.speculative.messages
 import p2pllm.pillars.split.messages
-import p2pllm.pillars.splittrain.messages  # noqa: F401
+import p2pllm.pillars.splittrain.messages
+import p2pllm.pillars.tp.messages  # noqa: F401
 from p2pllm.wire.frame import ProtocolError, decode_frame, encode_frame
 from p2pllm.wire.messages import ErrorCode, MsgType
 from p2pllm.wire.schema import (
