@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-quant", choices=QUANTS, default=None,
                    help="spec mode: quantized linears of the draft model (default none; e.g. "
                         "the target itself with --draft-quant int4 as its own draft)")
+    p.add_argument("--draft-dtype", choices=COMPUTE_DTYPES, default=None,
+                   help="spec mode: weight dtype of the draft model (default: --dtype; e.g. "
+                        "bfloat16 for a half-size copy of the target as its own draft)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads for local mode (default: torch's choice)")
     p.add_argument("--max-tokens", type=_positive_int, default=128,

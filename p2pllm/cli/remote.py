@@ -18,7 +18,7 @@ from p2pllm.wire.messages import MsgType
 
 GENERATE_KEYS = (
     "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "quant", "draft_quant",
-    "max_tokens", "ignore_eos",
+    "draft_dtype", "max_tokens", "ignore_eos",
     "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
     "shards", "layers", "wire_dtype", "batch_decode", "keep_alive", "tp",
 )

@@ -26,3 +26,23 @@ def test_unset_flags_are_left_to_the_daemon() -> None:
     meta = generate_meta(parse("--mode", "spec", "--model", "m", "--draft-model", "d", "hi"))
     assert meta["draft_model"] == "d"
     assert "batch_decode" not in meta and "keep_alive" not in meta and "shards" not in meta
+
+
+def test_draft_quant_and_draft_dtype_reach_the_spec_request() -> None:
+    from p2pllm.pillars.speculative.messages import parse_generate
+
+    meta = generate_meta(parse("--mode", "spec", "--model", "m", "--draft-model", "m",
+                               "--draft-quant", "int4", "--draft-dtype", "bfloat16", "hi"))
+    assert meta["draft_quant"] == "int4" and meta["draft_dtype"] == "bfloat16"
+    v = parse_generate(meta)
+    assert v["draft_quant"] == "int4" and v["draft_dtype"] == "bfloat16"
+    assert v["dtype"] == "float32"  # the target keeps its own dtype
+
+
+def test_draft_dtype_defaults_to_the_target_dtype() -> None:
+    from p2pllm.pillars.speculative.messages import parse_generate
+
+    meta = generate_meta(parse("--mode", "spec", "--model", "m", "--draft-model", "d",
+                               "--dtype", "bfloat16", "hi"))
+    assert "draft_dtype" not in meta
+    assert parse_generate(meta)["draft_dtype"] == "bfloat16"
