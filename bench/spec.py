@@ -192,6 +192,15 @@ def forward_costs(path: Path, sizes: list[int], reps: int = 5) -> dict[int, floa
     return out
 
 
+def verify_cost(path: Path, reps: int) -> dict[str, Any]:
+    """The γ+1-token verify forward's cost over one decode step, γ = 1..8 (median of reps)."""
+    costs = forward_costs(path, list(range(1, 10)), reps=max(reps, 5))
+    return {"model": str(path), "threads": torch.get_num_threads(),
+            "decode_ms": round(costs[1] * 1e3, 2), "loadavg": os.getloadavg(),
+            "verify_over_decode": {g: round(costs[g + 1] / costs[1], 3) for g in range(1, 9)},
+            "command": " ".join(["python", "bench/spec.py", *sys.argv[1:]])}
+
+
 def run_spec(address: str, pair: dict[str, Any], n: int, window: Any, temperature: float = 0.0,
              overlap: bool | str = "auto") -> dict[str, Any]:
     meta = {"mode": "spec", "prompt": "", "prompt_ids": PROMPT_IDS, "model": pair["target"],
@@ -343,7 +352,14 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only pairs whose name contains this")
     ap.add_argument("--all", action="store_true",
                     help="also the 110M target with its first 2 layers as the draft (alpha ~0.05)")
+    ap.add_argument("--verify-cost", type=Path, default=None, metavar="MODEL",
+                    help="only the verifier's forward over γ+1 tokens against one decode step "
+                         "for γ = 1..8 on MODEL (issue 14 goal: <= 1.3x), as JSON")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.verify_cost is not None:
+        print(json.dumps(verify_cost(args.verify_cost, args.repeats), indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         pairs = build_pairs(work, args.quick, args.all)
