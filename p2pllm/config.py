@@ -18,6 +18,7 @@ ROLE_KINDS = (
     "fl-client",
     "fl-coordinator",
     "train-stage",
+    "tp-rank",
     "echo",
 )
 DEFAULT_PORT = 7411
@@ -85,6 +86,15 @@ class DaemonConfig:
     # no listener; "PORT" = 127.0.0.1:PORT; "HOST:PORT". Closed by default like `host`: a
     # non-loopback address needs secret_file (the endpoint itself has no authentication).
     metrics: str | None = None
+    # The OpenAI-compatible API (issue 13; p2pllm/daemon/api.py): same address forms as
+    # metrics; off by default (several daemons share a host in labs and tests, and a fixed
+    # default port would collide). A non-loopback address needs api_key_file (Bearer key).
+    api: str | None = None
+    api_key_file: str | None = None
+    api_max_pending: int = 64  # requests admitted at once (running or queued); more get 429
+    # weights of served models: "auto" = GGUF Q8_0/Q4_x blocks kept as stored (int8/int4),
+    # float files as float32; or none/int8/int4 for every model
+    api_quant: str = "auto"
     # Host the test-only echo role (p2pllmd --test-roles; tests turn it on). Off: ASSIGN echo
     # is an unknown role (issue 12, A).
     test_roles: bool = False
@@ -126,6 +136,20 @@ class DaemonConfig:
                 "once, copy the file to every host and start with --secret-file PATH "
                 "(without a secret, keep metrics on loopback: --metrics PORT or --metrics 127.0.0.1:PORT)"
             )
+        api = self.api_address()
+        if api is not None and not listens_on_loopback_only(api[0]) and not self.api_key_file:
+            raise ConfigError(
+                f"--api {self.api} lets other hosts run models on this daemon, so it needs an "
+                "API key: write one to a file and start with --api-key-file PATH (clients send "
+                "Authorization: Bearer <key>); without a key keep the API on loopback "
+                "(--api PORT or --api 127.0.0.1:PORT)"
+            )
+        if not isinstance(self.api_max_pending, int) or isinstance(self.api_max_pending, bool) \
+                or self.api_max_pending < 1:
+            raise ConfigError(f"api_max_pending must be a whole number >= 1, got "
+                              f"{self.api_max_pending!r}")
+        if self.api_quant not in ("auto", "none", "int8", "int4"):
+            raise ConfigError(f"api_quant must be auto, none, int8 or int4, got {self.api_quant!r}")
         if loopback and self.mdns and self.interface is not None and not listens_on_loopback_only(self.interface):
             raise ConfigError(
                 f"--interface {self.interface} would announce this daemon to the LAN, but it "
@@ -135,20 +159,23 @@ class DaemonConfig:
 
     def metrics_address(self) -> tuple[str, int] | None:
         """Where the metrics listener binds: None when off; a bare port means 127.0.0.1."""
-        text = "" if self.metrics is None else str(self.metrics).strip()
-        if not text or text.lower() == "off":
+        return _listen_address(self.metrics, "--metrics")
+
+    def api_address(self) -> tuple[str, int] | None:
+        """Where the OpenAI-compatible API binds: None when off; a bare port means 127.0.0.1."""
+        return _listen_address(self.api, "--api")
+
+    def api_key(self) -> str | None:
+        """The API's Bearer key (the key file's first line), or None without a key file."""
+        if not self.api_key_file:
             return None
-        if text.isdigit():
-            text = f"127.0.0.1:{text}"
-        if text.startswith("[") or text.count(":") == 1:
-            host, port_s = (text[1:].partition("]")[::2] if text.startswith("[")
-                            else text.split(":"))
-            port_s = port_s.lstrip(":")
-        else:
-            host, port_s = text, ""
-        if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
-            raise ConfigError(f"--metrics wants PORT or HOST:PORT (port 0..65535), got {self.metrics!r}")
-        return host, int(port_s)
+        try:
+            key = Path(self.api_key_file).read_text().strip().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read API key file {self.api_key_file}: {exc}") from exc
+        if not key or not key[0].strip():
+            raise ConfigError(f"API key file {self.api_key_file} is empty")
+        return key[0].strip()
 
     def mdns_interface(self) -> str | None:
         """The address mDNS uses: --interface, or for a loopback-only daemon its loopback
@@ -202,6 +229,24 @@ class DaemonConfig:
         if not data:
             raise ConfigError(f"secret file {self.secret_file} is empty")
         return data
+
+
+def _listen_address(value: str | None, flag: str) -> tuple[str, int] | None:
+    """An HTTP listener's (host, port): None for unset/"off"; a bare port means 127.0.0.1."""
+    text = "" if value is None else str(value).strip()
+    if not text or text.lower() == "off":
+        return None
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    if text.startswith("[") or text.count(":") == 1:
+        host, port_s = (text[1:].partition("]")[::2] if text.startswith("[")
+                        else text.split(":"))
+        port_s = port_s.lstrip(":")
+    else:
+        host, port_s = text, ""
+    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise ConfigError(f"{flag} wants PORT or HOST:PORT (port 0..65535), got {value!r}")
+    return host, int(port_s)
 
 
 def listen_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

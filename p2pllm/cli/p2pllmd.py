@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus metrics on GET /metrics (off by default; a bare port "
                    "binds 127.0.0.1; a LAN address needs --secret-file)")
+    p.add_argument("--api", metavar="[HOST:]PORT|off",
+                   help="serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+                   "/v1/models, /health, /metrics) on this address (off by default; a bare port "
+                   "binds 127.0.0.1; a LAN address needs --api-key-file)")
+    p.add_argument("--api-key-file", help="file whose first line is the API's Bearer key")
+    p.add_argument("--api-max-pending", type=int,
+                   help="API requests running or queued at once; more get 429 (default 64)")
+    p.add_argument("--api-quant", choices=("auto", "none", "int8", "int4"),
+                   help="weights of the models the API serves: auto (default) keeps a GGUF's "
+                   "Q8_0/Q4 blocks as int8/int4 and loads float files as float32")
     p.add_argument("--dashboard", action="store_const", const=True, help="show the live dashboard")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--print-port", action="store_true", help="print 'PORT <n>' on stdout once listening")
@@ -114,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"PORT {daemon.port} NODE {daemon.node_id}", flush=True)
                 if daemon.metrics_listener is not None:
                     print(f"METRICS {daemon.metrics_listener.address}", flush=True)
+                if daemon.api is not None:
+                    print(f"API {daemon.api.address}", flush=True)
             if config.dashboard:
                 from p2pllm.cli.dashboard import run_dashboard_inline
 

@@ -67,6 +67,7 @@ class Daemon:
         self._ready = asyncio.Event()
         self._server: asyncio.Server | None = None
         self.metrics_listener: Any = None  # httpd.MetricsListener with --metrics
+        self.api: Any = None  # api.ApiServer with --api
         self._local: LocalConnection | None = None
         self._running_jobs: dict[str, Any] = {}
         self.hosting = RoleHost(self, self._spawn)
@@ -139,6 +140,15 @@ class Daemon:
 
                 self.metrics_listener = MetricsListener(self.metrics_snapshot)
                 await self.metrics_listener.start(*where)
+            if (where := self.config.api_address()) is not None:
+                from p2pllm.daemon.api import ApiServer, served_models  # aiohttp only when asked
+
+                dirs = [d for d in (self.config.models_dir, *self.config.models_dirs) if d]
+                self.api = ApiServer(lambda: served_models(dirs), self.metrics_snapshot,
+                                     api_key=self.config.api_key(),
+                                     max_pending=self.config.api_max_pending,
+                                     quant=self.config.api_quant)
+                await self.api.start(*where)
             self._ready.set()
             await self._stop.wait()
         finally:
@@ -152,6 +162,9 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("shutting down %s", self.name)
+        if self.api is not None:  # first: in-flight API requests finish (drain), new ones 503
+            with contextlib.suppress(Exception):
+                await self.api.stop()
         for job_id in list(self._running_jobs):
             self.jobs.stop(job_id)
         await self.hosting.release_all("daemon shutting down")
@@ -199,6 +212,8 @@ class Daemon:
         snap = self.snapshot()
         _, free = memory_bytes()
         snap["node"] = {**snap["node"], "mem_free": free, "mem_used_by_roles": self.hosting.memory_used()}
+        if self.api is not None:
+            snap["api"] = self.api.metrics()
         return snap
 
     def caps_now(self) -> dict[str, Any]:

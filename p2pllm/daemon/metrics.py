@@ -44,7 +44,17 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "p2pllm_peer_sent_bytes_total": ("counter", "Bytes sent on a peer's link."),
     "p2pllm_received_bytes_total": ("counter", "Bytes received on all peer links."),
     "p2pllm_sent_bytes_total": ("counter", "Bytes sent on all peer links."),
+    "p2pllm_api_requests_total": ("counter", "OpenAI API requests answered, by endpoint, model and HTTP status (499: the client went away)."),
+    "p2pllm_api_prompt_tokens_total": ("counter", "Prompt tokens of the API's generations."),
+    "p2pllm_api_completion_tokens_total": ("counter", "Tokens the API's generations drew."),
+    "p2pllm_api_time_to_first_token_seconds": ("histogram", "Seconds from an API request's arrival to its first token."),
+    "p2pllm_api_inter_token_seconds": ("histogram", "Seconds between consecutive tokens of one API generation."),
+    "p2pllm_api_pending": ("gauge", "API requests admitted now (running or waiting for their model)."),
+    "p2pllm_api_running": ("gauge", "API generations computing now."),
+    "p2pllm_api_cancelled_total": ("counter", "API generations stopped because their client went away."),
+    "p2pllm_api_batch_size": ("gauge", "Sequences in a served model's last decode forward."),
 }
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 Sample = tuple[str, dict[str, str], float]
 
@@ -53,14 +63,57 @@ def render_metrics(snapshot: Mapping[str, Any]) -> str:
     """The snapshot as Prometheus text format 0.0.4 (HELP and TYPE for every family)."""
     samples: dict[str, list[tuple[dict[str, str], float]]] = {name: [] for name in FAMILIES}
     for name, labels, value in _samples(snapshot):
-        samples[name].append((labels, value))
+        samples[_family(name)].append((labels | {"__name__": name}, value))
     out: list[str] = []
-    for name, (typ, text) in FAMILIES.items():
-        out.append(f"# HELP {name} {text}")
-        out.append(f"# TYPE {name} {typ}")
-        for labels, value in samples[name]:
+    for family, (typ, text) in FAMILIES.items():
+        out.append(f"# HELP {family} {text}")
+        out.append(f"# TYPE {family} {typ}")
+        for labels, value in samples[family]:
+            name = labels.pop("__name__")
             out.append(f"{name}{_labels(labels)} {_value(value)}")
     return "\n".join(out) + "\n"
+
+
+def _family(name: str) -> str:
+    """The family a sample belongs to (a histogram's _bucket/_sum/_count are its family's)."""
+    if name in FAMILIES:
+        return name
+    for suffix in HISTOGRAM_SUFFIXES:
+        base = name.removesuffix(suffix)
+        if base != name and FAMILIES.get(base, ("",))[0] == "histogram":
+            return base
+    raise KeyError(name)
+
+
+def _api_samples(api: Mapping[str, Any]) -> Iterable[Sample]:
+    """The OpenAI API's figures (ApiServer.metrics() in daemon/api.py)."""
+    for r in api.get("requests") or ():
+        labels = {"endpoint": str(r.get("endpoint", "")), "model": str(r.get("model", "")),
+                  "status": str(r.get("status", ""))}
+        if (v := _num(r.get("count"))) is not None:
+            yield "p2pllm_api_requests_total", labels, v
+    for key, name in (("prompt_tokens", "p2pllm_api_prompt_tokens_total"),
+                      ("completion_tokens", "p2pllm_api_completion_tokens_total")):
+        for model, n in sorted((api.get(key) or {}).items()):
+            if (v := _num(n)) is not None:
+                yield name, {"model": str(model)}, v
+    for key, name in (("ttft", "p2pllm_api_time_to_first_token_seconds"),
+                      ("itl", "p2pllm_api_inter_token_seconds")):
+        for model, h in sorted((api.get(key) or {}).items()):
+            labels = {"model": str(model)}
+            for le, count in h.get("buckets") or ():
+                yield f"{name}_bucket", labels | {"le": _value(float(le))}, float(count)
+            yield f"{name}_bucket", labels | {"le": "+Inf"}, float(h.get("count", 0))
+            yield f"{name}_sum", labels, float(h.get("sum", 0.0))
+            yield f"{name}_count", labels, float(h.get("count", 0))
+    for key, name in (("pending", "p2pllm_api_pending"), ("running", "p2pllm_api_running"),
+                      ("cancelled", "p2pllm_api_cancelled_total")):
+        if (v := _num(api.get(key))) is not None:
+            yield name, {}, v
+    for model, m in sorted((api.get("models") or {}).items()):
+        for key, name in (("batch_size", "p2pllm_api_batch_size"),):
+            if (v := _num(m.get(key))) is not None:
+                yield name, {"model": str(model)}, v
 
 
 def _samples(snap: Mapping[str, Any]) -> Iterable[Sample]:
@@ -124,6 +177,8 @@ def _samples(snap: Mapping[str, Any]) -> Iterable[Sample]:
             yield "p2pllm_peer_sent_bytes_total", labels, b
     yield "p2pllm_received_bytes_total", {}, total_in
     yield "p2pllm_sent_bytes_total", {}, total_out
+    if isinstance(api := snap.get("api"), Mapping):
+        yield from _api_samples(api)
 
 
 def _num(v: Any) -> float | None:
