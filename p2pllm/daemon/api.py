@@ -332,8 +332,13 @@ class LocalModel:
 
     def __init__(self, name: str, path: Path, stats: ApiStats, quant: str = "auto") -> None:
         self.name, self.path, self.stats, self.quant = name, path, stats, quant
-        self.busy = 0  # generations of this model computing now (its batch: one at a time)
-        self.worker = RoleWorker(f"api-{name}")
+        self.busy = 0  # generations of this model computing now (batched together)
+        # prepare() runs on the RoleWorker; generate() waits on its own thread for the
+        # model's BatchEngine, whose one thread batches every request's tokens
+        self.worker: Any = _EngineWorker(RoleWorker(f"api-{name}"))
+        self.engine: Any = None
+        self._engine_lock = threading.Lock()
+        self.worker.on_close = self._stop_engine
         self.model: Any = None
         self.tokenizer: Any = None
         self._chat_ends: tuple[int, ...] = ()
@@ -391,7 +396,7 @@ class LocalModel:
                  cancel: threading.Event, emit: Callable[[str], None] | None) -> tuple[str, int, str]:
         """Generate on the worker; ``emit`` gets text pieces as they are final (text that may
         be the start of a stop string is held back). Returns (text, tokens, finish_reason)."""
-        from p2pllm.engine.generate import TextStream, continuation_text, generate_ids
+        from p2pllm.engine.generate import TextStream, continuation_text
         from p2pllm.engine.sampling import SamplingParams, make_generator
 
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
@@ -439,11 +444,18 @@ class LocalModel:
         self.stats.started()
         self.busy += 1
         try:
-            result = generate_ids(self.model, prep.prompt_ids, params, max_tokens,
-                                  stop_ids=prep.stop_ids, on_token=on_token,
-                                  generator=make_generator(req.seed))
-            finish = "stop" if result.stop_reason == "eos" else "length"
-            full = continuation_text(self.tokenizer, prep.prompt_ids, result.token_ids)
+            seq = self._batch_engine().submit(prep.prompt_ids, params, max_tokens,
+                                              stop_ids=prep.stop_ids, on_token=on_token,
+                                              generator=make_generator(req.seed))
+            while not seq.wait(0.05):
+                if cancel.is_set():
+                    seq.abort()  # frees its KV blocks now (or right after the running step)
+                    raise _Cancelled
+            token_ids = seq.result()  # raises what on_token raised (_StopString, _Cancelled)
+            if seq.stop_reason == "cancelled":
+                raise _Cancelled
+            finish = "stop" if seq.stop_reason == "eos" else "length"
+            full = continuation_text(self.tokenizer, prep.prompt_ids, token_ids)
             text = str(state["text"])
             advance(full if full.startswith(text) else text, final=True)
         except _StopString:
@@ -455,6 +467,54 @@ class LocalModel:
             self.busy -= 1
             self.stats.finished(self.name, len(prep.prompt_ids), len(ids), cancelled)
         return str(state["text"]), len(ids), finish
+
+    def _batch_engine(self) -> Any:
+        with self._engine_lock:
+            if self.engine is None:
+                from p2pllm.engine.scheduler import BatchEngine
+
+                self.engine = BatchEngine(self.model).start()
+            return self.engine
+
+    def _stop_engine(self) -> None:
+        with self._engine_lock:
+            if self.engine is not None:
+                self.engine.stop()  # running sequences end "cancelled"
+                self.engine = None
+
+    def engine_stats(self) -> dict[str, Any] | None:
+        """The batch engine's stats (running, waiting, blocks_used, blocks_total, last_batch,
+        preemptions, steps, tokens), or None before the first generation."""
+        eng = self.engine
+        return None if eng is None else dict(eng.stats().to_json())
+
+
+class _EngineWorker:
+    """The RoleWorker of a LocalModel, except that generate() runs on a thread of its own
+    (it only waits for the BatchEngine), so many requests batch together."""
+
+    def __init__(self, worker: RoleWorker) -> None:
+        self._w = worker
+        self.on_close: Callable[[], None] | None = None
+
+    async def run(self, fn: Callable[..., Any], /, *args: Any,
+                  cancel: threading.Event | None = None, **kw: Any) -> Any:
+        if getattr(fn, "__func__", None) is LocalModel.generate:
+            try:
+                return await asyncio.to_thread(fn, *args, **kw)
+            except asyncio.CancelledError:
+                if cancel is not None:
+                    cancel.set()
+                raise
+        return await self._w.run(fn, *args, cancel=cancel, **kw)
+
+    async def aclose(self) -> None:
+        await self._w.aclose()
+        if self.on_close is not None:
+            await asyncio.to_thread(self.on_close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._w, name)
 
 
 def stored_quant(path: Path) -> str:
