@@ -5,6 +5,9 @@ server-sent events ``data: {...}`` ending with ``data: [DONE]``, or one JSON bod
 /health, GET /metrics (:func:`~p2pllm.daemon.httpd.metrics_routes`: the daemon's metrics plus
 this API's request/token counters and TTFT / inter-token histograms).
 
+Size: over 400 lines because request validation (OpenAI's field rules and error shape), the
+local backend and the SSE streaming are one HTTP surface; the engine work is elsewhere.
+
 Server: aiohttp (see :mod:`.httpd` for why), on the daemon's own event loop, with the same
 header limits as the metrics listener and ``handler_cancellation``: a client that goes away
 cancels its handler, which cancels its generation (the token callback sees the worker item's
