@@ -613,8 +613,15 @@ class ApiServer:
     def metrics(self) -> dict[str, Any]:
         """What /metrics shows of the API (daemon/metrics.py renders it)."""
         snap = self.stats.snapshot()
-        snap["models"] = {name: {"batch_size": m.busy} for name, m in self.models.items()
-                          if m.model is not None}
+        models: dict[str, dict[str, Any]] = {}
+        for name, m in self.models.items():
+            st = m.engine_stats()
+            if st is not None:
+                models[name] = {"batch_size": st["last_batch"], "running": st["running"],
+                                "waiting": st["waiting"], "kv_blocks_used": st["blocks_used"],
+                                "kv_blocks_total": st["blocks_total"],
+                                "preemptions": st["preemptions"]}
+        snap["models"] = models
         return snap
 
     # -- plumbing ---------------------------------------------------------------------------

@@ -53,6 +53,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "p2pllm_api_running": ("gauge", "API generations computing now."),
     "p2pllm_api_cancelled_total": ("counter", "API generations stopped because their client went away."),
     "p2pllm_api_batch_size": ("gauge", "Sequences in a served model's last decode forward."),
+    "p2pllm_api_sequences": ("gauge", "A served model's sequences by state (running, waiting)."),
+    "p2pllm_api_kv_blocks_used": ("gauge", "KV cache blocks a served model's sequences hold now."),
+    "p2pllm_api_kv_blocks_total": ("gauge", "KV cache blocks of a served model's pool."),
+    "p2pllm_api_preemptions_total": ("counter", "Sequences a served model's scheduler preempted (blocks ran out)."),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -111,9 +115,15 @@ def _api_samples(api: Mapping[str, Any]) -> Iterable[Sample]:
         if (v := _num(api.get(key))) is not None:
             yield name, {}, v
     for model, m in sorted((api.get("models") or {}).items()):
-        for key, name in (("batch_size", "p2pllm_api_batch_size"),):
+        for key, name in (("batch_size", "p2pllm_api_batch_size"),
+                          ("kv_blocks_used", "p2pllm_api_kv_blocks_used"),
+                          ("kv_blocks_total", "p2pllm_api_kv_blocks_total"),
+                          ("preemptions", "p2pllm_api_preemptions_total")):
             if (v := _num(m.get(key))) is not None:
                 yield name, {"model": str(model)}, v
+        for state in ("running", "waiting"):
+            if (v := _num(m.get(state))) is not None:
+                yield "p2pllm_api_sequences", {"model": str(model), "state": state}, v
 
 
 def _samples(snap: Mapping[str, Any]) -> Iterable[Sample]:

@@ -224,6 +224,8 @@ def test_a_client_that_goes_away_stops_its_generation(server: Any) -> None:
         assert time.monotonic() < deadline, m
         time.sleep(0.1)
     assert m["p2pllm_api_running"] == 0 and m["p2pllm_api_pending"] == 0
+    assert m['p2pllm_api_kv_blocks_used{model="shakespeare"}'] == 0  # its blocks are free
+    assert m['p2pllm_api_kv_blocks_total{model="shakespeare"}'] > 0
     assert m['p2pllm_api_requests_total{endpoint="completions",model="shakespeare",status="499"}'] >= 1
 
 
