@@ -74,6 +74,24 @@ def continuation_text(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequen
     return str(tokenizer.decode(list(new_ids), skip_special_tokens=True))
 
 
+def generation_limits(config: Any, n_prompt: int, max_tokens: int,
+                      stop_ids: Iterable[int] | None) -> tuple[frozenset[int], int, int]:
+    """Check a generation request against the model and size it: (stop ids -- default the
+    config's EOS ids --, KV positions needed, tokens that may be drawn). Every generated
+    token but the last is fed back, so the cache holds positions [0, max_len); the budget
+    is max_tokens or what the model's maximum length leaves (then the stop is "length")."""
+    if n_prompt == 0:
+        raise ModelError("empty prompt")
+    if max_tokens < 1:
+        raise ModelError(f"max_tokens must be >= 1, got {max_tokens}")
+    limit = config.max_position_embeddings
+    if n_prompt > limit:
+        raise SequenceTooLongError(f"the prompt has {n_prompt} tokens; the model takes at most "
+                                   f"{limit}")
+    stops = frozenset(config.eos_token_ids if stop_ids is None else stop_ids)
+    return stops, min(n_prompt + max_tokens - 1, limit), min(max_tokens, limit - n_prompt + 1)
+
+
 def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
                  params: SamplingParams | None = None, max_tokens: int = 128, *,
                  stop_ids: Iterable[int] | None = None,
@@ -89,18 +107,7 @@ def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
             and model.end == model.config.num_layers):
         raise ModelError("local generation needs the whole model (embedding, all layers, head)")
     n_prompt = len(prompt_ids)
-    if n_prompt == 0:
-        raise ModelError("empty prompt")
-    if max_tokens < 1:
-        raise ModelError(f"max_tokens must be >= 1, got {max_tokens}")
-    limit = model.config.max_position_embeddings
-    if n_prompt > limit:
-        raise SequenceTooLongError(f"the prompt has {n_prompt} tokens; the model takes at most "
-                                   f"{limit}")
-    stops = frozenset(model.config.eos_token_ids if stop_ids is None else stop_ids)
-    # Every generated token but the last is fed back: positions [0, max_len).
-    max_len = min(n_prompt + max_tokens - 1, limit)
-    budget = min(max_tokens, limit - n_prompt + 1)
+    stops, max_len, budget = generation_limits(model.config, n_prompt, max_tokens, stop_ids)
     gen = generator if generator is not None else make_generator(params.seed)
     penalise = params.repetition_penalty != 1.0
     history = torch.empty(n_prompt + budget, dtype=torch.int64)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from p2pllm.engine.config import ModelConfig
-from p2pllm.engine.errors import CheckpointError, ModelError, SequenceTooLongError
+from p2pllm.engine.errors import CheckpointError, ModelError
 from p2pllm.engine.generate import GenerationResult
 from p2pllm.engine.gguf import find_gguf
 from p2pllm.engine.kv_cache import KVCache
@@ -297,23 +297,13 @@ def tp_generate(model: TPSlice, prompt_ids: Sequence[int], max_tokens: int = 128
     rank with the same arguments; every rank returns the same ids. Rank 0 picks each token
     (greedy, or sampled with ``params``) and broadcasts it. Stops at ``stop_ids`` (default:
     the config's EOS ids), ``max_tokens`` or the model's maximum length."""
-    from p2pllm.engine.generate import _argmax
+    from p2pllm.engine.generate import _argmax, generation_limits
 
     params = params or SamplingParams()
     if model.group is None:
         raise ModelError("this tensor-parallel slice has no process group")
     n_prompt = len(prompt_ids)
-    if n_prompt == 0:
-        raise ModelError("empty prompt")
-    if max_tokens < 1:
-        raise ModelError(f"max_tokens must be >= 1, got {max_tokens}")
-    limit = model.config.max_position_embeddings
-    if n_prompt > limit:
-        raise SequenceTooLongError(f"the prompt has {n_prompt} tokens; the model takes at most "
-                                   f"{limit}")
-    stops = frozenset(model.config.eos_token_ids if stop_ids is None else stop_ids)
-    max_len = min(n_prompt + max_tokens - 1, limit)
-    budget = min(max_tokens, limit - n_prompt + 1)
+    stops, max_len, budget = generation_limits(model.config, n_prompt, max_tokens, stop_ids)
     gen = generator if generator is not None else make_generator(params.seed)
     penalise = params.repetition_penalty != 1.0
     argmax = params.greedy and not penalise
