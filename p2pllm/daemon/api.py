@@ -335,13 +335,11 @@ class LocalModel:
 
     def __init__(self, name: str, path: Path, stats: ApiStats, quant: str = "auto") -> None:
         self.name, self.path, self.stats, self.quant = name, path, stats, quant
-        self.busy = 0  # generations of this model computing now (batched together)
         # prepare() runs on the RoleWorker; generate() waits on its own thread for the
         # model's BatchEngine, whose one thread batches every request's tokens
-        self.worker: Any = _EngineWorker(RoleWorker(f"api-{name}"))
+        self.worker = RoleWorker(f"api-{name}")
         self.engine: Any = None
         self._engine_lock = threading.Lock()
-        self.worker.on_close = self._stop_engine
         self.model: Any = None
         self.tokenizer: Any = None
         self._chat_ends: tuple[int, ...] = ()
@@ -445,7 +443,6 @@ class LocalModel:
         finish = "length"
         cancelled = False
         self.stats.started()
-        self.busy += 1
         try:
             seq = self._batch_engine().submit(prep.prompt_ids, params, max_tokens,
                                               stop_ids=prep.stop_ids, on_token=on_token,
@@ -467,9 +464,25 @@ class LocalModel:
             cancelled = True
             raise
         finally:
-            self.busy -= 1
             self.stats.finished(self.name, len(prep.prompt_ids), len(ids), cancelled)
         return str(state["text"]), len(ids), finish
+
+    async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
+                           t_start: float, cancel: threading.Event,
+                           emit: Callable[[str], None] | None) -> tuple[str, int, str]:
+        """generate() on a thread of its own (it only waits for the BatchEngine, so many
+        requests batch together); a cancelled await sets ``cancel``, which aborts it."""
+        try:
+            return await asyncio.to_thread(self.generate, req, prep, max_tokens, t_start,
+                                           cancel, emit)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the worker, then the batch engine (running sequences end "cancelled")."""
+        await self.worker.aclose()
+        await asyncio.to_thread(self._stop_engine)
 
     def _batch_engine(self) -> Any:
         with self._engine_lock:
@@ -490,34 +503,6 @@ class LocalModel:
         preemptions, steps, tokens), or None before the first generation."""
         eng = self.engine
         return None if eng is None else dict(eng.stats().to_json())
-
-
-class _EngineWorker:
-    """The RoleWorker of a LocalModel, except that generate() runs on a thread of its own
-    (it only waits for the BatchEngine), so many requests batch together."""
-
-    def __init__(self, worker: RoleWorker) -> None:
-        self._w = worker
-        self.on_close: Callable[[], None] | None = None
-
-    async def run(self, fn: Callable[..., Any], /, *args: Any,
-                  cancel: threading.Event | None = None, **kw: Any) -> Any:
-        if getattr(fn, "__func__", None) is LocalModel.generate:
-            try:
-                return await asyncio.to_thread(fn, *args, **kw)
-            except asyncio.CancelledError:
-                if cancel is not None:
-                    cancel.set()
-                raise
-        return await self._w.run(fn, *args, cancel=cancel, **kw)
-
-    async def aclose(self) -> None:
-        await self._w.aclose()
-        if self.on_close is not None:
-            await asyncio.to_thread(self.on_close)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._w, name)
 
 
 def stored_quant(path: Path) -> str:
@@ -608,7 +593,7 @@ class ApiServer:
         await self._runner.cleanup()
         for m in list(self.models.values()):
             with contextlib.suppress(Exception):
-                await m.worker.aclose()
+                await m.aclose()
 
     def metrics(self) -> dict[str, Any]:
         """What /metrics shows of the API (daemon/metrics.py renders it)."""
@@ -740,8 +725,8 @@ class ApiServer:
         rid = ("chatcmpl-" if req.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not req.stream:
-            text, n_gen, finish = await model.worker.run(
-                model.generate, req, prep, max_tokens, t_start, cancel, None, cancel=cancel)
+            text, n_gen, finish = await model.run_generate(req, prep, max_tokens, t_start,
+                                                           cancel, None)
             usage = _usage(n_prompt, n_gen)
             if req.endpoint == "chat":
                 choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant",
@@ -789,8 +774,8 @@ class ApiServer:
         await resp.prepare(request)
         if chat:
             await resp.write(chunk("", role=True))
-        gen = asyncio.ensure_future(model.worker.run(
-            model.generate, req, prep, max_tokens, t_start, cancel, emit, cancel=cancel))
+        gen = asyncio.ensure_future(model.run_generate(req, prep, max_tokens, t_start, cancel,
+                                                       emit))
         try:
             while True:
                 get = asyncio.ensure_future(pieces.get())
