@@ -95,6 +95,10 @@ class DaemonConfig:
     # weights of served models: "auto" = GGUF Q8_0/Q4_x blocks kept as stored (int8/int4),
     # float files as float32; or none/int8/int4 for every model
     api_quant: str = "auto"
+    # a serve config (configs/serve.yaml; p2pllm/daemon/serving.py): more served names, each a
+    # GENERATE job (spec, split, tp) this daemon coordinates; read by the Daemon, whose
+    # construction fails with ConfigError (p2pllmd exits 2) on a bad file
+    api_serve: str | None = None
     # Host the test-only echo role (p2pllmd --test-roles; tests turn it on). Off: ASSIGN echo
     # is an unknown role (issue 12, A).
     test_roles: bool = False

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-quant", choices=("auto", "none", "int8", "int4"),
                    help="weights of the models the API serves: auto (default) keeps a GGUF's "
                    "Q8_0/Q4 blocks as int8/int4 and loads float files as float32")
+    p.add_argument("--api-serve", metavar="FILE",
+                   help="a serve config (configs/serve.yaml): served names that run as spec, "
+                   "split or tp jobs this daemon coordinates")
     p.add_argument("--dashboard", action="store_const", const=True, help="show the live dashboard")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--print-port", action="store_true", help="print 'PORT <n>' on stdout once listening")

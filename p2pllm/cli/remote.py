@@ -13,15 +13,9 @@ import sys
 from typing import Any
 
 from p2pllm.cli.client import open_daemon, run_daemon_call
+from p2pllm.daemon.jobs import GENERATE_KEYS
 from p2pllm.daemon.modelrefs import cli_model_ref
 from p2pllm.wire.messages import MsgType
-
-GENERATE_KEYS = (
-    "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "quant", "draft_quant",
-    "draft_dtype", "max_tokens", "ignore_eos",
-    "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
-    "shards", "layers", "wire_dtype", "batch_decode", "keep_alive", "tp",
-)
 
 
 def generate_meta(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,14 +13,17 @@ header limits as the metrics listener and ``handler_cancellation``: a client tha
 cancels its handler, which cancels its generation (the token callback sees the worker item's
 cancel event and stops the decode loop at the next token).
 
-Backend (this part): the local engine. Every model in the daemon's models dirs, the pulled and
-the bundled models (:func:`~p2pllm.engine.loader.list_models`, top-level folders) is served by
-its folder name. A model loads on its first request and stays loaded; each loaded model has
-one :class:`~p2pllm.daemon.worker.RoleWorker` (its thread; tokenising, loading and every
-generation run there, in arrival order, one at a time, so nothing heavy runs on the loop).
-Messages go through the tokenizer's chat template (:func:`p2pllm.engine.chat.render`) and the
-reply ends at the template's end ids; a model without a template (the bundled shakespeare
-models) gets a plain ``role: content`` transcript ending in ``assistant:``.
+Backends. The local engine (:class:`LocalModel`): every model in the daemon's models dirs, the
+pulled and the bundled models (:func:`~p2pllm.engine.loader.list_models`, top-level folders)
+is served by its folder name; it loads on its first request and stays loaded, and its
+:class:`~p2pllm.engine.scheduler.BatchEngine` batches every request's tokens. The serve
+config's names (``--api-serve``, :mod:`.serving`; :class:`JobModel`): each request is one
+GENERATE job (spec, split, tp) this daemon coordinates on its in-process connection, as
+`p2pllm generate --mode ...` would. Both render prompts on the name's
+:class:`~p2pllm.daemon.worker.RoleWorker` thread: messages go through the tokenizer's chat
+template (:func:`p2pllm.engine.chat.render`) and the reply ends at the template's end ids; a
+model without a template (the bundled shakespeare models) gets a plain ``role: content``
+transcript ending in ``assistant:``. :class:`ReplyText` turns either's tokens into text.
 
 Requests: ``model``, ``messages`` / ``prompt``, ``max_tokens`` / ``max_completion_tokens``
 (default: the rest of the context), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string
@@ -43,7 +46,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,9 @@ from typing import Any
 from aiohttp import web
 
 from p2pllm.daemon.httpd import MAX_HEADERS, MAX_LINE, READ_TIMEOUT, Snapshot, metrics_routes
+from p2pllm.daemon.serving import ServedJob
 from p2pllm.daemon.worker import RoleWorker
+from p2pllm.wire.frame import Frame
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +325,7 @@ def _prompt(v: Any) -> str | list[int]:
                    code="missing_required_parameter" if v is None else "invalid_value")
 
 
-# -- the local engine backend -----------------------------------------------------------------
+# -- the backends -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -330,49 +335,96 @@ class Prepared:
     context: int
 
 
-class LocalModel:
-    """One model on the local engine: loaded on first use, on its own worker thread."""
+class ReplyText:
+    """The text of one reply as its tokens arrive, the same for every backend: pieces decoded
+    through a TextStream, cut at the first stop string, a tail that may begin one held back
+    until it cannot; ``emit`` gets each piece once it is final. Also times the tokens (TTFT,
+    inter-token latency) into the API's histograms."""
 
-    def __init__(self, name: str, path: Path, stats: ApiStats, quant: str = "auto") -> None:
-        self.name, self.path, self.stats, self.quant = name, path, stats, quant
-        # prepare() runs on the RoleWorker; generate() waits on its own thread for the
-        # model's BatchEngine, whose one thread batches every request's tokens
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stops: Sequence[str],
+                 emit: Callable[[str], None] | None, stats: ApiStats, model: str,
+                 t_start: float) -> None:
+        from p2pllm.engine.generate import TextStream
+
+        self.tokenizer, self.prompt_ids, self.stops, self.emit = tokenizer, prompt_ids, stops, emit
+        self.stream = TextStream(tokenizer, prompt_ids)
+        self.stats, self.model, self.last = stats, model, t_start
+        self.text = ""
+        self.sent = 0
+        self.tokens = 0  # drawn so far (usage.completion_tokens)
+
+    def push(self, token: int) -> bool:
+        """One more token; True when a stop string ended the reply there (text final)."""
+        now = time.perf_counter()
+        (self.stats.ttft if self.tokens == 0 else self.stats.itl).observe(self.model,
+                                                                          now - self.last)
+        self.last = now
+        self.tokens += 1
+        piece = self.stream.push(token)
+        return bool(piece) and self._advance(self.text + piece, final=False)
+
+    def finish(self, token_ids: list[int]) -> bool:
+        """Every token is in: the whole text, decoded at once, emitted to its end. True when a
+        stop string cut it."""
+        from p2pllm.engine.generate import continuation_text
+
+        full = continuation_text(self.tokenizer, self.prompt_ids, token_ids)
+        return self._advance(full if full.startswith(self.text) else self.text, final=True)
+
+    def _advance(self, text: str, final: bool) -> bool:
+        for s in self.stops:
+            i = text.find(s)
+            if i >= 0:
+                self.text = text[:i]
+                self._send(final=True)
+                return True
+        self.text = text
+        self._send(final=final)
+        return False
+
+    def _send(self, final: bool) -> None:
+        end = len(self.text) if final else len(self.text) - _held_back(self.text, self.stops)
+        if end > self.sent:
+            if self.emit is not None:
+                self.emit(self.text[self.sent:end])
+            self.sent = end
+
+
+class _Backend:
+    """What every served name has: a tokenizer (loaded on first use, on the name's worker
+    thread, which also renders the prompts) and the prompt's stop ids."""
+
+    kind = ""
+
+    def __init__(self, name: str, path: Path, stats: ApiStats) -> None:
+        self.name, self.path, self.stats = name, path, stats
         self.worker = RoleWorker(f"api-{name}")
-        self.engine: Any = None
-        self._engine_lock = threading.Lock()
-        self.model: Any = None
         self.tokenizer: Any = None
+        self.vocab = 0
+        self.context = 0
         self._chat_ends: tuple[int, ...] = ()
         self._plain_ends: tuple[int, ...] = ()
 
-    # worker thread only
-    def _load(self) -> None:
-        if self.model is not None:
-            return
-        import torch
+    def _load(self) -> None:  # worker thread: sets the tokenizer (and whatever else)
+        raise NotImplementedError
 
+    def _set_tokenizer(self, tokenizer: Any, eos: Sequence[int], vocab: int, context: int) -> None:
         from p2pllm.engine.chat import end_ids
-        from p2pllm.engine.loader import load_slice, load_tokenizer
 
-        t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(self.path)
-        self.model = load_slice(self.path, dtype=torch.float32,
-                                quant=stored_quant(self.path) if self.quant == "auto"
-                                else self.quant)
-        eos = tuple(self.model.config.eos_token_ids)
-        self._chat_ends = end_ids(self.tokenizer, eos)
+        self.tokenizer, self.vocab, self.context = tokenizer, vocab, context
+        self._chat_ends = end_ids(tokenizer, tuple(eos))
         plain = list(eos)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        tok_eos = getattr(tokenizer, "eos_token_id", None)
         if isinstance(tok_eos, int) and tok_eos not in plain:
             plain.append(tok_eos)
         self._plain_ends = tuple(plain)
-        log.info("api: loaded %s from %s in %.1f s", self.name, self.path, time.perf_counter() - t0)
 
     def prepare(self, req: GenRequest) -> Prepared:
         """Load (once) and tokenise; runs on the worker."""
         from p2pllm.engine.chat import has_chat_template, render
 
-        self._load()
+        if self.tokenizer is None:
+            self._load()
         tok = self.tokenizer
         if req.messages is not None:
             if has_chat_template(tok):
@@ -387,58 +439,69 @@ class LocalModel:
             ids = (list(tok(req.prompt)["input_ids"]) if isinstance(req.prompt, str)
                    else list(req.prompt))
             stops = self._plain_ends
-            vocab = self.model.config.vocab_size
-            if any(t >= vocab for t in ids):
-                raise ApiError(400, f"prompt token ids must be below the vocabulary size {vocab}",
-                               param="prompt", code="invalid_value")
-        return Prepared(ids, stops, int(self.model.config.max_position_embeddings))
+            if any(t >= self.vocab for t in ids):
+                raise ApiError(400, f"prompt token ids must be below the vocabulary size "
+                               f"{self.vocab}", param="prompt", code="invalid_value")
+        return Prepared(ids, stops, self.context)
+
+    async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
+                           t_start: float, cancel: threading.Event,
+                           emit: Callable[[str], None] | None) -> tuple[str, int, str]:
+        """Generate; ``emit`` gets text pieces as they are final. A cancelled await stops the
+        generation. Returns (text, tokens, finish_reason)."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self.worker.aclose()
+
+    def engine_stats(self) -> dict[str, Any] | None:
+        return None
+
+
+class LocalModel(_Backend):
+    """One model on the local engine: loaded on first use; its BatchEngine's one thread
+    batches every request's tokens."""
+
+    kind = "local"
+
+    def __init__(self, name: str, path: Path, stats: ApiStats, quant: str = "auto") -> None:
+        super().__init__(name, path, stats)
+        self.quant = quant
+        self.engine: Any = None
+        self._engine_lock = threading.Lock()
+        self.model: Any = None
+
+    # worker thread only
+    def _load(self) -> None:
+        import torch
+
+        from p2pllm.engine.loader import load_slice, load_tokenizer
+
+        t0 = time.perf_counter()
+        tokenizer = load_tokenizer(self.path)
+        self.model = load_slice(self.path, dtype=torch.float32,
+                                quant=stored_quant(self.path) if self.quant == "auto"
+                                else self.quant)
+        cfg = self.model.config
+        self._set_tokenizer(tokenizer, cfg.eos_token_ids, cfg.vocab_size,
+                            int(cfg.max_position_embeddings))
+        log.info("api: loaded %s from %s in %.1f s", self.name, self.path, time.perf_counter() - t0)
 
     def generate(self, req: GenRequest, prep: Prepared, max_tokens: int, t_start: float,
                  cancel: threading.Event, emit: Callable[[str], None] | None) -> tuple[str, int, str]:
-        """Generate on the worker; ``emit`` gets text pieces as they are final (text that may
-        be the start of a stop string is held back). Returns (text, tokens, finish_reason)."""
-        from p2pllm.engine.generate import TextStream, continuation_text
+        """Generate, waiting on this thread for the batch engine (text that may be the start
+        of a stop string is held back). Returns (text, tokens, finish_reason)."""
         from p2pllm.engine.sampling import SamplingParams, make_generator
 
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
-        stream = TextStream(self.tokenizer, prep.prompt_ids)
-        ids: list[int] = []
-        state: dict[str, Any] = {"text": "", "sent": 0, "last": t_start}
-        first = [True]
-
-        def advance(text: str, final: bool) -> None:
-            for s in req.stop:
-                i = text.find(s)
-                if i >= 0:
-                    state["text"] = text[:i]
-                    _send(final=True)
-                    raise _StopString
-            state["text"] = text
-            _send(final=final)
-
-        def _send(final: bool) -> None:
-            text = str(state["text"])
-            end = len(text) if final else len(text) - _held_back(text, req.stop)
-            sent = int(state["sent"])
-            if end > sent:
-                if emit is not None:
-                    emit(text[sent:end])
-                state["sent"] = end
+        reply = ReplyText(self.tokenizer, prep.prompt_ids, req.stop, emit, self.stats,
+                          self.name, t_start)
 
         def on_token(token: int) -> None:
             if cancel.is_set():
                 raise _Cancelled
-            now = time.perf_counter()
-            if first[0]:
-                self.stats.ttft.observe(self.name, now - t_start)
-                first[0] = False
-            else:
-                self.stats.itl.observe(self.name, now - float(state["last"]))
-            state["last"] = now
-            ids.append(token)
-            piece = stream.push(token)
-            if piece:
-                advance(str(state["text"]) + piece, final=False)
+            if reply.push(token):
+                raise _StopString
 
         finish = "length"
         cancelled = False
@@ -454,18 +517,16 @@ class LocalModel:
             token_ids = seq.result()  # raises what on_token raised (_StopString, _Cancelled)
             if seq.stop_reason == "cancelled":
                 raise _Cancelled
-            finish = "stop" if seq.stop_reason == "eos" else "length"
-            full = continuation_text(self.tokenizer, prep.prompt_ids, token_ids)
-            text = str(state["text"])
-            advance(full if full.startswith(text) else text, final=True)
+            cut = reply.finish(token_ids)
+            finish = "stop" if cut or seq.stop_reason == "eos" else "length"
         except _StopString:
             finish = "stop"
         except _Cancelled:
             cancelled = True
             raise
         finally:
-            self.stats.finished(self.name, len(prep.prompt_ids), len(ids), cancelled)
-        return str(state["text"]), len(ids), finish
+            self.stats.finished(self.name, len(prep.prompt_ids), reply.tokens, cancelled)
+        return reply.text, reply.tokens, finish
 
     async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
                            t_start: float, cancel: threading.Event,
@@ -505,6 +566,76 @@ class LocalModel:
         return None if eng is None else dict(eng.stats().to_json())
 
 
+StartJob = Callable[[dict[str, Any]], AsyncGenerator[Frame, None]]
+
+
+class JobModel(_Backend):
+    """A served name of the serve config (daemon/serving.py): each request is one GENERATE
+    job this daemon coordinates (``start_job``: its in-process connection's stream, the path
+    `p2pllm generate --mode ...` takes); the job's partials carry its tokens. Leaving the
+    stream early (a stop string, a client gone) cancels the job."""
+
+    def __init__(self, job: ServedJob, path: Path, stats: ApiStats, start_job: StartJob) -> None:
+        super().__init__(job.name, path, stats)
+        self.job, self.start_job = job, start_job
+        self.kind = job.mode
+
+    def _load(self) -> None:  # worker thread: the tokenizer and config only, no weights
+        from p2pllm.engine.loader import load_config, load_tokenizer
+
+        cfg = load_config(self.path)
+        self._set_tokenizer(load_tokenizer(self.path), cfg.eos_token_ids, cfg.vocab_size,
+                            int(cfg.max_position_embeddings))
+
+    async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
+                           t_start: float, cancel: threading.Event,
+                           emit: Callable[[str], None] | None) -> tuple[str, int, str]:
+        from p2pllm.wire.connection import ConnectionClosed, RemoteError
+
+        meta = self.job.meta(prep.prompt_ids, max_tokens, req.temperature, req.top_p, req.seed)
+        reply = ReplyText(self.tokenizer, prep.prompt_ids, req.stop, emit, self.stats,
+                          self.name, t_start)
+        finish = "length"
+        cancelled = False
+        self.stats.started()
+        try:
+            async with contextlib.aclosing(self.start_job(meta)) as frames:
+                async for frame in frames:
+                    if frame.is_partial:
+                        if any(reply.push(int(t)) for t in frame.meta.get("token_ids", ())):
+                            finish = "stop"  # leaving the stream cancels the job
+                            break
+                        continue
+                    cut = reply.finish([int(t) for t in frame.meta.get("token_ids", ())])
+                    if cut or frame.meta.get("stop_reason") == "eos":
+                        finish = "stop"
+        except RemoteError as e:
+            raise _job_error(self.job, e.code, e.message) from None
+        except ConnectionClosed as e:
+            raise _job_error(self.job, 0, str(e)) from None
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            self.stats.finished(self.name, len(prep.prompt_ids), reply.tokens, cancelled)
+        return reply.text, reply.tokens, finish
+
+
+def _job_error(job: ServedJob, code: int, message: str) -> ApiError:
+    """A failed job as an API error: a bad request stays the client's (400); a cluster that
+    cannot run it now is 503 (retry); anything else is this server's (500)."""
+    from p2pllm.wire.messages import ErrorCode
+
+    text = f"the {job.mode} job of {job.name!r} failed: {message}"
+    if code == ErrorCode.BAD_REQUEST:
+        return ApiError(400, text, code="invalid_value")
+    if code in (ErrorCode.REFUSED, ErrorCode.PEER_DOWN, ErrorCode.TIMEOUT, ErrorCode.OVER_LIMIT,
+                ErrorCode.SHUTTING_DOWN, 0):
+        return ApiError(503, text, type_="server_error", code="backend_unavailable",
+                        headers={"Retry-After": "5"})
+    return ApiError(500, text, type_="server_error", code="backend_error")
+
+
 def stored_quant(path: Path) -> str:
     """The weight mode that keeps a model's file as stored: a GGUF whose linears are Q4_x ->
     "int4", Q8_0 -> "int8"; anything else (float GGUF, safetensors) -> "none" (float32)."""
@@ -541,15 +672,23 @@ class ApiServer:
 
     def __init__(self, list_models: Callable[[], dict[str, Path]], snapshot: Snapshot,
                  api_key: str | None = None, max_pending: int = 64,
-                 quant: str = "auto") -> None:
+                 quant: str = "auto", jobs: Mapping[str, ServedJob] | None = None,
+                 start_job: StartJob | None = None) -> None:
+        """``jobs``: the serve config's names (daemon/serving.py), run through ``start_job``
+        (a GENERATE stream on the daemon's own connection); they shadow local models of the
+        same name."""
         self.list_models = list_models
+        self.jobs = dict(jobs or {})
+        self.start_job = start_job
+        if self.jobs and start_job is None:
+            raise ValueError("ApiServer: served jobs need start_job")
         self.quant = quant
         self.draining = False
         self._idle = asyncio.Event()  # set when the last admitted request ends
         self.api_key = api_key
         self.max_pending = max_pending
         self.stats = ApiStats()
-        self.models: dict[str, LocalModel] = {}
+        self.models: dict[str, _Backend] = {}
         self._known: dict[str, Path] = {}
         self.created = int(time.time())
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
@@ -636,18 +775,30 @@ class ApiServer:
         self._known = await asyncio.to_thread(self.list_models)
         return self._known
 
-    async def _model(self, name: str) -> LocalModel:
+    async def _model(self, name: str) -> _Backend:
         m = self.models.get(name)
         if m is not None:
             return m
-        known = self._known if name in self._known else await self._models()
-        path = known.get(name)
+        job = self.jobs.get(name)
+        want = job.model if job is not None else name
+        known = self._known if want in self._known else await self._models()
+        path = known.get(want)
+        if path is None and job is not None:
+            raise ApiError(500, f"the served name {name!r} runs {job.mode} jobs of the model "
+                           f"{job.model!r}, which is not in this daemon's models dirs (the API "
+                           "renders prompts with its tokenizer)", type_="server_error",
+                           code="model_not_found")
         if path is None:
             raise ApiError(404, f"the model {name!r} does not exist on this daemon (GET "
                            "/v1/models lists them)", param="model", code="model_not_found")
         m = self.models.get(name)  # another request may have made it meanwhile
         if m is None:
-            m = self.models[name] = LocalModel(name, path, self.stats, self.quant)
+            if job is not None:
+                assert self.start_job is not None
+                m = JobModel(job, path, self.stats, self.start_job)
+            else:
+                m = LocalModel(name, path, self.stats, self.quant)
+            self.models[name] = m
         return m
 
     # -- routes -----------------------------------------------------------------------------
@@ -658,8 +809,9 @@ class ApiServer:
 
     async def v1_models(self, request: web.Request) -> web.Response:
         models = await self._models()
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "p2pllm"}
-                for name in sorted(models)]
+        backends = {name: "local" for name in models} | {n: j.mode for n, j in self.jobs.items()}
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "p2pllm",
+                 "backend": backend} for name, backend in sorted(backends.items())]
         return web.json_response({"object": "list", "data": data})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -705,7 +857,7 @@ class ApiServer:
         finally:
             self.stats.request(endpoint, model_label, status)
 
-    async def _serve(self, request: web.Request, req: GenRequest, model: LocalModel,
+    async def _serve(self, request: web.Request, req: GenRequest, model: _Backend,
                      t_start: float) -> web.StreamResponse:
         from p2pllm.engine.errors import ModelError
 
@@ -741,7 +893,7 @@ class ApiServer:
         return await self._stream(request, req, model, prep, max_tokens, t_start, cancel, rid,
                                   created)
 
-    async def _stream(self, request: web.Request, req: GenRequest, model: LocalModel,
+    async def _stream(self, request: web.Request, req: GenRequest, model: _Backend,
                       prep: Prepared, max_tokens: int, t_start: float, cancel: threading.Event,
                       rid: str, created: int) -> web.StreamResponse:
         loop = asyncio.get_running_loop()

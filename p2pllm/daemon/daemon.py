@@ -25,7 +25,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 from p2pllm.config import DaemonConfig, parse_hostport
@@ -38,6 +38,7 @@ from p2pllm.daemon.hosting import RoleHost
 from p2pllm.daemon.jobctl import JobControl
 from p2pllm.daemon.jobs import JobHost, coordinator_registry
 from p2pllm.daemon.peers import PeerTable
+from p2pllm.daemon.serving import load_serve_config
 from p2pllm.daemon.status import StatusHandlers
 from p2pllm.daemon.weights import WeightsService
 from p2pllm.wire.connection import Connection, ConnectionClosed, Reply, Request, serve
@@ -68,6 +69,9 @@ class Daemon:
         self._server: asyncio.Server | None = None
         self.metrics_listener: Any = None  # httpd.MetricsListener with --metrics
         self.api: Any = None  # api.ApiServer with --api
+        # --api-serve: the served jobs (read now: a bad file is a ConfigError before starting)
+        self.api_jobs = load_serve_config(config.api_serve) \
+            if config.api_serve and config.api_address() is not None else {}
         self._local: LocalConnection | None = None
         self._running_jobs: dict[str, Any] = {}
         self.hosting = RoleHost(self, self._spawn)
@@ -147,7 +151,8 @@ class Daemon:
                 self.api = ApiServer(lambda: served_models(dirs), self.metrics_snapshot,
                                      api_key=self.config.api_key(),
                                      max_pending=self.config.api_max_pending,
-                                     quant=self.config.api_quant)
+                                     quant=self.config.api_quant, jobs=self.api_jobs,
+                                     start_job=self._api_job)
                 await self.api.start(*where)
             self._ready.set()
             await self._stop.wait()
@@ -251,6 +256,11 @@ class Daemon:
                  "throughput_mbps": mbps}
             )
         return out
+
+    def _api_job(self, meta: dict[str, Any]) -> AsyncGenerator[Frame, None]:
+        """A served name's job (daemon/api.py JobModel): GENERATE on the in-process
+        connection, as this host's operator (the API key is the API's gate)."""
+        return self.local_connection().stream(MsgType.GENERATE, meta)
 
     def local_connection(self) -> LocalConnection:
         """This node's in-process connection to itself (a new one if the last was closed)."""

@@ -173,6 +173,15 @@ class JobHost:
 
 
 Coordinator = Callable[[JobHost, Request], Awaitable[Reply]]
+# The fields of a GENERATE request besides its prompt (``prompt`` / ``prompt_ids``): what
+# `p2pllm generate` sends from its flags and a serve config may fix (daemon/serving.py); each
+# pillar's schema says which of them its mode takes.
+GENERATE_KEYS = (
+    "mode", "model", "draft_model", "draft_tokens", "adapter", "dtype", "quant", "draft_quant",
+    "draft_dtype", "max_tokens", "ignore_eos",
+    "temperature", "top_k", "top_p", "repetition_penalty", "seed", "verifier", "drafter",
+    "shards", "layers", "wire_dtype", "batch_decode", "keep_alive", "tp",
+)
 
 
 def coordinator_registry() -> dict[MsgType, Coordinator]:

@@ -41,7 +41,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -454,7 +454,7 @@ class Connection(FrameSink):
         payload: Sequence[Buffer] = (),
         *,
         idle_timeout: float | None = None,
-    ) -> AsyncIterator[Frame]:
+    ) -> AsyncGenerator[Frame, None]:
         """Send a request; yield its partial responses, then its final one (each frame's
         `sent_bytes` is the request's size on the wire)."""
         if self._is_closed:
