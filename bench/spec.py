@@ -341,6 +341,333 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
     return out
 
 
+
+# -- SmolLM2: a real model, its quantized copies as drafts, emulated links, llama.cpp ------------
+
+SMOL_GGUF = SHARED / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_NAME = "smollm2-135m-instruct"
+SMOL_PROMPT_IDS = [504, 3575, 282, 4649, 314]  # "The capital of France is" (no BOS, no template)
+SMOL_PROMPT = "The capital of France is"
+# our draft formats -> (GENERATE fields, llama.cpp's draft GGUF of the same weights)
+SMOL_DRAFTS: dict[str, tuple[dict[str, str], str]] = {
+    "int4": ({"draft_quant": "int4"}, "q4_1"),
+    "int8": ({"draft_quant": "int8"}, "q8_0"),
+    "bf16": ({"draft_dtype": "bfloat16"}, "bf16"),
+}
+SMOL_DEFAULT_CELLS = "int4@0,int8@0,bf16@0,int4@5,int4@20"
+
+
+def llamacpp_dir() -> Path:
+    return Path(os.environ.get("LLAMACPP_DIR", Path.home() / ".cache/p2pllm-peers/llama.cpp"))
+
+
+def parse_cells(text: str) -> list[tuple[str, float]]:
+    """``"int4@0,int8@0,int4@5"`` -> [("int4", 0.0), ("int8", 0.0), ("int4", 5.0)] (draft @ RTT
+    ms); a draft outside SMOL_DRAFTS is a ValueError."""
+    out: list[tuple[str, float]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        draft, sep, rtt = part.partition("@")
+        if draft not in SMOL_DRAFTS or not sep:
+            raise ValueError(f"cell {part!r}: expected DRAFT@RTT_MS, DRAFT in {sorted(SMOL_DRAFTS)}")
+        out.append((draft, float(rtt)))
+    return out
+
+
+def parse_llama_spec(text: str) -> dict[str, float]:
+    """The figures llama-speculative-simple prints at its end: decode speed (tokens/s), tokens
+    decoded and seconds, n_draft (window), n_predict, n_drafted, n_accept, accept (a fraction).
+    Missing lines are left out."""
+    import re
+
+    out: dict[str, float] = {}
+    m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", text)
+    if m:
+        out.update(decoded=int(m[1]), seconds=float(m[2]), tokens_per_s=float(m[3]))
+    for key in ("n_draft", "n_predict", "n_drafted", "n_accept"):
+        m = re.search(rf"\b{key}\s*=\s*(\d+)", text)
+        if m:
+            out[key] = int(m[1])
+    m = re.search(r"\baccept\s*=\s*([\d.]+)%", text)
+    if m:
+        out["accept"] = float(m[1]) / 100
+    return out
+
+
+def parse_llama_bench(text: str) -> float | None:
+    """The text-generation tokens/s (avg_ts of the n_gen > 0 row) of ``llama-bench -o json``."""
+    start = text.find("[")
+    if start < 0:
+        return None
+    try:
+        rows = json.loads(text[start:text.rfind("]") + 1])
+    except json.JSONDecodeError:
+        return None
+    for row in rows:
+        if row.get("n_gen", 0) > 0:
+            return float(row["avg_ts"])
+    return None
+
+
+def _pin(core: int) -> Any:
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def llama_run(exe: str, args: list[str], core: int, log: Path) -> str:
+    bin_dir = llamacpp_dir() / "bin"
+    env = {**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}
+    r = subprocess.run([str(bin_dir / exe), *args], capture_output=True, text=True, env=env,
+                       preexec_fn=_pin(core), timeout=300, stdin=subprocess.DEVNULL)
+    log.write_text(r.stdout + r.stderr)
+    return r.stdout + r.stderr
+
+
+def llama_plain(n: int, core: int, log: Path) -> float | None:
+    gguf = llamacpp_dir() / "models" / f"{SMOL_NAME}-f32.gguf"
+    text = llama_run("llama-bench", ["-m", str(gguf), "-p", "0", "-n", str(n), "-t", "1",
+                                     "-r", "1", "-o", "json"], core, log)
+    return parse_llama_bench(text)
+
+
+def llama_spec(draft: str, n: int, window: int, core: int, log: Path) -> dict[str, float]:
+    models = llamacpp_dir() / "models"
+    text = llama_run("llama-speculative-simple", [
+        "-m", str(models / f"{SMOL_NAME}-f32.gguf"),
+        "-md", str(models / f"{SMOL_NAME}-{SMOL_DRAFTS[draft][1]}.gguf"),
+        "--spec-type", "draft-simple", "-t", "1", "-td", "1", "--temp", "0", "-n", str(n),
+        "--ignore-eos", "--spec-draft-n-max", str(window), "--spec-draft-n-min", "0",
+        "-p", SMOL_PROMPT], core, log)
+    return parse_llama_spec(text)
+
+
+class Proxy:
+    """bench/linkproxy.py as a child process: listen on a free port, forward to ``target``."""
+
+    def __init__(self, target: str, rtt_ms: float, log: Path) -> None:
+        from p2pllm.lab.daemons import free_ports
+
+        self.port = free_ports(1)[0]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "linkproxy.py"), "--listen",
+             f"127.0.0.1:{self.port}", "--target", target, "--rtt-ms", str(rtt_ms)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while "linkproxy" not in Path(log).read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def smol_local(model: Any, n: int) -> dict[str, Any]:
+    r = generate_ids(model, SMOL_PROMPT_IDS, max_tokens=n, stop_ids=[])
+    return {"decode_tps": r.tokens_per_s, "ids": r.token_ids}
+
+
+def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
+    """Local float32 decode vs spec across two pinned daemons (a link proxy between them) vs
+    llama.cpp, on SmolLM2-135M-Instruct; one JSON object."""
+    if not SMOL_GGUF.exists():
+        raise SystemExit(f"missing {SMOL_GGUF}")
+    n, w = args.tokens, args.window
+    cells = parse_cells(args.cells) if args.cells else [
+        (d, float(r)) for r in args.rtt.split(",") for d in args.drafts.split(",")]
+    windows: list[Any] = [w, "auto"]
+    os.sched_setaffinity(0, {0})  # this process: the local decodes, on the drafter's core
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="spec-smol-"))
+    (tmp / "models" / SMOL_NAME).mkdir(parents=True)
+    (tmp / "models" / SMOL_NAME / SMOL_GGUF.name).symlink_to(SMOL_GGUF)
+    gguf_dir = tmp / "models" / SMOL_NAME
+    logs = tmp / "logs"
+    logs.mkdir()
+    t_start = time.monotonic()
+    load_start = os.getloadavg()
+    target = load_slice(gguf_dir, dtype=torch.float32, quant="none")
+    drafts_used = sorted({d for d, _ in cells})
+    # the draft's decode step over the target's (c), our engine, this process, core 0
+    c_of: dict[str, float] = {}
+    for d in drafts_used:
+        fields = SMOL_DRAFTS[d][0]
+        dm = load_slice(gguf_dir, dtype=getattr(torch, fields.get("draft_dtype", "float32")),
+                        quant=fields.get("draft_quant", "none"))
+        ratios = []
+        for _ in range(args.repeats):
+            t = smol_local(target, 32)["decode_tps"]
+            ratios.append(t / smol_local(dm, 32)["decode_tps"])
+        c_of[d] = statistics.median(ratios)
+        del dm
+    ref = smol_local(target, n)["ids"]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    local_rows: dict[float, list[float]] = {}
+    pair_ratio: dict[str, list[float]] = {}
+    from p2pllm.lab.daemons import StartedDaemon
+
+    # llama.cpp, same formats, one process, one thread on core 0: in the repeats of the first
+    # RTT group, beside our local decode (the daemons idle then), so ratios are per repeat
+    have_llama = (llamacpp_dir() / "bin" / "llama-speculative-simple").exists()
+    plain_runs: list[float] = []
+    spec_runs: dict[str, list[dict[str, float]]] = {}
+    ours_over_llama: dict[str, list[float]] = {}
+    first_rtt = min(r for _, r in cells)
+    verifier = StartedDaemon("verifier", 1, {1}, ["--models-dir", str(tmp / "models")], logs)
+    try:
+        verifier.wait()
+        for rtt in sorted({r for _, r in cells}):
+            group = [d for d, r in cells if r == rtt]
+            proxy = Proxy(verifier.address, rtt, logs / f"proxy-{rtt:g}.log")
+            drafter = StartedDaemon(f"drafter-{rtt:g}ms", 1, {0}, [
+                "--models-dir", str(tmp / "models"), "--peer", f"127.0.0.1:{proxy.port}"], logs)
+            try:
+                drafter.wait()
+                address = drafter.address
+                asyncio.run(_wait_up(address))
+                for d in group:  # warm up: loads of every draft format, the target
+                    _spec_pinned(address, 8, d, w, f"drafter-{rtt:g}ms")
+                for i in range(args.repeats):
+                    base = smol_local(target, n)
+                    local_rows.setdefault(rtt, []).append(base["decode_tps"])
+                    lspec: dict[str, dict[str, float]] = {}
+                    if have_llama and rtt == first_rtt:
+                        plain = llama_plain(n, 0, logs / f"llama-bench-{i}.log")
+                        plain_runs.append(plain or 0.0)
+                        for d in drafts_used:
+                            lr = llama_spec(d, n, w, 0, logs / f"llama-spec-{d}-{i}.log")
+                            if plain and lr.get("tokens_per_s"):
+                                lr["speedup"] = lr["tokens_per_s"] / plain
+                            spec_runs.setdefault(d, []).append(lr)
+                            lspec[d] = lr
+                    for d in group:
+                        for win in windows:
+                            key = f"spec_{d}_w{win}_rtt{rtt:g}"
+                            r = _spec_pinned(address, n, d, win, f"drafter-{rtt:g}ms")
+                            r["exact"] = r["token_ids"] == ref
+                            r["speedup"] = r["decode_tps"] / base["decode_tps"]
+                            rows.setdefault(key, []).append(r)
+                            pair_ratio.setdefault(key, []).append(r["speedup"])
+                            if lspec.get(d, {}).get("tokens_per_s"):
+                                ours_over_llama.setdefault(key, []).append(
+                                    r["decode_tps"] / lspec[d]["tokens_per_s"])
+                            print(json.dumps({"progress": key, "tps": round(r["decode_tps"], 2),
+                                              "speedup": round(r["speedup"], 3),
+                                              "exact": r["exact"]}), file=sys.stderr, flush=True)
+            finally:
+                drafter.stop()
+                proxy.stop()
+    finally:
+        verifier.stop()
+    llama: dict[str, Any] = {}
+    if have_llama:
+        llama["plain_tps"] = round(statistics.median(plain_runs), 2)
+        for d, rs in spec_runs.items():
+            ok = [r for r in rs if "tokens_per_s" in r]
+            if not ok:
+                llama[f"spec_{d}_w{w}"] = {"error": "no speed line; see logs", "logs": str(logs)}
+                continue
+            llama[f"spec_{d}_w{w}"] = {
+                "draft_gguf": SMOL_DRAFTS[d][1],
+                "tokens_per_s": round(median(ok, "tokens_per_s"), 2),
+                "speedup_vs_llama_plain": round(median(ok, "speedup"), 3) if all(
+                    "speedup" in r for r in ok) else None,
+                "accept": round(median(ok, "accept"), 4) if all("accept" in r for r in ok) else None,
+                # every round drafts n_draft tokens (--spec-draft-p-min 0)
+                "tokens_per_round": round(statistics.median(
+                    r["n_predict"] * r["n_draft"] / r["n_drafted"] for r in ok), 3)
+                if all(r.get("n_drafted") and "n_predict" in r and "n_draft" in r for r in ok)
+                else None,
+            }
+    # verify forward cost over a decode step, the target, this process
+    costs = forward_costs(gguf_dir, list(range(1, 10)))
+    local_tps = statistics.median(v for vs in local_rows.values() for v in vs)
+    out: dict[str, Any] = {
+        "model": f"{SMOL_NAME} (GGUF Q4_1 dequantized: target float32, quant none)",
+        "tokens": n, "repeats": args.repeats, "window": w,
+        "prompt_ids": SMOL_PROMPT_IDS,
+        "local_target_decode_tps": round(local_tps, 2),
+        "local_target_decode_tps_by_rtt_group": {
+            f"{k:g}": round(statistics.median(v), 2) for k, v in local_rows.items()},
+        "c_draft_over_target": {d: round(c, 4) for d, c in c_of.items()},
+        "verify_over_decode": {g: round(costs[g + 1] / costs[1], 3) for g in range(1, 9)},
+        "decode_ms": round(costs[1] * 1e3, 2),
+        "cells": {},
+        "llama_cpp": llama,
+    }
+    for key, rs in rows.items():
+        d = key.split("_")[1]
+        alpha = median(rs, "alpha")
+        gamma = median(rs, "mean_window")
+        g = max(1, round(gamma))
+        c = c_of[d]
+        theory = expected_speedup(min(alpha, 1.0), g, c)
+        t1 = g + 1 if g + 1 in costs else max(costs)
+        v = costs[t1] / costs[1]
+        theory_v = expected_tokens_per_round(min(alpha, 1.0), g) / (g * c + v)
+        measured = statistics.median(pair_ratio[key])
+        per_round = [(r["draft_s"] / max(r["rounds"], 1), r["verify_s"] / max(r["rounds"], 1))
+                     for r in rs]
+        out["cells"][key] = {
+            "decode_tps": round(median(rs, "decode_tps"), 2),
+            "speedup_vs_local": round(measured, 3),
+            "alpha": round(alpha, 4),
+            "acceptance_rate": round(median(rs, "acceptance_rate"), 4),
+            "gamma": round(gamma, 2),
+            "tokens_per_round": round(median(rs, "mean_tokens_per_round"), 3),
+            "draft_ms_per_round": round(1e3 * statistics.median(p[0] for p in per_round), 2),
+            "verify_ms_per_round": round(1e3 * statistics.median(p[1] for p in per_round), 2),
+            "network_ms_per_round": round(median(rs, "network_ms_per_round"), 2),
+            "wait_s": round(median(rs, "wait_s"), 4),
+            "lookahead": rs[0].get("lookahead"),
+            "lookahead_choice": rs[0].get("lookahead_choice"),
+            "overlap_share": round(statistics.median(
+                r.get("lookahead_hits", 0) / max(r["rounds"], 1) for r in rs), 3),
+            "speedup_theoretical": round(theory, 3),
+            "measured_over_theoretical": round(measured / theory, 3),
+            "verify_cost_in_steps": round(v, 3),
+            "speedup_theoretical_with_verify_cost": round(theory_v, 3),
+            "tps_over_llama_spec_same_draft": round(statistics.median(ours_over_llama[key]), 3)
+            if key in ours_over_llama else None,
+            "exact": all(r["exact"] for r in rs),
+            "rounds": median(rs, "rounds"),
+        }
+    out["all_exact"] = all(c["exact"] for c in out["cells"].values())
+    out["wall_s"] = round(time.monotonic() - t_start, 1)
+    out["loadavg_start"] = load_start
+    out["logs"] = str(logs)
+    return out
+
+
+async def _wait_up(address: str, timeout: float = 60) -> None:
+    conn = await open_daemon(address, None)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            snap = (await conn.request(MsgType.STATUS, {}, timeout=10)).meta
+            if any(p["state"] == "up" for p in snap["peers"]):
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError("the daemons did not link up")
+    finally:
+        conn.close()
+
+
+def _spec_pinned(address: str, n: int, draft: str, window: Any, drafter: str) -> dict[str, Any]:
+    """One greedy spec GENERATE through the daemon at ``address``, its roles pinned by node
+    name: the verifier on "verifier", the drafter on ``drafter`` (that daemon's --name)."""
+    meta = {"mode": "spec", "prompt": "", "prompt_ids": SMOL_PROMPT_IDS, "model": SMOL_NAME,
+            "draft_model": SMOL_NAME, "draft_tokens": window, "max_tokens": n, "temperature": 0.0,
+            "seed": 1, "quant": "none", "dtype": "float32", "ignore_eos": True,
+            "verifier": "verifier", "drafter": drafter, **SMOL_DRAFTS[draft][0]}
+    r = asyncio.run(stream_generate(address, None, meta, echo=False))
+    if "token_ids" not in r:
+        raise RuntimeError(f"spec run failed: {r}")
+    return {**r, "decode_tps": r["tokens_per_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128)
@@ -355,8 +682,27 @@ def main() -> None:
     ap.add_argument("--verify-cost", type=Path, default=None, metavar="MODEL",
                     help="only the verifier's forward over γ+1 tokens against one decode step "
                          "for γ = 1..8 on MODEL (issue 14 goal: <= 1.3x), as JSON")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="SmolLM2-135M-Instruct: float32 target vs its int4/int8/bf16 copies as "
+                         "drafts, two daemons pinned to cores 0/1 behind bench/linkproxy.py at "
+                         "--rtt, and llama.cpp's llama-speculative-simple on the same formats")
+    ap.add_argument("--rtt", default="0,5,20", help="--smollm2: emulated RTTs in ms (with --drafts)")
+    ap.add_argument("--drafts", default="int4,int8,bf16", help="--smollm2: draft formats")
+    ap.add_argument("--cells", default=None,
+                    help=f"--smollm2: DRAFT@RTT cells instead of --drafts x --rtt; 'reduced': "
+                         f"{SMOL_DEFAULT_CELLS}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smollm2:
+        if args.cells == "reduced":
+            args.cells = SMOL_DEFAULT_CELLS
+        res = bench_smollm2(args)
+        res["command"] = " ".join(["python", "bench/spec.py", *sys.argv[1:]])
+        res["loadavg_end"] = os.getloadavg()
+        res["machine"] = {"cpu": platform.processor() or platform.machine(),
+                          "cpus": os.cpu_count(), "torch": torch.__version__}
+        print(json.dumps(res, indent=2))
+        return
     if args.verify_cost is not None:
         print(json.dumps(verify_cost(args.verify_cost, args.repeats), indent=2))
         return
