@@ -1,4 +1,5 @@
-"""Local generation: prefill the prompt in one pass, then decode one token per step."""
+"""Local generation: one sequence on the batch scheduler (:mod:`.scheduler`, the API's too):
+the prompt in one pass, then one token per step."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from p2pllm.engine.errors import ModelError, SequenceTooLongError
 from p2pllm.engine.model import ModelSlice
-from p2pllm.engine.sampling import SamplingParams, make_generator, sample
+from p2pllm.engine.sampling import SamplingParams
 
 __all__ = ["GenerationResult", "TextStream", "generate", "generate_ids"]
 
@@ -106,52 +107,38 @@ def generate_ids(model: ModelSlice, prompt_ids: Sequence[int],
     if not (model.has_embed and model.has_head and model.start == 0
             and model.end == model.config.num_layers):
         raise ModelError("local generation needs the whole model (embedding, all layers, head)")
+    from p2pllm.engine.scheduler import Scheduler
+    from p2pllm.engine.scheduler import Sequence as Seq
+
     n_prompt = len(prompt_ids)
     stops, max_len, budget = generation_limits(model.config, n_prompt, max_tokens, stop_ids)
-    gen = generator if generator is not None else make_generator(params.seed)
-    penalise = params.repetition_penalty != 1.0
-    history = torch.empty(n_prompt + budget, dtype=torch.int64)
-    history[:n_prompt] = torch.tensor(list(prompt_ids), dtype=torch.int64)
-    out: list[int] = []
-    stop_reason = "max_tokens" if budget == max_tokens else "length"
+    # the batch scheduler with one sequence: a KV pool of exactly its positions, the whole
+    # prompt in one forward (chunks of it would round differently), then one token a step
+    sched = Scheduler(model, max_total_tokens=max_len, max_step_tokens=n_prompt)
+    times: list[float] = []
 
-    with torch.inference_mode():
-        cache = model.new_cache(1, max_len)
-        # 1. prefill: the whole prompt in one pass
-        t0 = time.perf_counter()
-        ids = history[:n_prompt].unsqueeze(0)
-        positions = torch.arange(n_prompt).unsqueeze(0)
-        logits = model(ids, positions, cache, last_only=True)[0, -1]
-        t_prefill = time.perf_counter()
-        argmax = params.greedy and not penalise  # sample() would give the same token
-        token = _argmax(logits) if argmax else sample(
-            logits, params, gen, history[:n_prompt] if penalise else None)[0]
-        t1 = time.perf_counter()
-        # 2. decode: one token per step, into preallocated (1, 1) inputs
-        tok_t = torch.empty(1, 1, dtype=torch.int64)
-        pos_t = torch.empty(1, 1, dtype=torch.int64)
-        while True:
-            out.append(token)
-            history[n_prompt + len(out) - 1] = token
-            if on_token is not None:
-                on_token(token)
-            if token in stops:
-                stop_reason = "eos"
-                break
-            if len(out) >= budget:
-                break
-            tok_t.fill_(token)
-            pos_t.fill_(n_prompt + len(out) - 1)
-            logits = model(tok_t, pos_t, cache, last_only=True)[0, -1]
-            token = _argmax(logits) if argmax else sample(
-                logits, params, gen, history[:n_prompt + len(out)] if penalise else None)[0]
-        t2 = time.perf_counter()
+    def drawn(token: int) -> None:
+        times.append(time.perf_counter())
+        if on_token is not None:
+            on_token(token)
 
+    seq = sched.add(Seq(prompt_ids, params, budget, stop_ids=stops, on_token=drawn,
+                        generator=generator))
+    t0 = time.perf_counter()
+    while sched.has_work():
+        sched.step()
+    t2 = time.perf_counter()
+    if seq.error is not None:
+        raise seq.error  # what on_token raised
+    out = seq.out
+    stop_reason = "eos" if seq.stop_reason == "eos" else (
+        "max_tokens" if budget == max_tokens else "length")
+    t1 = times[0] if times else t2
     decode_s = t2 - t1
     return GenerationResult(
         text="", prompt_tokens=n_prompt, generated_tokens=len(out), token_ids=out,
         seconds=t2 - t0, tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 else 0.0,
-        time_to_first_token_s=t1 - t0, stop_reason=stop_reason, prefill_s=t_prefill - t0)
+        time_to_first_token_s=t1 - t0, stop_reason=stop_reason, prefill_s=t1 - t0)
 
 
 def _argmax(logits: torch.Tensor) -> int:
