@@ -142,11 +142,17 @@ async def test_greedy_across_daemons_equals_the_target_alone(pair: Any, ctl: Any
         assert result["draft_tokens"] == window
         assert result["rounds"] == len(chunks)
         assert result["bytes_out"] > 0 and result["network_s"] >= 0
-        # the look-ahead: on when asked; by default off, both daemons sharing this machine
-        assert result["lookahead"] is (overlap is True)
+        # the look-ahead: on when asked; by default ("auto") chosen from the session's timings
+        if overlap is True:
+            assert result["lookahead"] is True and result["lookahead_choice"] == "forced"
+        else:
+            assert result["lookahead_choice"] in ("measured", "probing"), label
+            on, off = result["lookahead_on_ms_per_token"], result["lookahead_off_ms_per_token"]
+            if result["lookahead_choice"] == "measured":
+                assert result["lookahead_probes"] >= 1 and result["lookahead"] is (on < off)
         if draft == "twin":
             assert result["acceptance_rate"] == 1.0
-            assert (result["lookahead_hits"] > 0) is (overlap is True)
+            assert result["lookahead_hits"] > 0  # forced, or the probe's rounds with it on
         else:
             assert 0.0 <= result["acceptance_rate"] < 1.0
     # the jobs, their members and metrics in the coordinator's status
@@ -197,6 +203,8 @@ async def test_cli_generate_spec_json_and_one_node(daemons: Any, dirs: dict[str,
     result = json.loads(out.stdout)
     assert result["token_ids"] == ref.token_ids and result["text"] == ref.text
     assert result["verifier"] == result["drafter"] == "solo"
+    # one daemon holds both roles: no look-ahead, without measuring
+    assert (result["lookahead"], result["lookahead_choice"], result["lookaheads"]) == (False, "same-node", 0)
     assert set(RESULT_FIELDS) <= set(result)
     # a bad request is a clear error, and the daemon keeps serving
     bad = await asyncio.to_thread(

@@ -105,12 +105,3 @@ def test_role_restrictions() -> None:
     assert ids(rank_verifiers(nodes, "big")) == ["b"]
     with pytest.raises(PlanError, match="does not accept the verifier role"):
         rank_verifiers(nodes[:1], "big")
-
-
-def test_same_host_decides_the_default_look_ahead() -> None:
-    from p2pllm.pillars.speculative.roles import _same_host
-
-    nodes = {"a": {"address": "10.0.0.1:7411"}, "b": {"address": "10.0.0.1:7412"},
-             "c": {"address": "10.0.0.2:7411"}, "d": {}}
-    assert _same_host(nodes, "a", "a") and _same_host(nodes, "a", "b")
-    assert not _same_host(nodes, "a", "c") and not _same_host(nodes, "d", "c")

@@ -124,8 +124,8 @@ def local_target(models_dir: Path) -> ModelSlice:
 
 async def run_session(role: VerifierRole, draft: LoadedModel, *, prompt: tuple[int, ...] = PROMPT,
                       max_tokens: int = 40, params: SamplingParams | None = None, seed: int = 0,
-                      window: int | None = 4, overlap: bool = True,
-                      **extra: Any) -> tuple[list[int], SessionMetrics, list[list[int]]]:
+                      window: int | None = 4, overlap: bool | None = True,
+                      same_node: bool = False, **extra: Any) -> tuple[list[int], SessionMetrics, list[list[int]]]:
     chunks: list[list[int]] = []
 
     async def emit(tokens: list[int], m: SessionMetrics) -> None:
@@ -133,7 +133,7 @@ async def run_session(role: VerifierRole, draft: LoadedModel, *, prompt: tuple[i
 
     run = DraftRun(prompt=prompt, max_tokens=max_tokens, params=params or SamplingParams(),
                    seed=seed, window=window, verifier="verifier", overlap=overlap, **extra)
-    session = SpecSession(Loopback(role), role.ctx.job, draft, run, emit)
+    session = SpecSession(Loopback(role), role.ctx.job, draft, run, emit, same_node=same_node)
     metrics = await session.execute()
     return session.tokens, metrics, chunks
 
@@ -164,6 +164,33 @@ async def test_greedy_equals_the_target_alone(verifier: VerifierRole, draft_mode
         assert d["drafted"] == 0 and d["rounds"] == 40
     if overlap and draft == "target" and window:
         assert m.lookahead_hits > 0
+
+
+async def test_auto_look_ahead_is_measured_and_exact(verifier: VerifierRole,
+                                                     draft_models: dict[str, LoadedModel],
+                                                     local_target: ModelSlice) -> None:
+    """overlap "auto": the session probes both modes (lookahead.py) and keeps the faster; the
+    tokens are the target's whatever it picks. One node: off, without measuring."""
+    ref = generate_ids(local_target, PROMPT, max_tokens=60, stop_ids=[]).token_ids
+    tokens, m, _ = await run_session(verifier, draft_models["target"], window=3, overlap=None,
+                                     max_tokens=60)
+    assert tokens == ref
+    assert m.rounds == 15  # warm-up 1 + probe 8 + the rounds after: a decision was made
+    d = m.as_dict()
+    assert d["lookahead_choice"] == "measured" and d["lookahead_probes"] == 1
+    on, off = d["lookahead_on_ms_per_token"], d["lookahead_off_ms_per_token"]
+    assert on > 0 and off > 0 and d["lookahead"] is (on < off)
+    assert m.lookaheads >= 5 and m.lookahead_hits > 0  # the warm-up and the probe's on rounds
+    tokens, m, _ = await run_session(verifier, draft_models["target"], window=3, overlap=None,
+                                     max_tokens=60, same_node=True)
+    assert tokens == ref
+    d = m.as_dict()
+    assert (d["lookahead"], d["lookahead_choice"], m.lookaheads) == (False, "same-node", 0)
+    assert d["lookahead_on_ms_per_token"] is None
+    for forced in (True, False):  # the request wins, one node or not
+        _, m, _ = await run_session(verifier, draft_models["target"], window=3, overlap=forced,
+                                    max_tokens=20, same_node=True)
+        assert (m.lookahead_on, m.lookahead_choice, m.lookaheads > 0) == (forced, "forced", forced)
 
 
 async def test_greedy_with_repetition_penalty(verifier: VerifierRole, draft_models: dict[str, LoadedModel],

@@ -12,6 +12,9 @@ RoleWorker (FIFO, so a look-ahead and the draft after it never touch the cache a
    is already drafted and goes out at once; otherwise it is dropped (the draft KV rolls back to
    the committed tokens on the next draft) and a fresh window is drafted.
 
+Whether step 2 drafts ahead: as the request's ``overlap`` forces it; else off when one daemon
+holds both roles; else chosen from the session's own round timings (:mod:`.lookahead`).
+
 Randomness: the draft token at absolute position ``pos`` is drawn with a generator seeded from
 ``(seed, pos)``. A discarded look-ahead therefore changes no later draw (runs are reproducible
 from the seed whatever the timing), and each draw stays independent of everything the verifier
@@ -36,6 +39,7 @@ from p2pllm.daemon.worker import RoleWorker
 from p2pllm.engine.kv_cache import KVCache
 from p2pllm.engine.sampling import SamplingParams, distribution
 from p2pllm.pillars.speculative.acceptance import AdaptiveWindow, SparseDist, sample_sparse
+from p2pllm.pillars.speculative.lookahead import LookaheadProbe
 from p2pllm.pillars.speculative.messages import (
     DraftRun,
     OpenReply,
@@ -218,7 +222,12 @@ class SessionMetrics:
     accepted: int = 0
     rejections: int = 0  # rounds that ended on a rejected draft token
     generated: int = 0
-    lookahead_on: bool = True
+    lookahead_on: bool = True  # the mode in force (auto: the latest probe's choice)
+    lookahead_choice: str = "forced"  # "forced" (the request), "same-node", "measured",
+    # "probing" (auto, ended before a probe finished: lookahead_on from its figures so far)
+    lookahead_on_s_per_token: float | None = None  # auto: the probe's wall s per token, on
+    lookahead_off_s_per_token: float | None = None  # ... and off
+    lookahead_probes: int = 0  # auto: probes finished
     lookaheads: int = 0  # windows drafted ahead during a verification
     lookahead_hits: int = 0  # ... and sent as drafted
     wasted: int = 0  # drafted tokens thrown away (rejected look-aheads)
@@ -253,6 +262,10 @@ class SessionMetrics:
             "mean_tokens_per_round": self.generated / rounds,
             "mean_window": self.drafted / rounds,
             "lookahead": self.lookahead_on,
+            "lookahead_choice": self.lookahead_choice,
+            "lookahead_on_ms_per_token": _ms(self.lookahead_on_s_per_token),
+            "lookahead_off_ms_per_token": _ms(self.lookahead_off_s_per_token),
+            "lookahead_probes": self.lookahead_probes,
             "lookaheads": self.lookaheads,
             "lookahead_hits": self.lookahead_hits,
             "wasted_drafts": self.wasted,
@@ -273,6 +286,10 @@ class SessionMetrics:
         }
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 3)
+
+
 Emit = Callable[[list[int], SessionMetrics], Awaitable[None]]
 
 
@@ -280,10 +297,11 @@ class SpecSession:
     """One generation: open a verifier session, run the rounds, stream tokens, close."""
 
     def __init__(self, cluster: Any, job: str, loaded: LoadedModel, run: DraftRun,
-                 emit: Emit, peer_name: str = "", lookahead: bool | None = None,
+                 emit: Emit, peer_name: str = "", same_node: bool = False,
                  worker: RoleWorker | None = None) -> None:
         """``worker``: where the drafting runs (the drafter role's); without one, the session
-        makes its own and closes it when it ends."""
+        makes its own and closes it when it ends. ``same_node``: the verifier is this very
+        daemon (the look-ahead then stays off unless the request forces it)."""
         self.cluster = cluster
         self.job = job
         self.loaded = loaded
@@ -293,10 +311,18 @@ class SpecSession:
         self.metrics = SessionMetrics(window="auto" if run.window is None else run.window)
         self.session: int | None = None
         self.tokens: list[int] = []
-        # run.overlap decides; when it leaves it open ("auto"), the caller's default
-        self.lookahead = run.overlap if run.overlap is not None else (
-            True if lookahead is None else lookahead)
+        # the look-ahead: as the request forces it; else off when one daemon holds both roles
+        # (their passes share its cores); else chosen from this session's timings (lookahead.py)
+        self.probe: LookaheadProbe | None = None
+        if run.overlap is not None:
+            self.lookahead, choice = run.overlap, "forced"
+        elif same_node:
+            self.lookahead, choice = False, "same-node"
+        else:
+            self.probe = LookaheadProbe()
+            self.lookahead, choice = self.probe.on, "probing"
         self.metrics.lookahead_on = self.lookahead
+        self.metrics.lookahead_choice = choice
         self._own_worker = worker is None
         self.worker = RoleWorker(f"draft:{job}"[:64]) if worker is None else worker
 
@@ -389,8 +415,14 @@ class SpecSession:
             return produced < run.max_tokens and start <= limit
 
         draft = await self._draft(state, committed, size(len(committed), 0, policy))
+        last: tuple[float, int] | None = None  # the previous round: when it began, its tokens
         while True:
             start = len(committed)
+            began = time.perf_counter()
+            if last is not None and self.probe is not None:
+                # a round's wall time runs from its window sent to the next one sent: the
+                # look-ahead's gain (a next window ready) or cost (slower passes) falls in it
+                self._probed(began - last[0], last[1])
             gamma = len(draft.tokens)
             window = VerifyWindow(self.session or 0, start, tuple(draft.tokens),
                                   None if draft.q is None else tuple(draft.q))
@@ -434,6 +466,7 @@ class SpecSession:
                 if policy is not None:
                     policy.update(gamma, n, cost_ratio=self._cost_ratio())
             new = [*draft.tokens[:n], bonus]
+            last = (began, len(new))
             committed.extend(new)
             taken, done = self._take(new, stops)
             if m.rounds == 1:
@@ -458,6 +491,20 @@ class SpecSession:
                     continue
                 m.wasted += len(pre.tokens)
             draft = await self._draft(state, committed, size(len(committed), len(self.tokens), policy))
+
+    def _probed(self, seconds: float, tokens: int) -> None:
+        """Feed the look-ahead probe one round; the mode for the next one, into the metrics."""
+        probe, m = self.probe, self.metrics
+        assert probe is not None
+        probe.record(seconds, tokens)
+        self.lookahead = probe.on
+        best = probe.best()
+        if best is not None:
+            m.lookahead_on = best.on
+            m.lookahead_on_s_per_token = best.on_s_per_token
+            m.lookahead_off_s_per_token = best.off_s_per_token
+        m.lookahead_probes = probe.decisions
+        m.lookahead_choice = "measured" if probe.decisions else "probing"
 
     def _take(self, new: list[int], stops: set[int]) -> tuple[list[int], bool]:
         """Append ``new`` to the output up to a stop token or the budget; True when done."""

@@ -349,8 +349,8 @@ class DraftRun:
     stop: tuple[int, ...] = ()  # extra stop ids (the verifier adds the target's EOS)
     q_top_k: int = 256  # most entries of q sent per position in sampling mode (0 = no cap)
     q_mass: float = 0.999  # ... and no more than it takes to cover this much probability
-    overlap: bool | None = None  # look ahead while a window is verified; None: unless the
-    # verifier shares this host (then both compete for its cores: measured in bench/spec.py)
+    overlap: bool | None = None  # look ahead while a window is verified; None: the drafter
+    # chooses (off when it is the verifier's daemon, else measured: lookahead.py)
     min_window: int = 1
     max_window: int = 16
     ignore_eos: bool = False  # no end id stops the session (neither the target's nor stop)

@@ -88,15 +88,6 @@ def _refuse_model(config: DaemonConfig, caps: Mapping[str, Any], params: Mapping
     return None
 
 
-def _same_host(nodes: Mapping[str, Mapping[str, Any]], a: str, b: str) -> bool:
-    """Whether two nodes share a machine (one node, or one address host): their forward
-    passes then compete for the same cores, and drafting ahead slows the verifier down."""
-    if a == b:
-        return True
-    hosts = [str(nodes.get(n, {}).get("address", "")).rpartition(":")[0] for n in (a, b)]
-    return bool(hosts[0]) and hosts[0] == hosts[1]
-
-
 class _ModelRole(Role):
     """What both roles share: the model they load, its description, throttled reports."""
 
@@ -280,7 +271,7 @@ class DrafterRole(_ModelRole):
             self._report()
 
         session = SpecSession(self.ctx.cluster, self.ctx.job, self.loaded, run, emit, peer,
-                              lookahead=not _same_host(nodes, self.ctx.node_id, run.verifier),
+                              same_node=run.verifier == self.ctx.node_id,
                               worker=self.worker)
         self.current = session.metrics
         self.runs += 1
