@@ -27,6 +27,24 @@ bench/engine.py) with the same weights in bfloat16 as the draft (``--all`` adds 
 layers + final norm + head as a second draft: α ≈ 0.05 for random weights); (b)
 tinystories-656k (trained) with its first layer + final norm + head; (c) the bundled
 shakespeare pair when present.
+
+``--smollm2`` (issue 14) instead: SmolLM2-135M-Instruct (the shared Q4_1 GGUF, as a float32
+target, quant none) against its own int4 / int8 (``draft_quant``) and bfloat16
+(``draft_dtype``) copies as drafts, greedy, ``--ignore-eos``-style ``max_tokens``, prompt "The
+capital of France is"::
+
+    python bench/spec.py --smollm2 [--tokens 96] [--repeats 2] [--window 4]
+        [--rtt 0,5,20] [--drafts int4,int8,bf16] | [--cells reduced | int4@0,int8@0,int4@20]
+
+Local float32 decode in this process (pinned to core 0, one thread) vs spec with the verifier
+daemon on core 1 and a drafter daemon on core 0 (``--threads 1`` each) whose only peer is a
+bench/linkproxy.py child at the cell's RTT in front of the verifier; windows ``--window`` and
+"auto"; llama.cpp's llama-speculative-simple (f32 target, q4_1 / q8_0 / bf16 draft GGUFs,
+``-t 1``, ``--temp 0``, ``--spec-draft-n-max`` = ``--window``) and ``llama-bench -n`` (plain)
+in the repeats of the first RTT group. Every ratio is taken within one repeat. Per cell:
+tokens/s, speedup, α, γ, tokens / draft ms / verify ms / network ms per round, overlap share
+(look-ahead hits per round), Leviathan's theory (with c measured here, and with the measured
+verify cost), and ``exact`` (the tokens equal local greedy).
 """
 
 from __future__ import annotations
@@ -206,7 +224,7 @@ def run_spec(address: str, pair: dict[str, Any], n: int, window: Any, temperatur
     meta = {"mode": "spec", "prompt": "", "prompt_ids": PROMPT_IDS, "model": pair["target"],
             "draft_model": pair["draft"], "draft_tokens": window, "max_tokens": n,
             "temperature": temperature, "seed": 1, "draft_dtype": pair.get("draft_dtype", "float32"),
-            "overlap": overlap}
+            "overlap": overlap, "verifier": "verifier", "drafter": "drafter"}
     r = asyncio.run(stream_generate(address, None, meta, echo=False))
     return {**r, "e2e_tps": r["generated_tokens"] / r["seconds"], "decode_tps": r["tokens_per_s"]}
 
@@ -253,11 +271,15 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
         f"spec_w{w}": (w, "auto"), f"spec_w{w}_lookahead": (w, True), "spec_auto": ("auto", "auto")}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (
         "target_only", "draft_only", *spec_variants, "hf_target_only", "hf_assisted")}
-    verifier = Daemon("verifier", ["--models-dir", str(dirs["target"])], logs / "verifier.log", threads)
+    # a daemon refuses a link under its roots that points outside them: the folders the links
+    # point into are roots too (the roles are pinned by name in run_spec)
+    roots = [a for r in (work / "models", SHARED) if r.exists() for a in ("--models-dir", str(r))]
+    verifier = Daemon("verifier", ["--models-dir", str(dirs["target"]), *roots],
+                      logs / "verifier.log", threads)
     drafter = None
     try:
-        drafter = Daemon("drafter", ["--models-dir", str(dirs["draft"]), "--peer", verifier.address],
-                         logs / "drafter.log", threads)
+        drafter = Daemon("drafter", ["--models-dir", str(dirs["draft"]), *roots, "--peer",
+                                     verifier.address], logs / "drafter.log", threads)
         asyncio.run(wait_linked(drafter))
         run_spec(drafter.address, pair, 8, 4)  # warm up: imports, first loads
         # interleaved; every ratio is taken within one repeat (this machine's load drifts)
