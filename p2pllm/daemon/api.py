@@ -10,8 +10,8 @@ local backend and the SSE streaming are one HTTP surface; the engine work is els
 
 Server: aiohttp (see :mod:`.httpd` for why), on the daemon's own event loop, with the same
 header limits as the metrics listener and ``handler_cancellation``: a client that goes away
-cancels its handler, which cancels its generation (the token callback sees the worker item's
-cancel event and stops the decode loop at the next token).
+cancels its handler, which cancels its generation (a local sequence is aborted and its KV
+blocks freed; a job's stream is left, which cancels the job).
 
 Backends. The local engine (:class:`LocalModel`): every model in the daemon's models dirs, the
 pulled and the bundled models (:func:`~p2pllm.engine.loader.list_models`, top-level folders)
@@ -90,10 +90,6 @@ class ApiError(Exception):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
         return web.json_response(body, status=self.status, headers=self.headers)
-
-
-class _Cancelled(Exception):
-    """The client went away: the token callback stops the decode loop."""
 
 
 class _StopString(Exception):
@@ -445,8 +441,8 @@ class _Backend:
         return Prepared(ids, stops, self.context)
 
     async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
-                           t_start: float, cancel: threading.Event,
-                           emit: Callable[[str], None] | None) -> tuple[str, int, str]:
+                           t_start: float, emit: Callable[[str], None] | None
+                           ) -> tuple[str, int, str]:
         """Generate; ``emit`` gets text pieces as they are final. A cancelled await stops the
         generation. Returns (text, tokens, finish_reason)."""
         raise NotImplementedError
@@ -487,58 +483,57 @@ class LocalModel(_Backend):
                             int(cfg.max_position_embeddings))
         log.info("api: loaded %s from %s in %.1f s", self.name, self.path, time.perf_counter() - t0)
 
-    def generate(self, req: GenRequest, prep: Prepared, max_tokens: int, t_start: float,
-                 cancel: threading.Event, emit: Callable[[str], None] | None) -> tuple[str, int, str]:
-        """Generate, waiting on this thread for the batch engine (text that may be the start
-        of a stop string is held back). Returns (text, tokens, finish_reason)."""
+    async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
+                           t_start: float, emit: Callable[[str], None] | None
+                           ) -> tuple[str, int, str]:
+        """One sequence on the batch engine, awaited on the loop (no thread waits for it, so
+        every admitted request can be in the batch): the tokens reach ``reply`` on the
+        engine's thread; a cancelled await aborts the sequence (its KV blocks free now, or
+        right after the running step)."""
         from p2pllm.engine.sampling import SamplingParams, make_generator
+        from p2pllm.engine.scheduler import Sequence
 
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
         reply = ReplyText(self.tokenizer, prep.prompt_ids, req.stop, emit, self.stats,
                           self.name, t_start)
 
-        def on_token(token: int) -> None:
-            if cancel.is_set():
-                raise _Cancelled
+        def on_token(token: int) -> None:  # the engine's thread
             if reply.push(token):
                 raise _StopString
 
+        def wake() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        def on_done() -> None:  # the engine's thread
+            loop.call_soon_threadsafe(wake)
+
+        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        seq = Sequence(prep.prompt_ids, params, max_tokens, stop_ids=prep.stop_ids,
+                       on_token=on_token, generator=make_generator(req.seed), on_done=on_done)
         finish = "length"
         cancelled = False
         self.stats.started()
         try:
-            seq = self._batch_engine().submit(prep.prompt_ids, params, max_tokens,
-                                              stop_ids=prep.stop_ids, on_token=on_token,
-                                              generator=make_generator(req.seed))
-            while not seq.wait(0.05):
-                if cancel.is_set():
-                    seq.abort()  # frees its KV blocks now (or right after the running step)
-                    raise _Cancelled
-            token_ids = seq.result()  # raises what on_token raised (_StopString, _Cancelled)
-            if seq.stop_reason == "cancelled":
-                raise _Cancelled
+            # add() waits while a step runs: on a thread, not the loop
+            await asyncio.to_thread(lambda: self._batch_engine().add(seq))
+            await ended
+            token_ids = seq.result(0)  # raises what on_token raised (_StopString)
+            if seq.stop_reason == "cancelled":  # the engine stopped (the daemon is closing)
+                raise ApiError(503, "this daemon is shutting down", type_="server_error",
+                               code="shutting_down")
             cut = reply.finish(token_ids)
             finish = "stop" if cut or seq.stop_reason == "eos" else "length"
         except _StopString:
             finish = "stop"
-        except _Cancelled:
+        except asyncio.CancelledError:
             cancelled = True
+            seq.abort()
             raise
         finally:
             self.stats.finished(self.name, len(prep.prompt_ids), reply.tokens, cancelled)
         return reply.text, reply.tokens, finish
-
-    async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
-                           t_start: float, cancel: threading.Event,
-                           emit: Callable[[str], None] | None) -> tuple[str, int, str]:
-        """generate() on a thread of its own (it only waits for the BatchEngine, so many
-        requests batch together); a cancelled await sets ``cancel``, which aborts it."""
-        try:
-            return await asyncio.to_thread(self.generate, req, prep, max_tokens, t_start,
-                                           cancel, emit)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
 
     async def aclose(self) -> None:
         """Stop the worker, then the batch engine (running sequences end "cancelled")."""
@@ -588,8 +583,8 @@ class JobModel(_Backend):
                             int(cfg.max_position_embeddings))
 
     async def run_generate(self, req: GenRequest, prep: Prepared, max_tokens: int,
-                           t_start: float, cancel: threading.Event,
-                           emit: Callable[[str], None] | None) -> tuple[str, int, str]:
+                           t_start: float, emit: Callable[[str], None] | None
+                           ) -> tuple[str, int, str]:
         from p2pllm.wire.connection import ConnectionClosed, RemoteError
 
         meta = self.job.meta(prep.prompt_ids, max_tokens, req.temperature, req.top_p, req.seed)
@@ -873,12 +868,11 @@ class ApiServer:
                            f"prompt has {n_prompt} tokens and {max_tokens} were asked for "
                            "(max_tokens)", param="messages" if req.messages is not None
                            else "prompt", code="context_length_exceeded")
-        cancel = threading.Event()
         rid = ("chatcmpl-" if req.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not req.stream:
             text, n_gen, finish = await model.run_generate(req, prep, max_tokens, t_start,
-                                                           cancel, None)
+                                                           None)
             usage = _usage(n_prompt, n_gen)
             if req.endpoint == "chat":
                 choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant",
@@ -890,11 +884,11 @@ class ApiServer:
                 obj = "text_completion"
             return web.json_response({"id": rid, "object": obj, "created": created,
                                       "model": req.model, "choices": [choice], "usage": usage})
-        return await self._stream(request, req, model, prep, max_tokens, t_start, cancel, rid,
+        return await self._stream(request, req, model, prep, max_tokens, t_start, rid,
                                   created)
 
     async def _stream(self, request: web.Request, req: GenRequest, model: _Backend,
-                      prep: Prepared, max_tokens: int, t_start: float, cancel: threading.Event,
+                      prep: Prepared, max_tokens: int, t_start: float,
                       rid: str, created: int) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
@@ -926,7 +920,7 @@ class ApiServer:
         await resp.prepare(request)
         if chat:
             await resp.write(chunk("", role=True))
-        gen = asyncio.ensure_future(model.run_generate(req, prep, max_tokens, t_start, cancel,
+        gen = asyncio.ensure_future(model.run_generate(req, prep, max_tokens, t_start,
                                                        emit))
         try:
             while True:
@@ -942,7 +936,7 @@ class ApiServer:
                 await resp.write(chunk(pieces.get_nowait()))
         except BaseException:
             if not gen.done():
-                gen.cancel()  # sets `cancel`: the decode loop stops at its next token
+                gen.cancel()  # aborts the sequence (or leaves the job's stream: cancels it)
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(gen)
             raise

@@ -24,6 +24,7 @@ sequence alone (same stop ids, max_tokens and length limits), up to float ulps o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -50,7 +51,10 @@ class Sequence:
     def __init__(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
                  max_tokens: int = 128, *, stop_ids: Iterable[int] | None = None,
                  on_token: Callable[[int], None] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 on_done: Callable[[], None] | None = None) -> None:
+        """``on_token(id)`` runs on the stepping thread as each token is drawn (an exception
+        there ends the sequence with it); ``on_done()`` there once it ends, however."""
         self.id = next(Sequence._ids)
         self.prompt = list(prompt_ids)
         if not self.prompt:
@@ -61,6 +65,7 @@ class Sequence:
         self.max_tokens = max_tokens
         self.stop_ids: frozenset[int] | None = None if stop_ids is None else frozenset(stop_ids)
         self.on_token = on_token
+        self.on_done = on_done
         self.generator = generator if generator is not None else make_generator(self.params.seed)
         self.out: list[int] = []
         self.row: int | None = None
@@ -311,6 +316,9 @@ class Scheduler:
         self._release(s)
         s.stop_reason = reason
         s._done.set()
+        if s.on_done is not None:
+            with contextlib.suppress(Exception):  # a waiter's problem, not the batch's
+                s.on_done()
 
     def _fail(self, s: Sequence, e: BaseException) -> None:
         s.error = e
@@ -365,7 +373,11 @@ class BatchEngine:
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
                max_tokens: int = 128, **kw: Any) -> Sequence:
-        seq = Sequence(prompt_ids, params, max_tokens, **kw)
+        return self.add(Sequence(prompt_ids, params, max_tokens, **kw))
+
+    def add(self, seq: Sequence) -> Sequence:
+        """Queue a sequence made by the caller (who may abort it before this returns: it is
+        then dropped at the next step). Waits while a step runs (the scheduler's lock)."""
         self.scheduler.add(seq)
         with self._cond:
             self._cond.notify_all()
