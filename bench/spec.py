@@ -166,8 +166,9 @@ class Daemon:
         self.log.close()
 
 
-async def wait_linked(a: Daemon, timeout: float = 60) -> None:
-    conn = await open_daemon(a.address, None)
+async def wait_linked(address: str, timeout: float = 60) -> None:
+    """Until the daemon at ``address`` has a peer up."""
+    conn = await open_daemon(address, None)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -280,7 +281,7 @@ def bench_pair(work: Path, pair: dict[str, Any], args: argparse.Namespace) -> di
     try:
         drafter = Daemon("drafter", ["--models-dir", str(dirs["draft"]), *roots, "--peer",
                                      verifier.address], logs / "drafter.log", threads)
-        asyncio.run(wait_linked(drafter))
+        asyncio.run(wait_linked(drafter.address))
         run_spec(drafter.address, pair, 8, 4)  # warm up: imports, first loads
         # interleaved; every ratio is taken within one repeat (this machine's load drifts)
         for _ in range(args.repeats):
@@ -494,8 +495,11 @@ def smol_local(model: Any, n: int) -> dict[str, Any]:
 def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     """Local float32 decode vs spec across two pinned daemons (a link proxy between them) vs
     llama.cpp, on SmolLM2-135M-Instruct; one JSON object."""
-    if not SMOL_GGUF.exists():
-        raise SystemExit(f"missing {SMOL_GGUF}")
+    source = SMOL_GGUF if args.target_gguf is None else (
+        llamacpp_dir() / "models" / f"{SMOL_NAME}-f32.gguf" if args.target_gguf == "f32"
+        else Path(args.target_gguf))
+    if not source.exists():
+        raise SystemExit(f"missing {source}")
     n, w = args.tokens, args.window
     cells = parse_cells(args.cells) if args.cells else [
         (d, float(r)) for r in args.rtt.split(",") for d in args.drafts.split(",")]
@@ -504,7 +508,7 @@ def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="spec-smol-"))
     (tmp / "models" / SMOL_NAME).mkdir(parents=True)
-    (tmp / "models" / SMOL_NAME / SMOL_GGUF.name).symlink_to(SMOL_GGUF)
+    (tmp / "models" / SMOL_NAME / source.name).symlink_to(source)
     gguf_dir = tmp / "models" / SMOL_NAME
     logs = tmp / "logs"
     logs.mkdir()
@@ -548,7 +552,7 @@ def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 drafter.wait()
                 address = drafter.address
-                asyncio.run(_wait_up(address))
+                asyncio.run(wait_linked(address))
                 for d in group:  # warm up: loads of every draft format, the target
                     _spec_pinned(address, 8, d, w, f"drafter-{rtt:g}ms")
                 for i in range(args.repeats):
@@ -607,7 +611,7 @@ def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     costs = forward_costs(gguf_dir, list(range(1, 10)))
     local_tps = statistics.median(v for vs in local_rows.values() for v in vs)
     out: dict[str, Any] = {
-        "model": f"{SMOL_NAME} (GGUF Q4_1 dequantized: target float32, quant none)",
+        "model": f"{SMOL_NAME} ({source.name}: target float32, quant none)",
         "tokens": n, "repeats": args.repeats, "window": w,
         "prompt_ids": SMOL_PROMPT_IDS,
         "local_target_decode_tps": round(local_tps, 2),
@@ -663,20 +667,6 @@ def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def _wait_up(address: str, timeout: float = 60) -> None:
-    conn = await open_daemon(address, None)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            snap = (await conn.request(MsgType.STATUS, {}, timeout=10)).meta
-            if any(p["state"] == "up" for p in snap["peers"]):
-                return
-            await asyncio.sleep(0.2)
-        raise TimeoutError("the daemons did not link up")
-    finally:
-        conn.close()
-
-
 def _spec_pinned(address: str, n: int, draft: str, window: Any, drafter: str) -> dict[str, Any]:
     """One greedy spec GENERATE through the daemon at ``address``, its roles pinned by node
     name: the verifier on "verifier", the drafter on ``drafter`` (that daemon's --name)."""
@@ -710,6 +700,10 @@ def main() -> None:
                          "--rtt, and llama.cpp's llama-speculative-simple on the same formats")
     ap.add_argument("--rtt", default="0,5,20", help="--smollm2: emulated RTTs in ms (with --drafts)")
     ap.add_argument("--drafts", default="int4,int8,bf16", help="--smollm2: draft formats")
+    ap.add_argument("--target-gguf", default=None, metavar="PATH|f32",
+                    help="--smollm2: the target's GGUF (default the shared Q4_1, whose int4 "
+                    "copy is the target itself: acceptance 1; f32 = llama.cpp's f32 GGUF of "
+                    "the original weights, as its llama-speculative-simple target)")
     ap.add_argument("--cells", default=None,
                     help=f"--smollm2: DRAFT@RTT cells instead of --drafts x --rtt; 'reduced': "
                          f"{SMOL_DEFAULT_CELLS}")

@@ -56,6 +56,21 @@ def shared_model(name: str) -> Path:
 STAND_INS = {"tinystories-656k": BUNDLED_DRAFT, "stories-260k": BUNDLED}
 
 
+def bench_module(name: str) -> Any:
+    """bench/<name>.py imported as a module (bench/ is not a package), once per session."""
+    import importlib.util
+
+    key = f"bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def real_model(name: str) -> Path:
     """The shared model ``name`` when the shared checkout has it, else its bundled stand-in
     (STAND_INS): a test that asks for it runs either way, never skips."""

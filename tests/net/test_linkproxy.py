@@ -4,20 +4,14 @@ configured delay (lower bounds only: a busy machine can make things slower, neve
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "linkproxy.py"
-_spec = importlib.util.spec_from_file_location("linkproxy", _PATH)
-assert _spec is not None and _spec.loader is not None
-linkproxy = importlib.util.module_from_spec(_spec)
-sys.modules["linkproxy"] = linkproxy
-_spec.loader.exec_module(linkproxy)
+from tests.conftest import bench_module
+
+linkproxy = bench_module("linkproxy")
 Link, LinkProxy = linkproxy.Link, linkproxy.LinkProxy
 
 LOOPBACK = "127.0.0.1"

@@ -3,18 +3,11 @@ from llama.cpp's llama-speculative-simple and llama-bench output."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "spec.py"
-_spec = importlib.util.spec_from_file_location("bench_spec", _PATH)
-assert _spec is not None and _spec.loader is not None
-bench_spec = importlib.util.module_from_spec(_spec)
-sys.modules["bench_spec"] = bench_spec
-_spec.loader.exec_module(bench_spec)
+from tests.conftest import bench_module
+
+bench_spec = bench_module("spec")
 
 # the tail of a real llama-speculative-simple run (f32 target, q8_0 draft, -n 96)
 LLAMA_SPEC_TAIL = """
