@@ -189,3 +189,14 @@ def test_verify_reply_round_trip_and_bounds() -> None:
         VerifyReply.from_meta({"n": MAX_WINDOW + 1, "next": 1})
     with pytest.raises(ProtocolError):
         VerifyReply.from_meta({"n": 1})
+
+
+def test_a_quantized_copy_of_the_target_needs_no_draft_model() -> None:
+    from p2pllm.pillars.speculative.messages import parse_generate
+
+    base = {"mode": "spec", "model": "smol", "prompt": "hi"}
+    assert parse_generate({**base, "draft_quant": "int4"})["draft_model"] == "smol"
+    assert parse_generate({**base, "draft_dtype": "bfloat16"})["draft_model"] == "smol"
+    assert parse_generate({**base, "draft_model": "d"})["draft_model"] == "d"
+    with pytest.raises(ProtocolError, match="draft_model is required, unless draft_quant"):
+        parse_generate(base)

@@ -105,3 +105,17 @@ def test_role_restrictions() -> None:
     assert ids(rank_verifiers(nodes, "big")) == ["b"]
     with pytest.raises(PlanError, match="does not accept the verifier role"):
         rank_verifiers(nodes[:1], "big")
+
+
+def test_drafter_goes_to_another_node_than_the_verifier_when_one_has_the_draft() -> None:
+    """The target's own int4 copy as draft: both nodes hold the model. The verifier takes the
+    coordinator (the best score ties, local first); the drafter then goes to the other node,
+    so they work at once; the coordinator drafts only when no other node can."""
+    nodes = [node("here", models=["m"], local=True), node("there", models=["m"])]
+    verifier = rank_verifiers(nodes, "m")[0]
+    assert verifier.name == "here"
+    assert ids(rank_drafters(nodes, "m", verifier.node_id)) == ["there", "here"]
+    assert ids(rank_drafters(nodes[:1], "m", verifier.node_id)) == ["here"]
+    # a node that would have to fetch the draft ranks after the verifier's own copy
+    fetcher = node("far", models=[])
+    assert ids(rank_drafters([nodes[0], fetcher], "m", verifier.node_id)) == ["here"]

@@ -259,7 +259,6 @@ def test_the_pillars_define_their_bodies() -> None:
 
 
 def test_generate_bodies_check_across_fields_and_give_the_coordinators_their_values() -> None:
-    from p2pllm.pillars.speculative.messages import GENERATE_SPEC
     from p2pllm.pillars.speculative.messages import parse_generate as spec
     from p2pllm.pillars.split.messages import GENERATE_SPLIT
     from p2pllm.pillars.split.messages import parse_generate as split
@@ -269,7 +268,8 @@ def test_generate_bodies_check_across_fields_and_give_the_coordinators_their_val
     assert (v["window"], v["overlap"], v["draft_dtype"], v["seed"]) == (3, None, "bfloat16", 7)
     assert (v["params"].temperature, v["params"].seed) == (0.5, 7) and "temperature" not in v
     assert spec({"model": "t", "draft_model": "d", "prompt_ids": [1, 2]})["window"] is None
-    bad(GENERATE_SPEC, {"model": "t", "prompt": "hi"}, "draft_model is required")
+    with pytest.raises(ProtocolError, match="draft_model is required, unless draft_quant"):
+        spec({"model": "t", "prompt": "hi"})  # the target's copy needs draft_quant/dtype
     for meta, words in (({}, ("needs a prompt or prompt_ids",)),
                         ({"prompt": "x", "min_window": 5, "max_window": 4},
                          ("max_window must be at least min_window (5), got 4",)),

@@ -148,7 +148,8 @@ MAX_PROMPT_TEXT = 1 << 20  # characters of a prompt string (the metadata limit, 
 GENERATE_SPEC = Body("GENERATE spec", [
     Enum("mode", ("spec",), default="spec", doc="the daemon dispatches on it (section 12)"),
     Str("model", 1, doc="the target: a name, a bundled model's name or a checkpoint directory"),
-    Str("draft_model", 1, doc="the draft, as model"),
+    Str("draft_model", 1, default=None,
+        doc="the draft, as model; nil: the target, with draft_quant or draft_dtype"),
     Str("prompt", max_len=MAX_PROMPT_TEXT, default="",
         doc="text, encoded with the target's tokenizer; needed without prompt_ids"),
     List("prompt_ids", TOKEN, 1, MAX_PROMPT, default=None, doc="token ids (prompt is then ignored)"),
@@ -176,7 +177,7 @@ GENERATE_SPEC = Body("GENERATE spec", [
 
 def parse_generate(meta: Mapping[str, Any]) -> dict[str, Any]:
     """GENERATE_SPEC's values checked across fields (a prompt or prompt_ids, min_window ≤
-    max_window), as the coordinator's GenerateSpec takes them: ``params`` the SamplingParams
+    max_window, a draft_model or a quantized / other-dtype copy of the target), as the coordinator's GenerateSpec takes them: ``params`` the SamplingParams
     (with the seed), ``window`` and ``overlap`` None for "auto", ``draft_dtype`` filled in;
     ProtocolError(BAD_REQUEST) naming the field."""
     v = GENERATE_SPEC.parse(meta)
@@ -185,6 +186,11 @@ def parse_generate(meta: Mapping[str, Any]) -> dict[str, Any]:
     lo, hi = v["min_window"], v["max_window"]
     if lo > hi:
         raise GENERATE_SPEC.error("max_window", f"must be at least min_window ({lo}), got {hi}")
+    if v["draft_model"] is None:
+        if v["draft_quant"] == "none" and v["draft_dtype"] is None:
+            raise GENERATE_SPEC.error("draft_model", "is required, unless draft_quant or "
+                                      "draft_dtype makes a copy of the target its draft")
+        v["draft_model"] = v["model"]
     params = sampling_from_values({**v, "seed": None}, v["seed"], GENERATE_SPEC)
     window, overlap = v.pop("draft_tokens"), v["overlap"]
     for key in ("mode", "temperature", "top_k", "top_p", "repetition_penalty"):

@@ -2,9 +2,9 @@
 
 Verifier: a node that has the target (listed in its capabilities, or — for a checkpoint path
 — possibly readable there), with room for it in its memory budget, the highest compute score
-first. Drafter: a node that has the draft; the coordinating node first when it has it, then
-nodes other than the verifier's (so drafting and verifying run on different hosts), then by
-compute score. Nodes that lack the model but can fetch it whole from nodes that list it (tier
+first. Drafter: a node that has the draft; one other than the verifier's first (drafting and
+verifying then run on different hosts, at once: the look-ahead), then the coordinating node,
+then by compute score. Nodes that lack the model but can fetch it whole from nodes that list it (tier
 FETCH, with its ``sources``) rank after every node that has it. ``--verifier`` /
 ``--drafter`` pin a role to one node.
 
@@ -101,10 +101,11 @@ def rank_verifiers(nodes: Sequence[Mapping[str, Any]], model: str, *, local_path
 def rank_drafters(nodes: Sequence[Mapping[str, Any]], model: str, verifier: str, *,
                   local_path: str | None = None, local_has: bool = False,
                   size_hint: int | None = None, pin: str | None = None) -> list[Candidate]:
-    """Nodes that may draft with ``model``, best first: this node, then not the verifier's."""
+    """Nodes that may draft with ``model``, best first: those that have it, not the
+    verifier's node before it, this node before others."""
     cands, why = _candidates(nodes, model, local_path, local_has, size_hint, "drafter", pin)
     if not cands:
         raise PlanError(f"no node can draft with {model}: " + "; ".join(why),
                         code=ErrorCode.NOT_FOUND)
-    return sorted(cands, key=lambda c: (not (c.local and c.tier == HAS), -c.tier,
-                                        c.node_id == verifier, -c.score, c.node_id))
+    return sorted(cands, key=lambda c: (-c.tier, c.node_id == verifier, not c.local,
+                                        -c.score, c.node_id))
