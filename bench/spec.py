@@ -510,6 +510,12 @@ def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     (tmp / "models" / SMOL_NAME).mkdir(parents=True)
     (tmp / "models" / SMOL_NAME / source.name).symlink_to(source)
     gguf_dir = tmp / "models" / SMOL_NAME
+    if args.prompt:  # every run below (ours and llama.cpp's) takes this prompt instead
+        global SMOL_PROMPT, SMOL_PROMPT_IDS
+        from p2pllm.engine.loader import load_tokenizer
+
+        SMOL_PROMPT = args.prompt
+        SMOL_PROMPT_IDS = list(load_tokenizer(gguf_dir)(args.prompt)["input_ids"])
     logs = tmp / "logs"
     logs.mkdir()
     t_start = time.monotonic()
@@ -700,6 +706,8 @@ def main() -> None:
                          "--rtt, and llama.cpp's llama-speculative-simple on the same formats")
     ap.add_argument("--rtt", default="0,5,20", help="--smollm2: emulated RTTs in ms (with --drafts)")
     ap.add_argument("--drafts", default="int4,int8,bf16", help="--smollm2: draft formats")
+    ap.add_argument("--prompt", default=None,
+                    help="--smollm2: the prompt text (default \"The capital of France is\")")
     ap.add_argument("--target-gguf", default=None, metavar="PATH|f32",
                     help="--smollm2: the target's GGUF (default the shared Q4_1, whose int4 "
                     "copy is the target itself: acceptance 1; f32 = llama.cpp's f32 GGUF of "

@@ -20,6 +20,10 @@ Policy (engine only: no sockets, no asyncio):
 Every sequence samples with its own ``torch.Generator`` (seeded from its params), so what it
 draws does not depend on its batch company; greedy outputs equal :func:`generate_ids` of the
 sequence alone (same stop ids, max_tokens and length limits), up to float ulps of batching.
+
+Size: over 400 lines because the sequence, the scheduler's policy and its stepping thread are
+one mechanism (every caller, :func:`~p2pllm.engine.generate.generate_ids` included, uses all
+three); the model and the paged cache are elsewhere.
 """
 
 from __future__ import annotations
