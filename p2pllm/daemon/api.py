@@ -390,8 +390,6 @@ class _Backend:
     """What every served name has: a tokenizer (loaded on first use, on the name's worker
     thread, which also renders the prompts) and the prompt's stop ids."""
 
-    kind = ""
-
     def __init__(self, name: str, path: Path, stats: ApiStats) -> None:
         self.name, self.path, self.stats = name, path, stats
         self.worker = RoleWorker(f"api-{name}")
@@ -457,8 +455,6 @@ class _Backend:
 class LocalModel(_Backend):
     """One model on the local engine: loaded on first use; its BatchEngine's one thread
     batches every request's tokens."""
-
-    kind = "local"
 
     def __init__(self, name: str, path: Path, stats: ApiStats, quant: str = "auto") -> None:
         super().__init__(name, path, stats)
@@ -573,7 +569,6 @@ class JobModel(_Backend):
     def __init__(self, job: ServedJob, path: Path, stats: ApiStats, start_job: StartJob) -> None:
         super().__init__(job.name, path, stats)
         self.job, self.start_job = job, start_job
-        self.kind = job.mode
 
     def _load(self) -> None:  # worker thread: the tokenizer and config only, no weights
         from p2pllm.engine.loader import load_config, load_tokenizer

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SamplingParams", "distribution", "make_generator", "sample"]
+__all__ = ["SamplingParams", "distribution", "greedy_token", "make_generator", "sample"]
 
 History = torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None
 
@@ -79,6 +79,12 @@ def distribution(logits: torch.Tensor, params: SamplingParams,
     if params.top_p < 1.0:
         x = _top_p(x, params.top_p)
     return torch.softmax(x, dim=-1)
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """The greedy token (the first maximum): through float32, whose argmax kernel is ~6x
+    faster than bfloat16's over a 49152-entry vocabulary (the values convert exactly)."""
+    return int((logits if logits.dtype == torch.float32 else logits.float()).argmax())
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,

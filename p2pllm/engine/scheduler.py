@@ -42,7 +42,7 @@ import torch
 from p2pllm.engine.errors import ModelError, SequenceTooLongError
 from p2pllm.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from p2pllm.engine.model import ModelSlice
-from p2pllm.engine.sampling import SamplingParams, make_generator, sample
+from p2pllm.engine.sampling import SamplingParams, greedy_token, make_generator, sample
 
 __all__ = ["BatchEngine", "Scheduler", "SchedulerStats", "Sequence"]
 
@@ -280,7 +280,7 @@ class Scheduler:
         p = s.params
         penalise = p.repetition_penalty != 1.0
         if p.greedy and not penalise:
-            token = int((logits if logits.dtype == torch.float32 else logits.float()).argmax())
+            token = greedy_token(logits)
         else:
             hist = torch.tensor(s.context(), dtype=torch.int64) if penalise else None
             token = sample(logits, p, s.generator, hist)[0]

@@ -43,7 +43,7 @@ from p2pllm.engine.kv_cache import KVCache
 from p2pllm.engine.layout import can_pack, fuse_projections, pack_linears, quantize_linears
 from p2pllm.engine.model import ModelSlice, _lin, _norm
 from p2pllm.engine.quant import check_quant
-from p2pllm.engine.sampling import SamplingParams, make_generator, sample
+from p2pllm.engine.sampling import SamplingParams, greedy_token, make_generator, sample
 
 __all__ = ["TPSizeError", "TPSlice", "check_tp", "load_tp_rank", "rank_config", "tp_generate",
            "tp_group", "tp_sizes"]
@@ -297,7 +297,7 @@ def tp_generate(model: TPSlice, prompt_ids: Sequence[int], max_tokens: int = 128
     rank with the same arguments; every rank returns the same ids. Rank 0 picks each token
     (greedy, or sampled with ``params``) and broadcasts it. Stops at ``stop_ids`` (default:
     the config's EOS ids), ``max_tokens`` or the model's maximum length."""
-    from p2pllm.engine.generate import _argmax, generation_limits
+    from p2pllm.engine.generate import generation_limits
 
     params = params or SamplingParams()
     if model.group is None:
@@ -316,7 +316,7 @@ def tp_generate(model: TPSlice, prompt_ids: Sequence[int], max_tokens: int = 128
 
     def pick(logits: torch.Tensor, n_hist: int) -> int:
         if rank == 0:
-            tok = _argmax(logits) if argmax else sample(
+            tok = greedy_token(logits) if argmax else sample(
                 logits, params, gen, history[:n_hist] if penalise else None)[0]
             chosen.fill_(tok)
         group.broadcast(chosen, 0).wait()
