@@ -10,6 +10,7 @@ import torch
 from p2pllm.engine.sampling import (
     SamplingParams,
     distribution,
+    greedy_token,
     make_generator,
     sample,
     sample_batch,
@@ -155,3 +156,12 @@ def test_batched_sampling() -> None:
     assert toks.shape == (3,) and bool((probs.gather(1, toks[:, None]) > 0).all())
     with pytest.raises(ValueError):
         sample(x, SamplingParams())
+
+
+def test_argmax_through_float32_is_bfloat16greedy_token() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randint(-3, 4, (49152,), generator=g).to(torch.bfloat16)  # many ties
+        assert greedy_token(x) == int(x.argmax())
+        y = (torch.randn(49152, generator=g) * 10).to(torch.bfloat16)
+        assert greedy_token(y) == int(y.argmax())
