@@ -56,6 +56,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -128,7 +129,7 @@ class KVPlan:
     ``reads`` (per first key position, for sliding windows) are index lists per chunk.
     """
 
-    __slots__ = ("_chunks", "_slot", "kv_len", "reads", "rows", "span", "starts", "t",
+    __slots__ = ("_chunks", "_lens", "_slot", "kv_len", "reads", "rows", "span", "starts", "t",
                  "uniform", "writes")
 
     def __init__(self, rows: list[int], starts: list[int], t: int, kv_len: int,
@@ -139,6 +140,7 @@ class KVPlan:
         self.reads: dict[int, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
         self._slot: torch.Tensor | None = None  # (B, S) global slot of every key position
         self._chunks: list[int] = []  # chunks holding the rows' blocks
+        self._lens: torch.Tensor | None = None  # (B,) int64 keys per row (attend_paged)
 
 
 class KVCache:
@@ -184,6 +186,7 @@ class KVCache:
         self._blocks_used = 0
         self._rows: list[_Row | None] = [_Row() for _ in range(rows)]
         self._lock = threading.Lock()
+        self._no_chunk = torch.empty(0, dtype=dtype, device=self.device)  # attend_paged
         self.budget: KVBudget | None = None  # set by the owner: chunks are taken from it
 
     # -- rows ---------------------------------------------------------------------------------
@@ -368,12 +371,7 @@ class KVCache:
             vc.narrow(2, first + plan.starts[0], t).copy_(v.transpose(1, 2))
             return kc.narrow(2, first + lo, s - lo), vc.narrow(2, first + lo, s - lo)
         b, nkv, hd = k.shape[0], self.num_kv_heads, self.head_dim
-        ks = k.reshape(b * t, nkv, hd).transpose(0, 1)  # (kv_heads, B*T, hd)
-        vs = v.reshape(b * t, nkv, hd).transpose(0, 1)
-        for c, slots, pick in plan.writes:
-            kc, vc = self._views[c][i]
-            kc[0].index_copy_(1, slots, ks if pick is None else ks.index_select(1, pick))
-            vc[0].index_copy_(1, slots, vs if pick is None else vs.index_select(1, pick))
+        self._write(i, k, v, plan)
         reads = plan.reads.get(lo)
         if reads is None:
             reads = plan.reads[lo] = self._read_index(plan, lo)
@@ -391,6 +389,38 @@ class KVCache:
         # (kv_heads, B*S', hd) -> (B, kv_heads, S', hd)
         return (keys.view(nkv, b, s - lo, hd).transpose(0, 1),
                 values.view(nkv, b, s - lo, hd).transpose(0, 1))
+
+    def attend_paged(self, kern: Any, layer: int, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, plan: KVPlan, window: int | None,
+                     scale: float) -> torch.Tensor:
+        """One new position per row (``plan.t == 1``) of a gathered plan (no ``span``):
+        write the new keys/values (B, 1, kv_heads, hd) of global ``layer``, then attend the
+        queries ``q`` (B, heads, hd) to every row's keys where they lie, in the native
+        kernel ``kern.paged_attention`` (no gather, no padding mask: each row reads only its
+        own positions, the last ``window`` of them with a sliding window). Returns the
+        attention output (B, heads, hd) float32."""
+        assert plan.t == 1 and plan._slot is not None
+        i = layer - self.start
+        self._write(i, k, v, plan)
+        if plan._lens is None:
+            plan._lens = torch.tensor([n + 1 for n in plan.starts], dtype=torch.int64)
+            plan._slot = plan._slot.contiguous()
+        last = plan._chunks[-1] + 1
+        none = self._no_chunk
+        ks = [self._views[c][i][0] if self._views[c] else none for c in range(last)]
+        vs = [self._views[c][i][1] if self._views[c] else none for c in range(last)]
+        return kern.paged_attention(q, ks, vs, plan._slot, plan._lens, self._chunk_slots,
+                                    window or 0, scale)
+
+    def _write(self, i: int, k: torch.Tensor, v: torch.Tensor, plan: KVPlan) -> None:
+        """A gathered plan's new keys/values (B, T, kv_heads, hd) into layer ``i``'s slots."""
+        b, t, nkv, hd = k.shape[0], plan.t, self.num_kv_heads, self.head_dim
+        ks = k.reshape(b * t, nkv, hd).transpose(0, 1)  # (kv_heads, B*T, hd)
+        vs = v.reshape(b * t, nkv, hd).transpose(0, 1)
+        for c, slots, pick in plan.writes:
+            kc, vc = self._views[c][i]
+            kc[0].index_copy_(1, slots, ks if pick is None else ks.index_select(1, pick))
+            vc[0].index_copy_(1, slots, vs if pick is None else vs.index_select(1, pick))
 
     def span_views(self, plan: KVPlan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """For a plan with a ``span`` (one row, one run): every layer's (K, V) storage of

@@ -102,6 +102,7 @@ DECODE_LAYER = True  # one token of one cache row: the lean layer of :mod:`.deco
 NATIVE_DENSE = True  # few-row float32/bfloat16 linears through :mod:`.native` when built
 NATIVE_MAX_ROWS = 16  # up to this many input rows (decode, a speculative window)
 NATIVE_LAYER = True  # up to NATIVE_MAX_ROWS tokens of one cache row: one native call a layer
+NATIVE_PAGED = True  # one token per row of a batch: native attention over the paged cache
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -265,6 +266,12 @@ class Attention(nn.Module):
         if step.cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         else:
+            if fast and t == 1 and NATIVE_PAGED and step.kv is not None and step.kv.span is None \
+                    and (kern := native.kernels()) is not None:
+                # one token per row of a batch: attend to the rows' blocks in place
+                out = step.cache.attend_paged(kern, self.layer, q[:, 0], k, v, step.kv,
+                                              self.window, self.scale)
+                return _lin(self.o_proj, out.to(q.dtype).view(b, 1, nh * hd), fast)
             keys, values = self._cached(k, v, step)
         # 4. attention, (B, heads, T, hd)
         mask = self._mask(step)

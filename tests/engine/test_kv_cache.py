@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 import torch
 
+import p2pllm.engine.model as model_mod
+from p2pllm.engine import native
 from p2pllm.engine.errors import KVCacheFullError, ModelError, SequenceTooLongError
 from p2pllm.engine.kv_cache import KVCache
 from p2pllm.engine.loader import load_slice
+from tests.engine.conftest import native_missing
 
 TOL = 1e-4
 ARCHS = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")  # GQA, head_dim 12/24, window 6
@@ -173,12 +176,22 @@ def test_cached_decode_equals_a_full_forward(tiny: dict[str, Any], arch: str,
     assert cache.blocks_used == 6 and cache.lengths == [21]
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["gather", "native-paged"])
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])
 def test_fragmented_and_batched_rows_equal_a_full_forward(tiny: dict[str, Any], arch: str,
-                                                          nan_storage: None) -> None:
+                                                          paged: bool, nan_storage: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows that outgrow their chunk (chunks of 4 blocks of 2) and so span several, decoded
     alone, in a chunked prefill step, and as batches of rows at different lengths in a
-    shuffled order, give each row's no-cache logits."""
+    shuffled order, give each row's no-cache logits: batched steps gathered for SDPA, and
+    attended in place by the native paged kernel (model.NATIVE_PAGED)."""
+    if paged and native.kernels() is None:
+        pytest.skip(native_missing())
+    monkeypatch.setattr(model_mod, "NATIVE_PAGED", paged)
+    calls: list[int] = []
+    attend = KVCache.attend_paged
+    monkeypatch.setattr(KVCache, "attend_paged",
+                        lambda self, *a: calls.append(1) or attend(self, *a))
     model = load_slice(tiny[arch].path)
     seqs = [_ids(n, seed=30 + n)[0] for n in (19, 16, 13)]
     with torch.inference_mode():
@@ -209,6 +222,7 @@ def test_fragmented_and_batched_rows_equal_a_full_forward(tiny: dict[str, Any], 
         assert mine.shape == ref.shape and (mine - ref).abs().max() < TOL, r
     assert cache.lengths == [19, 16, 13]
     assert cache.blocks_used == 10 + 8 + 7
+    assert bool(calls) == paged  # the batched steps took the path under test
 
 
 def test_layer_slices_each_hold_only_their_layers(tiny: dict[str, Any]) -> None:

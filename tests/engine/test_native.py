@@ -442,3 +442,39 @@ def test_the_layers_exp_is_within_a_few_ulp(kern: Any) -> None:
     for n in (4, 16):  # the scalar tail and the vector body
         edge = kern.exp_f32(torch.tensor([-1e30, -100.0, 0.0, float("nan")] * (n // 4)))
         assert edge[0] == 0 and 0 <= edge[1] < 1e-37 and edge[2] == 1 and torch.isnan(edge[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_reads_rows_where_they_lie(kern: Any, dtype: torch.dtype,
+                                                   window: int) -> None:
+    """One query per row over keys scattered across chunks (chunk 0 unallocated, rows of
+    different lengths, slots in no order) equals SDPA over those keys gathered, per row,
+    the last ``window`` keys with a window; a slot outside the allocated chunks raises."""
+    g = _gen(7)
+    b, nh, nkv, hd, cs = 4, 6, 2, 16, 32
+    chunks = [torch.empty(0, dtype=dtype)] + [
+        torch.randn(2, nkv, cs, hd, generator=g).to(dtype) for _ in range(2)]
+    ks = [c if c.numel() == 0 else c[0].unsqueeze(0) for c in chunks]
+    vs = [c if c.numel() == 0 else c[1].unsqueeze(0) for c in chunks]
+    lens = [9, 1, 15, 12]
+    s = max(lens)
+    perm = torch.randperm(2 * cs, generator=g) + cs  # global slots of chunks 1 and 2
+    slot = torch.stack([perm[i * s:(i + 1) * s] for i in range(b)]).contiguous()
+    q = torch.randn(b, nh, 3 * hd, generator=g).to(dtype)[:, :, :hd]  # strided rows
+    out = kern.paged_attention(q, ks, vs, slot, torch.tensor(lens), cs, window, 0.3)
+    assert out.dtype == torch.float32 and out.shape == (b, nh, hd)
+    for i, n in enumerate(lens):
+        lo = n - window if window and n > window else 0
+        sl = slot[i, lo:n]
+        keys = torch.stack([chunks[int(x) // cs][0, :, int(x) % cs] for x in sl], 1).float()
+        vals = torch.stack([chunks[int(x) // cs][1, :, int(x) % cs] for x in sl], 1).float()
+        ref = F.scaled_dot_product_attention(q[i].float().unsqueeze(1), keys, vals, scale=0.3,
+                                             enable_gqa=True).squeeze(1)
+        torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
+    bad = slot.clone()
+    bad[1, 0] = 3  # chunk 0: not allocated
+    with pytest.raises(RuntimeError, match="allocated"):
+        kern.paged_attention(q, ks, vs, bad, torch.tensor(lens), cs, window, 0.3)
+    with pytest.raises(RuntimeError, match="lengths"):
+        kern.paged_attention(q, ks, vs, slot, torch.tensor([9, 0, 15, 12]), cs, window, 0.3)

@@ -676,6 +676,107 @@ torch::Tensor decoder_layer(
   return out;
 }
 
+// One new query per cache row, attending to that row's cached keys where they lie: the
+// paged cache's chunks are read in place (no gather of every key per layer and step).
+// q (B, nh, hd), float32 or bfloat16, stride(2) == 1; kcs/vcs: this layer's keys/values of
+// every chunk, each (1, nkv, slots, hd) with stride(3) == 1 (an unallocated chunk: any
+// tensor with no slots); slot (B, S) int64: the global slot (chunk * chunk_slots + local
+// slot) of every key position of every row; lens (B) int64: row b attends to its positions
+// [lo_b, lens[b]), lo_b = lens[b] - window when a window is given and shorter. Returns
+// (B, nh, hd) float32: softmax(q k^T * scale) v per head, query head h on kv head h / (nh / nkv).
+torch::Tensor paged_attention(const torch::Tensor& q, const std::vector<torch::Tensor>& kcs,
+                              const std::vector<torch::Tensor>& vcs, const torch::Tensor& slot,
+                              const torch::Tensor& lens, int64_t chunk_slots, int64_t window,
+                              double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be (B, heads, head_dim), rows contiguous");
+  const int64_t B = q.size(0), nh = q.size(1), hd = q.size(2);
+  TORCH_CHECK(!kcs.empty() && kcs.size() == vcs.size(), "one key and one value view per chunk");
+  int64_t nkv = 0;
+  for (const auto& kc : kcs)
+    if (kc.dim() == 4 && kc.size(2) > 0) {
+      nkv = kc.size(1);
+      break;
+    }
+  TORCH_CHECK(nkv > 0 && nh % nkv == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(slot.dim() == 2 && slot.size(0) == B && slot.scalar_type() == torch::kInt64 &&
+                  slot.is_contiguous(), "slot must be contiguous int64 (B, S)");
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == B && lens.scalar_type() == torch::kInt64 &&
+                  lens.is_contiguous(), "lens must be contiguous int64 (B,)");
+  const int64_t S = slot.size(1), nc = static_cast<int64_t>(kcs.size());
+  std::vector<AnyF> ka(nc), va(nc);
+  std::vector<int64_t> ks1(nc), ks2(nc), vs1(nc), vs2(nc);
+  std::vector<bool> live(nc, false);
+  for (int64_t c = 0; c < nc; ++c) {
+    const auto &kc = kcs[c], &vc = vcs[c];
+    if (kc.dim() != 4 || kc.size(2) == 0) continue;
+    TORCH_CHECK(kc.size(1) == nkv && kc.size(2) == chunk_slots && kc.size(3) == hd &&
+                    kc.stride(3) == 1 && vc.dim() == 4 && vc.sizes() == kc.sizes() &&
+                    vc.stride(3) == 1, "chunk views must be (1, kv_heads, chunk_slots, head_dim)");
+    ka[c] = any_of(kc);
+    va[c] = any_of(vc);
+    ks1[c] = kc.stride(1), ks2[c] = kc.stride(2), vs1[c] = vc.stride(1), vs2[c] = vc.stride(2);
+    live[c] = true;
+  }
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  const int64_t* ln = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // every slot read must lie in an allocated chunk
+    TORCH_CHECK(ln[b] >= 1 && ln[b] <= S, "row lengths out of range");
+    for (int64_t j = 0; j < ln[b]; ++j) {
+      const int64_t g = sl[b * S + j], c = g / chunk_slots;
+      TORCH_CHECK(g >= 0 && c < nc && live[c], "slot outside the allocated chunks");
+    }
+  }
+  const AnyF qa = any_of(q);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), rep = nh / nkv;
+  const float fscale = static_cast<float>(scale);
+  auto out = torch::empty({B, nh, hd}, q.options().dtype(torch::kFloat32));
+  float* o = out.data_ptr<float>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, ln[b]);
+  const int64_t grain = std::max<int64_t>(1, 200000 / std::max<int64_t>(1, 4 * longest * hd * rep));
+  at::parallel_for(0, B * nkv, grain, [&](int64_t a0, int64_t a1) {
+    std::vector<float> qf(rep * hd), kf(hd), sc(rep * longest), acc(rep * hd);
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t b = a / nkv, g = a % nkv, end = ln[b];
+      const int64_t lo = (window > 0 && end > window) ? end - window : 0, n = end - lo;
+      for (int64_t r = 0; r < rep; ++r)
+        for (int64_t i = 0; i < hd; ++i) qf[r * hd + i] = qa.get(b * qs0 + (g * rep + r) * qs1 + i);
+      const int64_t* srow = sl + b * S;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t gs = srow[lo + j], c = gs / chunk_slots, l = gs % chunk_slots;
+        const float* kr = row_f32(ka[c], g * ks1[c] + l * ks2[c], hd, kf.data());
+        for (int64_t r = 0; r < rep; ++r) sc[r * n + j] = dot(qf.data() + r * hd, kr, hd) * fscale;
+      }
+      for (int64_t r = 0; r < rep; ++r) {
+        float* sr = sc.data() + r * n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+        for (int64_t j = 0; j < n; ++j) sr[j] -= mx;
+        exp_inplace(sr, n);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t gs = srow[lo + j], c = gs / chunk_slots, l = gs % chunk_slots;
+        const float* vr = row_f32(va[c], g * vs1[c] + l * vs2[c], hd, kf.data());
+        for (int64_t r = 0; r < rep; ++r) {
+          const float p = sc[r * n + j];
+          float* ar = acc.data() + r * hd;
+          for (int64_t i = 0; i < hd; ++i) ar[i] = std::fma(p, vr[i], ar[i]);
+        }
+      }
+      for (int64_t r = 0; r < rep; ++r) {
+        const float* sr = sc.data() + r * n;
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += sr[j];
+        const float inv = 1.0f / sum;
+        float* orow = o + (b * nh + g * rep + r) * hd;
+        for (int64_t i = 0; i < hd; ++i) orow[i] = acc[r * hd + i] * inv;
+      }
+    }
+  });
+  return out;
+}
+
 // exp of a contiguous float32 tensor, as the layer computes it (for tests)
 torch::Tensor exp_f32(const torch::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "x must be float32");
@@ -691,6 +792,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8, "x @ (q * scale).T, any M");
   m.def("linear_int4", &linear_int4, "x @ w.T for groups-of-32 int4 w, any M");
   m.def("decoder_layer", &decoder_layer, "one decoder layer for few tokens of one cache row");
+  m.def("paged_attention", &paged_attention, "one query per cache row over its paged keys, in place");
   m.def("exp_f32", &exp_f32, "the layer's exp (tests)");
   m.def("has_avx512", &has_avx512, "whether this build uses AVX-512");
 }
