@@ -165,59 +165,54 @@ struct Q4W {
 };
 
 template <int MB, int NB>
-inline void q4_block(const Q4W& f, const float* x, int64_t ldx, const float* xsum /* M x G */,
+inline void q4_block(const Q4W& f, const float* x, int64_t ldx,
                      int64_t n0, float* out) {
   const int64_t G = f.G;
 #if P2P_AVX512
   __m512 acc[MB][NB];
-  float macc[MB][NB];
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) {
-      acc[m][j] = _mm512_setzero_ps();
-      macc[m][j] = 0.f;
-    }
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi32(0x0f);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g = 0; g < G; ++g) {
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
-      // the 16 bytes widened to 32-bit lanes, then both nibbles from each lane
+      // the 16 bytes widened to 32-bit lanes; the group's 16 weight values d * q + mn in
+      // one register, looked up by both nibbles of each lane: the weights themselves, once
+      // for all MB rows, then 2 FMAs a row per 32 weights
       __m512i b = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(f.q + n * G * 16 + g * 16)));
-      __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
-      __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-      __m512 dg = _mm512_set1_ps(f.dm[(n * G + g) * 2]);
-      const float mg = f.dm[(n * G + g) * 2 + 1];
+      const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(f.dm[(n * G + g) * 2]),
+                                           _mm512_set1_ps(f.dm[(n * G + g) * 2 + 1]));
+      const __m512 w0 = _mm512_permutexvar_ps(_mm512_and_si512(b, low), table);
+      const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
       for (int m = 0; m < MB; ++m) {
         const float* xm = x + m * ldx + g * kGroup;
-        __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(xm));
-        t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xm + 16), t);
-        acc[m][j] = _mm512_fmadd_ps(t, dg, acc[m][j]);
-        macc[m][j] = std::fma(mg, xsum[m * G + g], macc[m][j]);
+        acc[m][j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][j]);
+        acc[m][j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][j]);
       }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) out[m * NB + j] = _mm512_reduce_add_ps(acc[m][j]) + macc[m][j];
+    for (int j = 0; j < NB; ++j) out[m * NB + j] = _mm512_reduce_add_ps(acc[m][j]);
 #else
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
       float lanes[16] = {0};
-      float ms = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* b = f.q + n * G * 16 + g * 16;
         const float* xm = x + m * ldx + g * kGroup;
-        const float dg = f.dm[(n * G + g) * 2];
+        const float dg = f.dm[(n * G + g) * 2], mg = f.dm[(n * G + g) * 2 + 1];
         for (int l = 0; l < 16; ++l) {
-          float t = static_cast<float>(b[l] & 0x0f) * xm[l];
-          t += static_cast<float>(b[l] >> 4) * xm[l + 16];
-          lanes[l] += t * dg;
+          lanes[l] = std::fma(std::fma(static_cast<float>(b[l] & 0x0f), dg, mg), xm[l], lanes[l]);
+          lanes[l] = std::fma(std::fma(static_cast<float>(b[l] >> 4), dg, mg), xm[l + 16],
+                              lanes[l]);
         }
-        ms = std::fma(f.dm[(n * G + g) * 2 + 1], xsum[m * G + g], ms);
       }
       float s = 0.f;
       for (int l = 0; l < 16; ++l) s += lanes[l];
-      out[m * NB + j] = s + ms;
+      out[m * NB + j] = s;
     }
 #endif
 }
@@ -283,11 +278,10 @@ struct Q4Blk {
   const Q4W& f;
   const float* x;
   int64_t ldx;
-  const float* xsum;
   const Out& out;
   template <int MB, int NB>
   void go(int64_t m0, int64_t n0, float* tmp) const {
-    q4_block<MB, NB>(f, x + m0 * ldx, ldx, xsum + m0 * f.G, n0, tmp);
+    q4_block<MB, NB>(f, x + m0 * ldx, ldx, n0, tmp);
     for (int m = 0; m < MB; ++m)
       for (int j = 0; j < NB; ++j) out.store(m0 + m, n0 + j, tmp[m * NB + j]);
   }
@@ -318,15 +312,8 @@ struct Lin {  // one linear's weight, any format
       }
       default: {
         const int64_t G = K / kGroup;
-        std::vector<float> xsum(M * G);
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t g = 0; g < G; ++g) {
-            float s = 0.f;
-            for (int64_t j = 0; j < kGroup; ++j) s += x[m * K + g * kGroup + j];
-            xsum[m * G + g] = s;
-          }
         Q4W f{static_cast<const uint8_t*>(w), aux, G};
-        drive(M, N, Q4Blk{f, x, K, xsum.data(), o});
+        drive(M, N, Q4Blk{f, x, K, o});
       }
     }
   }
